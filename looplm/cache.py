@@ -1,0 +1,213 @@
+"""The loop-aware KV cache: one K/V plane per (loop, layer), or one per layer when loops share it.
+
+Written by hand because no library has it: transformers' caches know one plane per layer, vLLM's Ouro keeps
+(loop, layer) planes but never exits early.
+
+Modes (`LoopKVCache(config, mode=...)`):
+    full      T x L planes: what the parallel training forward computes, so decoding is exact (the default,
+              and the only mode a training forward can replay). A token that exits at loop e writes its
+              loop-e K/V into the planes of loops e+1..T ("last exited"); the model does that selection.
+    last      L planes holding each token's K/V of its last loop (4x less memory at T = 4).
+    average   L planes holding the mean of each token's K/V over the T loops.
+    first     L planes holding each token's loop-1 K/V.
+In the shared modes a forward pass still attends, at loop t, to its own new tokens' loop-t K/V (so a prompt's
+prefill is exact); only what is kept for later tokens is shared. Those modes are inference options whose
+accuracy and rollout/training gap are measured, never hidden (see architecture.md).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .configuration_looplm import LoopLMConfig
+
+KVMode = Literal["full", "last", "average", "first"]
+KV_MODES: tuple[str, ...] = ("full", "last", "average", "first")
+
+
+class GrowingKVLayer(CacheLayerMixin):
+    """One K/V plane, (B, H, S, D), in a buffer that doubles when full.
+
+    Appending writes in place and returns views, instead of `torch.cat`-ing the whole history at every step
+    as transformers' DynamicLayer does: with T x L planes that copy dominates CPU decoding.
+    """
+
+    is_sliding = False
+    is_croppable = True
+    is_compileable = False
+
+    def __init__(self, initial_capacity: int = 128):
+        super().__init__()
+        self.initial_capacity = initial_capacity
+        self.length = 0
+        self._k: torch.Tensor | None = None  # (B, H, capacity, D)
+        self._v: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, h, s, d = key_states.shape
+        capacity = max(self.initial_capacity, s)
+        self._k = key_states.new_empty(b, h, capacity, d)
+        self._v = value_states.new_empty(b, h, capacity, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self._k.shape[-2]:
+            self._grow(max(end, 2 * self._k.shape[-2]))
+        self._k[:, :, self.length : end] = key_states
+        self._v[:, :, self.length : end] = value_states
+        self.length = end
+        return self.keys, self.values
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self._k is None else self._k[:, :, : self.length]
+
+    @keys.setter
+    def keys(self, value) -> None:  # CacheLayerMixin.__init__ assigns None
+        if value is not None:
+            raise AttributeError("GrowingKVLayer.keys is a view of its buffer; use update()")
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self._v is None else self._v[:, :, : self.length]
+
+    @values.setter
+    def values(self, value) -> None:
+        if value is not None:
+            raise AttributeError("GrowingKVLayer.values is a view of its buffer; use update()")
+
+    def _grow(self, capacity: int) -> None:
+        k, v = self._k, self._v
+        self._k = k.new_empty(k.shape[0], k.shape[1], capacity, k.shape[3])
+        self._v = v.new_empty(v.shape[0], v.shape[1], capacity, v.shape[3])
+        self._k[:, :, : self.length] = k[:, :, : self.length]
+        self._v[:, :, : self.length] = v[:, :, : self.length]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def nbytes(self) -> int:
+        """Bytes of K/V actually held (the filled part of the buffer)."""
+        if self._k is None:
+            return 0
+        return self.keys.nbytes + self.values.nbytes
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only these batch rows (the rollout engine drops finished sequences this way)."""
+        if self._k is not None:
+            self._k, self._v = self._k[indices], self._v[indices]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx.to(self.device) if self._k is not None else beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self._k is not None:
+            self._k = self._k.repeat_interleave(repeats, dim=0)
+            self._v = self._v.repeat_interleave(repeats, dim=0)
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first `max_length` positions (a negative value removes that many), as transformers does."""
+        if max_length < 0:
+            max_length = self.length + max_length
+        self.length = min(self.length, max(0, max_length))
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def offload(self) -> None:
+        raise NotImplementedError("GrowingKVLayer does not offload")
+
+    def prefetch(self) -> None:
+        raise NotImplementedError("GrowingKVLayer does not offload")
+
+
+class LoopKVCache(Cache):
+    """K/V of every (loop, layer), for incremental decoding of a LoopLM (see the module docstring).
+
+    The model calls `update_loop(k, v, loop, layer)` once per (loop, layer) of a forward, for every loop up to
+    its `num_loops` (loops skipped because every token exited are filled with the exited K/V), then `commit()`.
+    """
+
+    def __init__(self, config: LoopLMConfig, mode: KVMode = "full", initial_capacity: int = 128):
+        if mode not in KV_MODES:
+            raise ValueError(f"unknown KV cache mode {mode!r}; expected one of {KV_MODES}")
+        self.mode = mode
+        self.num_layers = config.num_hidden_layers
+        self.num_loops: int | None = None  # fixed by the first forward
+        self.initial_capacity = initial_capacity
+        self._pending: dict[int, list[torch.Tensor]] = {}  # shared modes: layer -> [k, v] of the current step
+        super().__init__(layers=[])
+
+    def _plane(self, index: int) -> GrowingKVLayer:
+        while len(self.layers) <= index:
+            self.layers.append(GrowingKVLayer(self.initial_capacity))
+        return self.layers[index]
+
+    def start_forward(self, num_loops: int) -> None:
+        if self.num_loops is None:
+            self.num_loops = num_loops
+        elif num_loops != self.num_loops:
+            raise ValueError(
+                f"this LoopKVCache holds K/V for {self.num_loops} loops; a forward with num_loops={num_loops} "
+                "cannot reuse it (start a new cache)"
+            )
+
+    def update_loop(
+        self, key: torch.Tensor, value: torch.Tensor, loop: int, layer: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this forward's (B, H, q, D) K/V for `loop` (0-based) and `layer`; return all K/V to attend to."""
+        if self.mode == "full":
+            return self._plane(loop * self.num_layers + layer).update(key, value)
+        self._accumulate(key, value, loop, layer)
+        plane = self._plane(layer)
+        if plane.length == 0:
+            return key, value
+        return torch.cat([plane.keys, key], dim=-2), torch.cat([plane.values, value], dim=-2)
+
+    def _accumulate(self, key: torch.Tensor, value: torch.Tensor, loop: int, layer: int) -> None:
+        if self.mode == "last" or (self.mode == "first" and loop == 0):
+            self._pending[layer] = [key, value]
+        elif self.mode == "average":
+            if loop == 0:
+                self._pending[layer] = [key / self.num_loops, value / self.num_loops]
+            else:
+                acc = self._pending[layer]
+                acc[0], acc[1] = acc[0] + key / self.num_loops, acc[1] + value / self.num_loops
+
+    def commit(self) -> None:
+        """End of a forward: shared modes append the reduced K/V of the new tokens."""
+        for layer, (key, value) in sorted(self._pending.items()):
+            self._plane(layer).update(key, value)
+        self._pending.clear()
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].get_seq_length() if len(self.layers) > layer_idx else 0
+
+    def nbytes(self) -> int:
+        """Bytes of K/V held now, over all planes."""
+        return sum(plane.nbytes() for plane in self.layers)
+
+    @staticmethod
+    def bytes_per_token(
+        config: LoopLMConfig, mode: KVMode = "full", num_loops: int | None = None, dtype=torch.float32
+    ) -> int:
+        """K/V bytes one token costs in this mode: planes x 2 (K and V) x kv_heads x head_dim x element size."""
+        planes = (num_loops or config.total_ut_steps) if mode == "full" else 1
+        element = torch.empty((), dtype=dtype).element_size()
+        return planes * config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * element
+
+
+__all__ = ["GrowingKVLayer", "KV_MODES", "KVMode", "LoopKVCache"]
