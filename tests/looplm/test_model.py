@@ -233,3 +233,21 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert plain.keys() == checkpointed.keys() and len(plain) > 10
     for name in plain:
         torch.testing.assert_close(plain[name], checkpointed[name], rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_loops_after_every_token_exited_are_not_computed(model):
+    calls = []
+    model.model.layers[0].register_forward_hook(lambda *args: calls.append(1))
+    ids = torch.randint(3, 99, (2, 7))
+    cache = LoopKVCache(model.config)
+    model(ids[:, :6], past_key_values=cache)
+    assert len(calls) == 4  # prefill: every loop
+    calls.clear()
+    out = model(ids[:, 6:], past_key_values=cache, exit_steps=torch.ones(2, 1, dtype=torch.long))
+    assert len(calls) == 1 and out.exit_steps.eq(1).all()
+    # ... yet every (loop, layer) plane holds the new token, deeper loops its loop-1 K/V ("last exited").
+    assert all(plane.get_seq_length() == 7 for plane in cache.layers)
+    L = model.config.num_hidden_layers
+    for loop in range(1, 4):
+        assert torch.equal(cache.layers[loop * L].keys[:, :, -1], cache.layers[0].keys[:, :, -1])
