@@ -1,0 +1,358 @@
+"""Datasets for reasoning SFT and RL, normalised to TRL's conversational formats.
+
+All loading goes through `datasets` (local .jsonl/.json/.parquet file, local folder, or hub name); the code
+here only checks and normalises schemas, so a malformed row fails at load time, before any training, with
+the source, the row index (0-based, as in `dataset[i]`) and what was expected.
+
+Output schemas:
+- `load_sft_dataset`: inputs with `messages` or ShareGPT `conversations` -> one column `messages` (list of
+  {role, content}); inputs with `prompt`/`completion` (strings or message lists) -> columns `prompt` and
+  `completion`, each a list of {role, content} (TRL's conversational prompt-completion: loss on the
+  completion only).
+- `load_dapo_math`: `prompt` (list of {role, content}, TRL GRPO's conversational prompt), `ground_truth`
+  (str), `data_source` (str), `index` (int64), one row per problem unless `dedupe=False`.
+- `load_gsm8k`: `form="grpo"` -> `prompt`, `ground_truth`; `form="sft"` -> `messages`.
+
+Answer format shared by SFT traces and rewards (DAPO's): `<think>\\n{steps}\\n</think>\\nAnswer: {answer}`,
+the answer alone on the last line (see `format_trace`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from datasets import Dataset, load_dataset
+from datasets.table import InMemoryTable
+
+Message = dict[str, str]
+
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+ACCEPTED_SFT_SCHEMAS = (
+    "'messages' (list of {role, content}); "
+    "'prompt' + 'completion' (strings, or lists of {role, content}); "
+    "'conversations' (ShareGPT: list of {from, value}, from in human/user, gpt/assistant, system)"
+)
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+# DAPO-Math-17k's instruction around each problem; GSM8K prompts reuse it so one reward parses both.
+DAPO_PREFIX = (
+    "Solve the following math problem step by step. The last line of your response should be of the form "
+    "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
+)
+DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
+
+
+# ---------------------------------------------------------------- shared answer format
+
+
+def format_trace(steps: str, answer: str) -> str:
+    """An SFT target: worked steps in a think block, then `Answer: N` alone on the last line."""
+    return f"<think>\n{steps.strip()}\n</think>\nAnswer: {answer}"
+
+
+def dapo_prompt(problem: str) -> str:
+    """Wrap a problem in DAPO-Math-17k's `Answer:` instruction."""
+    return f"{DAPO_PREFIX}{problem.strip()}{DAPO_SUFFIX}"
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _load_raw(source: str, split: str) -> Dataset:
+    """A local file (split ignored), a local folder, or a hub dataset name, loaded by `datasets`."""
+    path = Path(source)
+    if path.is_file():
+        builder = FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(f"{source}: unsupported file type {path.suffix!r}; expected one of {sorted(FILE_BUILDERS)}")
+        try:
+            return load_dataset(builder, data_files={"train": str(path)}, split="train")
+        except Exception as error:  # arrow cannot build one table: mixed types across rows
+            raise ValueError(f"{source}: could not be read as one table ({error})") from error
+    if path.is_dir():
+        return load_dataset(str(path), split=split)
+    if path.suffix.lower() in FILE_BUILDERS or source.startswith((".", "/")):
+        raise FileNotFoundError(f"{source}: no such file or folder")
+    return load_dataset(source, split=split)
+
+
+def _head(dataset: Dataset, max_rows: int | None) -> Dataset:
+    return dataset if max_rows is None or max_rows >= len(dataset) else dataset.select(range(max_rows))
+
+
+# ---------------------------------------------------------------- SFT
+
+
+def _check_messages(messages: Any, where: str, field: str, role_key: str = "role", content_key: str = "content") -> None:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: '{field}' must be a non-empty list of messages, got {messages!r:.80}")
+    for j, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise ValueError(f"{where}: {field}[{j}] must be a {{{role_key}, {content_key}}} dict, got {message!r:.80}")
+        for key in (role_key, content_key):
+            if message.get(key) is None:
+                raise ValueError(f"{where}: {field}[{j}] has no '{key}'")
+        if not isinstance(message[content_key], str):
+            raise ValueError(f"{where}: {field}[{j}]['{content_key}'] must be a string")
+
+
+def _chat_messages(messages: Any, where: str, field: str) -> list[Message]:
+    _check_messages(messages, where, field)
+    for j, message in enumerate(messages):
+        if message["role"] not in ROLES:
+            raise ValueError(f"{where}: {field}[{j}] has role {message['role']!r}; expected one of {ROLES}")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _sharegpt_messages(turns: Any, where: str) -> list[Message]:
+    _check_messages(turns, where, "conversations", role_key="from", content_key="value")
+    for j, turn in enumerate(turns):
+        if turn["from"] not in SHAREGPT_ROLES:
+            raise ValueError(f"{where}: conversations[{j}] has from={turn['from']!r}; expected one of {sorted(SHAREGPT_ROLES)}")
+    return [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]
+
+
+def _require_assistant(messages: list[Message], where: str, field: str) -> list[Message]:
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f"{where}: '{field}' has no assistant message to train on")
+    return messages
+
+
+def _side(value: Any, role: str, where: str, field: str) -> list[Message]:
+    """One side of a prompt/completion row: a string becomes a single `role` message."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    return _chat_messages(value, where, field)
+
+
+def _normalise_row(schema: str, row: dict[str, Any], where: str) -> dict[str, list[Message]]:
+    if schema == "messages":
+        return {"messages": _require_assistant(_chat_messages(row["messages"], where, "messages"), where, "messages")}
+    if schema == "conversations":
+        return {"messages": _require_assistant(_sharegpt_messages(row["conversations"], where), where, "conversations")}
+    completion = _require_assistant(_side(row["completion"], "assistant", where, "completion"), where, "completion")
+    return {"prompt": _side(row["prompt"], "user", where, "prompt"), "completion": completion}
+
+
+def _sft_schema(columns: list[str], name: str) -> str:
+    if "messages" in columns:
+        return "messages"
+    if "conversations" in columns:
+        return "conversations"
+    if "prompt" in columns and "completion" in columns:
+        return "prompt_completion"
+    raise ValueError(f"{name}: unknown SFT schema; columns found: {columns}; accepted: {ACCEPTED_SFT_SCHEMAS}")
+
+
+def load_sft_dataset(source: str, split: str = "train", max_rows: int | None = None) -> Dataset:
+    """Load a reasoning-SFT dataset and normalise it to TRL's conversational format (see module docstring).
+
+    Raises ValueError naming the source and row for a malformed row, or listing the columns found for an
+    unknown schema.
+    """
+    dataset = _head(_load_raw(source, split), max_rows)
+    schema = _sft_schema(dataset.column_names, source)
+    input_columns = ["prompt", "completion"] if schema == "prompt_completion" else [schema]
+
+    def normalise(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
+        rows = [_normalise_row(schema, {c: batch[c][k] for c in input_columns}, f"{source} row {i}") for k, i in enumerate(indices)]
+        return {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
+
+    return dataset.map(normalise, batched=True, with_indices=True, remove_columns=dataset.column_names)
+
+
+def _token_count(tokenizer: Any, messages: list[Message]) -> int:
+    ids = tokenizer.apply_chat_template(messages, tokenize=True)
+    if isinstance(ids, Mapping):  # transformers 5 may return a BatchEncoding
+        ids = ids["input_ids"]
+    return len(ids)
+
+
+def drop_overlong(dataset: Dataset, tokenizer: Any, max_length: int) -> tuple[Dataset, int]:
+    """Drop rows whose chat-templated length exceeds `max_length` tokens; return (kept, number dropped)."""
+
+    def conversation(row: dict[str, Any]) -> list[Message]:
+        return row["messages"] if "messages" in row else list(row["prompt"]) + list(row["completion"])
+
+    kept = dataset.filter(lambda row: _token_count(tokenizer, conversation(row)) <= max_length)
+    return kept, len(dataset) - len(kept)
+
+
+# ---------------------------------------------------------------- DAPO-Math (vectorised: 1.79M rows on the hub)
+
+
+def _first_true(mask: pa.Array | pa.ChunkedArray) -> int | None:
+    hits = np.flatnonzero(np.asarray(pc.fill_null(mask, True)))
+    return int(hits[0]) if hits.size else None
+
+
+def _chunks(column: pa.ChunkedArray) -> list[tuple[int, pa.Array]]:
+    """(offset of the chunk's first row, chunk) pairs."""
+    starts = np.cumsum([0] + [len(chunk) for chunk in column.chunks])
+    return list(zip(starts.tolist(), column.chunks, strict=False))
+
+
+def _check_prompt_chunk(chunk: pa.Array, offset: int, name: str) -> None:
+    bad = _first_true(pc.less(pc.list_value_length(chunk), 1))
+    if bad is not None:
+        raise ValueError(f"{name} row {offset + bad}: 'prompt' must be a non-empty list of {{role, content}} messages")
+    flat, parents = pc.list_flatten(chunk), pc.list_parent_indices(chunk)
+    for key in ("role", "content"):
+        missing = _first_true(pc.or_(pc.is_null(flat), pc.is_null(pc.struct_field(flat, key))))
+        if missing is not None:
+            row = parents[missing].as_py()
+            position = missing - (chunk.offsets[row].as_py() - chunk.offsets[0].as_py())
+            raise ValueError(f"{name} row {offset + row}: prompt[{position}] has no '{key}'")
+
+
+def _struct_field(table: pa.Table, column: str, key: str, name: str, expected: str) -> pa.ChunkedArray:
+    """`table[column][key]`, with errors naming the first row where it is missing."""
+    if column not in table.column_names:
+        raise ValueError(f"{name}: no '{column}' column (expected {expected}); columns found: {table.column_names}")
+    values = table.column(column)
+    if not pa.types.is_struct(values.type) or values.type.get_field_index(key) < 0:
+        raise ValueError(f"{name} row 0: {column} has no '{key}' (expected {expected}; type {values.type})")
+    field = pc.struct_field(values, key)
+    bad = _first_true(pc.or_(pc.is_null(values), pc.is_null(field)))
+    if bad is not None:
+        raise ValueError(f"{name} row {bad}: {column} has no '{key}' (expected {expected})")
+    return field
+
+
+def _has_key(table: pa.Table, column: str, key: str) -> bool:
+    return column in table.column_names and pa.types.is_struct(table.column(column).type) \
+        and table.column(column).type.get_field_index(key) >= 0
+
+
+def _check_prompts(table: pa.Table, name: str) -> pa.ChunkedArray:
+    if "prompt" not in table.column_names:
+        raise ValueError(f"{name}: no 'prompt' column; columns found: {table.column_names}")
+    prompts = table.column("prompt")
+    item = prompts.type.value_type if pa.types.is_list(prompts.type) or pa.types.is_large_list(prompts.type) else None
+    if item is None or not pa.types.is_struct(item) or {"role", "content"} - {f.name for f in item}:
+        raise ValueError(f"{name}: 'prompt' must be a list of {{role, content}} messages, found type {prompts.type}")
+    for offset, chunk in _chunks(prompts):
+        _check_prompt_chunk(chunk, offset, name)
+    return prompts
+
+
+def _ground_truths(table: pa.Table, name: str) -> pa.ChunkedArray:
+    truths = _struct_field(table, "reward_model", "ground_truth", name, "{ground_truth, style}")
+    if not (pa.types.is_string(truths.type) or pa.types.is_large_string(truths.type) or pa.types.is_integer(truths.type)):
+        raise ValueError(f"{name}: reward_model.ground_truth must be a string or an integer, found type {truths.type}")
+    truths = pc.cast(truths, pa.string())
+    empty = _first_true(pc.equal(pc.utf8_trim_whitespace(truths), ""))
+    if empty is not None:
+        raise ValueError(f"{name} row {empty}: reward_model.ground_truth is empty")
+    return truths
+
+
+def _prompt_keys(prompts: pa.ChunkedArray) -> pa.ChunkedArray:
+    """One string per row: the prompt's role/content pairs joined (the dedupe key without an index)."""
+    keys = []
+    for _, chunk in _chunks(prompts):
+        flat = pc.list_flatten(chunk)
+        pairs = pc.binary_join_element_wise(pc.struct_field(flat, "role"), pc.struct_field(flat, "content"), "\x1e")
+        offsets = pc.subtract(chunk.offsets, chunk.offsets[0])
+        keys.append(pc.binary_join(pa.ListArray.from_arrays(offsets, pairs), "\x1f"))
+    return pa.chunked_array(keys, type=pa.string())
+
+
+def _first_occurrences(keys: pa.ChunkedArray) -> np.ndarray:
+    """Sorted positions of the first row of each distinct key (an arrow hash group-by, no Python loop)."""
+    positions = pa.table({"key": keys, "pos": pa.array(np.arange(len(keys), dtype=np.int64))})
+    firsts = positions.group_by("key", use_threads=False).aggregate([("pos", "min")]).column("pos_min")
+    return np.sort(firsts.to_numpy())
+
+
+def load_dapo_math(source: str, split: str = "train", dedupe: bool = True, max_rows: int | None = None) -> Dataset:
+    """Load a DAPO-Math-17k-schema dataset: columns `prompt`, `ground_truth`, `data_source`, `index`.
+
+    De-duplicates by `extra_info.index` when that key exists, else by prompt text, keeping the first row of
+    each problem; `max_rows` caps the output rows (after de-duplication). Schema errors name the row and key.
+    """
+    table = _load_raw(source, split).data.table  # memory-mapped arrow, no indices mapping after a load
+    prompts, truths = _check_prompts(table, source), _ground_truths(table, source)
+    if _has_key(table, "extra_info", "index"):
+        index = pc.cast(_struct_field(table, "extra_info", "index", source, "{index, ...}"), pa.int64())
+        keys = index
+    else:
+        index = pa.chunked_array([pa.array(np.arange(len(table), dtype=np.int64))])
+        keys = _prompt_keys(prompts) if dedupe else index
+    keep = _first_occurrences(keys) if dedupe else np.arange(len(table), dtype=np.int64)
+    keep = pa.array(keep[:max_rows] if max_rows is not None else keep)
+    if "data_source" in table.column_names:
+        sources = pc.cast(table.column("data_source").take(keep), pa.string())
+    else:
+        sources = pa.repeat(pa.scalar(source), len(keep))
+    out = pa.table({
+        "prompt": prompts.take(keep),
+        "ground_truth": truths.take(keep),
+        "data_source": sources,
+        "index": index.take(keep),
+    })
+    return Dataset(InMemoryTable(out))
+
+
+# ---------------------------------------------------------------- GSM8K
+
+CALCULATOR = re.compile(r"<<[^>]*>>")
+
+
+def _gsm8k_parts(question: Any, answer: Any, where: str) -> tuple[str, str, str]:
+    """(question, worked steps without calculator annotations, final number without commas)."""
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"{where}: 'question' must be a non-empty string")
+    if not isinstance(answer, str) or "####" not in answer:
+        raise ValueError(f"{where}: 'answer' must be a string ending in '#### N', got {answer!r:.80}")
+    steps, final = answer.rsplit("####", 1)
+    final = final.strip().replace(",", "")
+    if not final:
+        raise ValueError(f"{where}: 'answer' has nothing after '####'")
+    return question, CALCULATOR.sub("", steps).strip(), final
+
+
+def _gsm8k_row(form: str, parts: tuple[str, str, str]) -> dict[str, Any]:
+    question, steps, final = parts
+    user = {"role": "user", "content": dapo_prompt(question)}
+    if form == "grpo":
+        return {"prompt": [user], "ground_truth": final}
+    return {"messages": [user, {"role": "assistant", "content": format_trace(steps, final)}]}
+
+
+def load_gsm8k(
+    source: str, split: str = "train", form: Literal["grpo", "sft"] = "grpo", max_rows: int | None = None
+) -> Dataset:
+    """GSM8K (`question`, `answer` ending in `#### N`) as GRPO rows (`prompt`, `ground_truth`) or SFT rows
+    (`messages`: the DAPO-style prompt, then the worked steps in a think block and `Answer: N`).
+
+    `source` is a .jsonl file, a folder holding train.jsonl/test.jsonl (pick with `split`), or a hub name.
+    """
+    if form not in ("grpo", "sft"):
+        raise ValueError(f"form must be 'grpo' or 'sft', got {form!r}")
+    dataset = _head(_load_raw(source, split), max_rows)
+    missing = {"question", "answer"} - set(dataset.column_names)
+    if missing:
+        raise ValueError(f"{source}: not GSM8K; missing {sorted(missing)}; columns found: {dataset.column_names}")
+
+    def convert(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
+        rows = [
+            _gsm8k_row(form, _gsm8k_parts(q, a, f"{source} row {i}"))
+            for q, a, i in zip(batch["question"], batch["answer"], indices, strict=True)
+        ]
+        return {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
+
+    return dataset.map(convert, batched=True, with_indices=True, remove_columns=dataset.column_names)
+
+
+__all__ = [
+    "DAPO_PREFIX", "DAPO_SUFFIX", "dapo_prompt", "drop_overlong", "format_trace", "load_dapo_math", "load_gsm8k",
+    "load_sft_dataset",
+]
