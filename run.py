@@ -29,13 +29,16 @@ RECIPES: dict[str, tuple[str, str, str]] = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="run.py", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("recipe", nargs="?", default="demo", choices=sorted(RECIPES))
     parser.add_argument("--config", default=None, help="YAML file with overrides of the recipe's config defaults")
     parser.add_argument("overrides", nargs="*", help="key=value (dotted keys for nested sections)")
-    args = parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before or after --config
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
 
     module_name, config_name, function_name = RECIPES[args.recipe]
     module = importlib.import_module(module_name)

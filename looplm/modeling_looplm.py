@@ -481,6 +481,7 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
         config_file = Path(save_directory) / "config.json"
         saved = json.loads(config_file.read_text())
         saved["architectures"] = [self.checkpoint_architecture]
+        saved["rope_theta"] = self.config.rope_parameters["rope_theta"]  # where pre-v5 readers (vLLM) look
         saved.pop("auto_map", None)
         config_file.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 

@@ -73,3 +73,18 @@ def test_every_config_in_the_repo_loads():
         assert match, f"{path.name}: first line must give the command that runs it, got {first!r}"
         module, config_class, _ = RECIPES[match.group(1)]
         load_config(getattr(importlib.import_module(module), config_class), path)
+
+
+def test_exponent_floats_and_overrides_after_the_config_flag(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("optim:\n  lr: 1e-3\n")  # YAML 1.1 reads this as a string
+    assert load_config(Recipe, path, ["steps=3"]).optim.lr == 1e-3
+    with pytest.raises(ConfigError, match="key 'lr': expected float, got 'fast'"):
+        load_config(Recipe, None, ["optim.lr=fast"])
+    from run import parse_args
+
+    args = parse_args(["sft", "--config", "x.yaml", "a=1", "b.c=2"])
+    assert (args.recipe, args.config, args.overrides) == ("sft", "x.yaml", ["a=1", "b.c=2"])
+    assert parse_args([]).recipe == "demo"
+    with pytest.raises(SystemExit):  # argparse: unknown recipe
+        parse_args(["nope"])

@@ -1,0 +1,683 @@
+"""Reasoning SFT for LoopLMs on TRL's `SFTTrainer`: from a base LoopLM to a Thinking variant.
+
+    python run.py sft --config configs/sft_tiny.yaml
+    python run.py sft objective.kind=stage1 objective.beta=0.1 --config configs/sft_tiny.yaml
+
+Phases of `run_sft`: data (load, hold out, drop over-length rows) -> model and tokenizer (chat template that
+opens `<think>`, Ouro's bos/eos fix) -> trainer (loop-aware loss, optional LoRA) -> evaluate before ->
+train (resumable) -> evaluate after -> save (merged model, tokenizer, generation config, recipe config) ->
+sample the saved folder through our rollout engine and count well-formed completions.
+
+Objectives (`objective.kind`), all from `looplm.losses`:
+  final   cross-entropy at the last loop (default). Trains through TRL's fused lm-head path, which runs the
+          backbone and reads `last_hidden_state` (each token's exit-loop state: loop T in training).
+  stage1  Ouro's Stage-I objective, sum_t p(t) * CE_t - beta * H(p): trains the exit gate with the LM.
+  mean    cross-entropy averaged over loops (deep supervision).
+The last two need every loop's state, so `LoopSFTTrainer.compute_loss` runs the model with
+`output_loop_states=True`; evaluation always does, to log each loop's cross-entropy and the exit distribution.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTConfig, SFTTrainer
+
+import looplm
+from configs import save_config
+from looplm import LoopLMConfig, LoopLMForCausalLM, exit_log_pdf
+from looplm.losses import final_loop_loss, mean_loop_loss, per_loop_token_losses, stage1_loss
+from looplm.tokenizer import CHAT_TEMPLATE, THINK_CLOSE, THINK_OPEN, build_tokenizer, fix_ouro_special_tokens
+from posttrain.data import drop_overlong, load_sft_dataset
+from posttrain.synthetic import arithmetic_traces, to_dataset
+
+logger = logging.getLogger(__name__)
+
+RECIPE_CONFIG_FILE = "sft_config.yaml"
+RESULTS_FILE = "sft_results.json"
+CHECKPOINTS_DIR = "checkpoints"
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# ----------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ModelSection:
+    # A LoopLM save or an Ouro checkpoint (folder or hub name); None builds the tiny model below.
+    path: str | None = None
+    # None: the tokenizer in `path`; for the tiny model, a byte-level BPE trained on the training text.
+    tokenizer_path: str | None = None
+    # Loops for training, also written to the saved config (None: the checkpoint's T; 4 for the tiny model).
+    total_ut_steps: int | None = None
+    # looprl: our ChatML template, which opens <think> for the assistant (looplm.tokenizer); keep: the
+    # tokenizer's own.
+    chat_template: Literal["looprl", "keep"] = "looprl"
+    save_dtype: Literal["float32", "bfloat16"] = "float32"
+    # The tiny model (path: null): a CPU model for tests and the demo.
+    hidden_size: int = 64
+    intermediate_size: int = 176
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    max_position_embeddings: int = 1024
+    tokenizer_vocab_size: int = 384
+
+
+@dataclass
+class DataSection:
+    # "synthetic" (arithmetic traces generated in code), a local .jsonl/.json/.parquet file or folder, or a
+    # hub dataset name; schemas (posttrain.data): `messages`, `prompt`/`completion`, ShareGPT `conversations`.
+    train: str = "synthetic"
+    split: str = "train"
+    eval: str | None = None  # None: hold out the first `eval_rows` rows of `train`
+    eval_split: str = "test"
+    max_rows: int | None = None  # cap on the training rows read (before the hold-out)
+    eval_rows: int = 64
+    synthetic_rows: int = 1024
+    synthetic_seed: int = 0
+    # Rows longer than training.max_length: "drop" them before training (counted in the results), or
+    # "truncate" them to their first max_length tokens (TRL's keep_start).
+    overlong: Literal["drop", "truncate"] = "drop"
+
+
+@dataclass
+class ObjectiveSection:
+    kind: Literal["final", "stage1", "mean"] = "final"
+    # Stage-I entropy weight: 0.1 early and 0.05 later in the paper; 0 lets the exit distribution collapse.
+    beta: float = 0.1
+    # Only Stage I gives the gate a gradient; false freezes it (the other objectives always freeze it).
+    gate_trainable: bool = True
+
+    def __post_init__(self) -> None:
+        if self.beta < 0:
+            raise ValueError(f"objective.beta must be >= 0, got {self.beta}")
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = False  # false: full fine-tuning
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    # Never lm_head: TRL's fused head reads `lm_head.weight` directly, so an adapter there would not train.
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+
+@dataclass
+class TrainingSection:
+    # The loadable model folder; the trainer's checkpoints go to <output_dir>/checkpoints.
+    output_dir: str = "outputs/sft"
+    max_steps: int = 200  # -1: run `epochs` epochs
+    epochs: float = 1.0
+    lr: float = 1e-3
+    lr_scheduler: str = "cosine"
+    warmup: float = 0.0  # warm-up steps (int), or a fraction of all steps (float in [0, 1))
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 1.0
+    batch_size: int = 16  # per device
+    grad_accum: int = 1
+    eval_batch_size: int = 32
+    max_length: int = 256
+    # TRL's BFD packing: padding-free rows whose position ids restart per sequence; the model then masks
+    # attention per sequence.
+    packing: bool = False
+    gradient_checkpointing: bool = False
+    bf16: bool = False  # ignored on CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    logging_steps: int = 10
+    save_steps: int = 100  # 0: no intermediate checkpoints
+    save_total_limit: int | None = 2
+    eval_steps: int = 0  # 0: evaluate only before and after training
+    # true: continue from the latest checkpoint under output_dir (fresh start when there is none); or a path
+    resume: bool | str = False
+    progress_bar: bool = False
+
+
+@dataclass
+class SampleSection:
+    """The after-training check: sample held-out prompts from the saved folder through the rollout engine."""
+
+    num_prompts: int = 32  # 0 skips it
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # greedy
+    seed: int = 0
+
+
+@dataclass
+class SFTRecipeConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    sample: SampleSection = field(default_factory=SampleSection)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class SFTData:
+    train: Dataset  # only the columns TRL reads: `messages`, or `prompt` + `completion`
+    eval: Dataset | None
+    dropped: dict[str, int] = field(default_factory=lambda: {"train": 0, "eval": 0})  # over-length rows
+
+    def eval_prompts(self, n: int) -> tuple[list[list[dict[str, str]]], list[str | None]]:
+        """Up to `n` held-out prompts (chat messages) and their reference answers (text after "Answer:")."""
+        pairs = (
+            [split_prompt(row) for row in self.eval.select(range(min(n, len(self.eval))))]
+            if self.eval
+            else []
+        )
+        return [p for p, _ in pairs], [a for _, a in pairs]
+
+
+def load_rows(source: str, split: str, max_rows: int | None, synthetic_rows: int, seed: int) -> Dataset:
+    """A dataset normalised by posttrain.data: `messages`, or `prompt` + `completion` (message lists)."""
+    if source == "synthetic":
+        n = synthetic_rows if max_rows is None else min(max_rows, synthetic_rows)
+        return to_dataset(arithmetic_traces(n, seed=seed), columns=["messages"])  # generated: no download
+    return load_sft_dataset(source, split=split, max_rows=max_rows)
+
+
+def split_prompt(row: dict[str, Any]) -> tuple[list[dict[str, str]], str | None]:
+    """-> (the messages before the last assistant turn, the reference answer after "Answer:" if any)."""
+    if "messages" in row:
+        messages = list(row["messages"])
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompt, target = messages[:last], messages[last]["content"]
+    else:
+        prompt, target = list(row["prompt"]), row["completion"][-1]["content"]
+    return prompt, parse_answer(target)
+
+
+def parse_answer(text: str) -> str | None:
+    """The text after the last `Answer:` (DAPO's convention, also our synthetic traces'), or None."""
+    found = re.findall(r"Answer\s*:\s*(.+)", text)
+    return found[-1].strip() if found else None
+
+
+def load_sft_data(cfg: DataSection) -> SFTData:
+    """Train and eval rows; without `data.eval` the first `eval_rows` rows are held out."""
+    train = load_rows(cfg.train, cfg.split, cfg.max_rows, cfg.synthetic_rows, cfg.synthetic_seed)
+    if cfg.eval is not None:
+        evals = load_rows(cfg.eval, cfg.eval_split, cfg.eval_rows, cfg.eval_rows, cfg.synthetic_seed + 1)
+        return SFTData(train, evals)
+    held = min(cfg.eval_rows, len(train) // 2)
+    return SFTData(train.select(range(held, len(train))), train.select(range(held)) if held else None)
+
+
+def drop_long_rows(data: SFTData, tokenizer: PreTrainedTokenizerBase, max_length: int) -> SFTData:
+    """Rows whose templated length exceeds `max_length` tokens are dropped, counted and reported."""
+    train, n_train = drop_overlong(data.train, tokenizer, max_length)
+    evals, n_eval = drop_overlong(data.eval, tokenizer, max_length) if data.eval is not None else (None, 0)
+    if n_train or n_eval:
+        logger.warning(
+            "dropped rows longer than max_length=%d tokens: train %d, eval %d", max_length, n_train, n_eval
+        )
+    if len(train) == 0:
+        raise ValueError(
+            f"no training rows left: all {n_train} are longer than training.max_length={max_length}"
+        )
+    return SFTData(train, evals, {"train": n_train, "eval": n_eval})
+
+
+def corpus_of(dataset: Dataset) -> list[str]:
+    """Every message text, to train the tiny model's BPE on."""
+    columns = ["messages"] if "messages" in dataset.column_names else ["prompt", "completion"]
+    return [m["content"] for row in dataset.select_columns(columns) for c in columns for m in row[c]]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model and tokenizer
+
+
+def build_model_and_tokenizer(
+    cfg: ModelSection, corpus: Sequence[str] | None = None, seed: int = 0
+) -> tuple[LoopLMForCausalLM, PreTrainedTokenizerBase]:
+    """Load (or build) the LoopLM and its tokenizer, with the chat template and Ouro's bos/eos fix applied."""
+    tokenizer = load_tokenizer(cfg, corpus)
+    if cfg.path is None:
+        torch.manual_seed(seed)
+        model = LoopLMForCausalLM(tiny_model_config(cfg, tokenizer))
+    else:
+        model = LoopLMForCausalLM.from_pretrained(cfg.path, dtype=torch.float32)
+        if cfg.total_ut_steps is not None:
+            model.config.total_ut_steps = cfg.total_ut_steps
+    ensure_think_tokens(tokenizer, model)
+    # The same template and special ids go into the saved folder, so SFT, rollouts and evaluation agree.
+    fix_ouro_special_tokens(tokenizer, model)
+    return model, tokenizer
+
+
+def load_tokenizer(cfg: ModelSection, corpus: Sequence[str] | None) -> PreTrainedTokenizerBase:
+    source = cfg.tokenizer_path or cfg.path
+    if source is None:
+        return build_tokenizer(corpus, vocab_size=cfg.tokenizer_vocab_size)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if cfg.chat_template == "looprl":
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_model_config(cfg: ModelSection, tokenizer: PreTrainedTokenizerBase) -> LoopLMConfig:
+    return LoopLMConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        total_ut_steps=cfg.total_ut_steps or 4,
+    )
+
+
+def ensure_think_tokens(tokenizer: PreTrainedTokenizerBase, model: LoopLMForCausalLM) -> None:
+    """`<think>`/`</think>` as single tokens (a base checkpoint may lack them); grows the embeddings if so."""
+    missing = [t for t in (THINK_OPEN, THINK_CLOSE) if t not in tokenizer.get_vocab()]
+    if not missing:
+        return
+    tokenizer.add_tokens(missing)
+    if len(tokenizer) > model.config.vocab_size:
+        model.resize_token_embeddings(len(tokenizer))
+    logger.warning("added %s to the tokenizer (vocab now %d)", missing, len(tokenizer))
+
+
+def set_gate_trainable(model: torch.nn.Module, objective: ObjectiveSection) -> None:
+    """Freeze the exit gate unless Stage I trains it (the other objectives never give it a gradient)."""
+    trainable = objective.gate_trainable and objective.kind == "stage1"
+    for p in unwrap_looplm(model).model.early_exit_gate.parameters():
+        p.requires_grad_(trainable)
+
+
+def unwrap_looplm(model: torch.nn.Module) -> LoopLMForCausalLM:
+    """The LoopLMForCausalLM inside a PeftModel (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def peft_config(cfg: LoraSection, objective: ObjectiveSection):
+    from peft import LoraConfig
+
+    if "lm_head" in cfg.target_modules:
+        raise ValueError(
+            "lora.target_modules: lm_head cannot take an adapter (TRL's fused head reads its weight)"
+        )
+    # A trainable gate under LoRA is trained in full and saved with the adapter.
+    gate = ["early_exit_gate"] if objective.kind == "stage1" and objective.gate_trainable else None
+    return LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        modules_to_save=gate,
+        task_type="CAUSAL_LM",
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Trainer
+
+
+class LoopSFTTrainer(SFTTrainer):
+    """`SFTTrainer` with a loop-aware `compute_loss`. Overrides only `compute_loss` (public, documented hook);
+    it writes to `self._metrics`, TRL's private per-mode metric lists that `log` averages (trl >=1.16,<2).
+    """
+
+    def __init__(self, *args, objective: ObjectiveSection, **kwargs):
+        self.objective = objective
+        super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.objective.kind == "final" and self.model.training and not return_outputs:
+            # TRL's fused lm-head path: the backbone's last_hidden_state is the last loop's state.
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, outputs = self.loop_loss(model, inputs, num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+    def loop_loss(self, model, inputs, num_items_in_batch=None):
+        """The configured objective from every loop's states; logs per-loop CE and exit statistics."""
+        mode = "train" if self.model.training else "eval"
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        # logits_to_keep=1: skip the exit loop's (B, S, V) logits; per_loop_token_losses makes its own.
+        outputs = model(**inputs, use_cache=False, output_loop_states=True, logits_to_keep=1)
+        lm_head = unwrap_looplm(self.accelerator.unwrap_model(model)).get_output_embeddings()
+        ce, mask = per_loop_token_losses(outputs.loop_hidden_states, lm_head, labels)
+        loss = objective_loss(self.objective, ce, mask, outputs.gate_logits, num_items_in_batch)
+        # As TRL's compute_loss: num_items_in_batch counts every rank's tokens and DDP averages the gradients.
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        self.log_loop_metrics(mode, ce, mask, outputs.gate_logits)
+        return loss, outputs
+
+    def log_loop_metrics(
+        self, mode: str, ce: torch.Tensor, mask: torch.Tensor, gate_logits: torch.Tensor
+    ) -> None:
+        for name, value in loop_metrics(ce.detach(), mask, gate_logits.detach()).items():
+            self._metrics[mode][name].append(value)
+
+
+def objective_loss(
+    objective: ObjectiveSection,
+    ce: torch.Tensor,
+    mask: torch.Tensor,
+    gate_logits: torch.Tensor,
+    normalizer=None,
+) -> torch.Tensor:
+    """ce (T, B, S-1), mask (B, S-1), gate_logits (B, S, T) -> the loss; `normalizer`: num_items_in_batch."""
+    if objective.kind == "stage1":
+        return stage1_loss(ce, gate_logits, mask, objective.beta, normalizer)[0]
+    if objective.kind == "mean":
+        return mean_loop_loss(ce, mask, normalizer)
+    return final_loop_loss(ce, mask, normalizer)
+
+
+def loop_metrics(ce: torch.Tensor, mask: torch.Tensor, gate_logits: torch.Tensor) -> dict[str, float]:
+    """Token-mean CE at every loop, exit entropy (nats) and mean exit pdf p(t), over the label positions."""
+    count = mask.sum().clamp(min=1)
+    log_p = exit_log_pdf(gate_logits[:, :-1].float())  # (B, S-1, T)
+    p = log_p.exp()
+    metrics = {f"ce_loop{t + 1}": float(ce[t].sum() / count) for t in range(ce.shape[0])}
+    metrics["exit_entropy"] = float((-(p * log_p).sum(-1) * mask).sum() / count)
+    pdf = (p * mask[..., None]).sum((0, 1)) / count
+    metrics |= {f"exit_p{t + 1}": float(v) for t, v in enumerate(pdf)}
+    return metrics
+
+
+def sft_args(cfg: SFTRecipeConfig, has_eval: bool) -> SFTConfig:
+    t = cfg.training
+    use_cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())
+    return SFTConfig(
+        output_dir=str(Path(t.output_dir) / CHECKPOINTS_DIR),
+        max_steps=t.max_steps,
+        num_train_epochs=t.epochs,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        max_grad_norm=t.max_grad_norm,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        max_length=t.max_length,
+        packing=t.packing,
+        # TRL defaults these two on; on CPU bf16 autocast is slow and inexact, checkpointing only costs time.
+        # (transformers 5.23 renamed gradient_checkpointing to activation_checkpointing; the old name warns.)
+        activation_checkpointing=t.gradient_checkpointing,
+        bf16=t.bf16 and not use_cpu,
+        use_cpu=use_cpu,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        save_strategy="steps" if t.save_steps > 0 else "no",
+        save_steps=max(t.save_steps, 1),
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if has_eval and t.eval_steps > 0 else "no",
+        eval_steps=t.eval_steps if t.eval_steps > 0 else None,
+        prediction_loss_only=True,
+        assistant_only_loss=False,  # set per dataset in make_trainer
+        report_to="none",
+        dataloader_num_workers=0,
+        disable_tqdm=not t.progress_bar,
+    )
+
+
+def make_trainer(
+    cfg: SFTRecipeConfig,
+    model: LoopLMForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    data: SFTData,
+    callbacks: list[TrainerCallback] | None = None,
+) -> LoopSFTTrainer:
+    args = sft_args(cfg, data.eval is not None)
+    # Loss on assistant tokens only (the template's {% generation %} span) or on the completion only.
+    args.assistant_only_loss = "messages" in data.train.column_names
+    args.completion_only_loss = None if args.assistant_only_loss else True
+    set_gate_trainable(model, cfg.objective)
+    return LoopSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        peft_config=peft_config(cfg.lora, cfg.objective) if cfg.lora.enabled else None,
+        callbacks=callbacks,
+        objective=cfg.objective,
+    )
+
+
+def resume_checkpoint(cfg: TrainingSection) -> str | None:
+    if cfg.resume is False:
+        return None
+    if cfg.resume is True:
+        folder = Path(cfg.output_dir) / CHECKPOINTS_DIR
+        found = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+        if found is None:
+            logger.warning("training.resume: no checkpoint under %s, starting fresh", cfg.output_dir)
+        return found
+    if not Path(cfg.resume).is_dir():
+        raise FileNotFoundError(f"training.resume: no checkpoint folder {cfg.resume}")
+    return cfg.resume
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Output folder
+
+
+def final_model(trainer: LoopSFTTrainer) -> LoopLMForCausalLM:
+    """The trained LoopLM, LoRA merged into the base weights."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    return model
+
+
+def save_output(
+    model: LoopLMForCausalLM, tokenizer: PreTrainedTokenizerBase, cfg: SFTRecipeConfig, out_dir: str | Path
+) -> Path:
+    """A folder that our rollout engine, `AutoModelForCausalLM` (after `import looplm`) and vLLM load."""
+    out = Path(out_dir)
+    fix_ouro_special_tokens(tokenizer, model)  # generation_config.json gets bos/eos/pad from here
+    model.config.use_cache = True
+    dtype = torch.bfloat16 if cfg.model.save_dtype == "bfloat16" else torch.float32
+    model.to(dtype).save_pretrained(out)
+    tokenizer.save_pretrained(out)  # with the chat template
+    save_config(cfg, out / RECIPE_CONFIG_FILE)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling check
+
+
+def is_well_formed(completion: str, finish_reason: str) -> bool:
+    """The prompt opened `<think>`: the completion reasons, closes the block once, answers, and stops."""
+    if finish_reason != "stop" or THINK_OPEN in completion or completion.count(THINK_CLOSE) != 1:
+        return False
+    thought, answer = completion.split(THINK_CLOSE)
+    return bool(thought.strip()) and parse_answer(answer) is not None
+
+
+def sample_check(
+    out_dir: str | Path, prompts: list, answers: list[str | None], cfg: SampleSection
+) -> dict[str, Any]:
+    """Load the saved folder into our rollout engine, sample the prompts, score the completions' format."""
+    from rollout.engine import SamplingConfig
+    from rollout.torch_engine import TorchEngine
+
+    tokenizer = AutoTokenizer.from_pretrained(str(out_dir))
+    engine = TorchEngine.from_pretrained(out_dir, tokenizer=tokenizer)
+    sampling = SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    records = engine.generate(prompts, sampling)
+    texts = [tokenizer.decode(r.completion_ids, skip_special_tokens=True) for r in records]
+    formed = [is_well_formed(t, r.finish_reason) for t, r in zip(texts, records, strict=True)]
+    known = [
+        (parse_answer(t.split(THINK_CLOSE)[-1]), a)
+        for t, a in zip(texts, answers, strict=True)
+        if a is not None
+    ]
+    return {
+        "num_prompts": len(records),
+        "well_formed": sum(formed) / max(len(formed), 1),
+        "answer_accuracy": sum(got == want for got, want in known) / len(known) if known else None,
+        "examples": [
+            {"prompt": tokenizer.decode(r.prompt_ids), "completion": t}
+            for r, t in zip(records[:3], texts, strict=False)
+        ],
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The recipe
+
+
+def run_sft(config: SFTRecipeConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+    """Train, save a loadable folder, check it; -> results (also written to <output_dir>/sft_results.json)."""
+    seed_everything(config.training.seed)
+    if not config.training.progress_bar:
+        quiet_progress_bars()
+    data, model, tokenizer = setup(config)
+    trainer = make_trainer(config, model, tokenizer, data, callbacks)
+    results: dict[str, Any] = {
+        "train_rows": len(data.train),
+        "eval_rows": len(data.eval or []),
+        "dropped_overlong": data.dropped,
+    }
+    checkpoint = resume_checkpoint(config.training)
+    if data.eval is not None and checkpoint is None:
+        results["eval_before"] = trainer.evaluate()
+    train_output = trainer.train(resume_from_checkpoint=checkpoint)
+    results |= {"global_step": trainer.state.global_step, "train_loss": train_output.training_loss}
+    if data.eval is not None:
+        results["eval_after"] = trainer.evaluate()
+    results["exit_history"] = exit_history(trainer.state.log_history)
+    probe = probe_batch(trainer) if config.lora.enabled else None
+    adapter_logits = lora_effect(trainer, probe, results) if probe is not None else None
+    out = save_output(final_model(trainer), tokenizer, config, config.training.output_dir)
+    if adapter_logits is not None:  # merged, saved and reloaded as users will (bf16 saves add rounding)
+        reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+        merged_logits = logits_of(reloaded.to(adapter_logits.device), probe)
+        results["lora_merge_max_abs_diff"] = (merged_logits - adapter_logits).abs().max().item()
+    prompts, answers = data.eval_prompts(config.sample.num_prompts)
+    if prompts:
+        results["sample"] = sample_check(out, prompts, answers, config.sample)
+    (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=float) + "\n")
+    print_summary(results)
+    return results
+
+
+def probe_batch(trainer: LoopSFTTrainer) -> dict[str, torch.Tensor]:
+    """A held-out (else training) batch to compare the adapter model with its merged save."""
+    has_eval = trainer.eval_dataset is not None
+    loader = trainer.get_eval_dataloader() if has_eval else trainer.get_train_dataloader()
+    batch = trainer._prepare_inputs(next(iter(loader)))  # moved to the model's device
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+
+
+@torch.no_grad()
+def logits_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model.eval()(**batch, use_cache=False).logits.float()
+
+
+def lora_effect(
+    trainer: LoopSFTTrainer, probe: dict[str, torch.Tensor], results: dict[str, Any]
+) -> torch.Tensor:
+    """The adapter model's logits on `probe`; records how far the adapter moved them from the base model."""
+    model = trainer.model
+    adapter_logits = logits_of(model, probe)
+    with model.disable_adapter():
+        results["lora_adapter_max_abs_effect"] = (logits_of(model, probe) - adapter_logits).abs().max().item()
+    return adapter_logits
+
+
+def setup(config: SFTRecipeConfig) -> tuple[SFTData, LoopLMForCausalLM, PreTrainedTokenizerBase]:
+    """Data first (the tiny model's tokenizer is trained on it), then the over-length filter (needs it)."""
+    t = config.training
+    data = load_sft_data(config.data)
+    own_tokenizer = config.model.path is None and config.model.tokenizer_path is None
+    model, tokenizer = build_model_and_tokenizer(
+        config.model, corpus_of(data.train) if own_tokenizer else None, t.seed
+    )
+    if config.data.overlong == "drop":
+        data = drop_long_rows(data, tokenizer, t.max_length)
+    return data, model, tokenizer
+
+
+def exit_history(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Training-log entries with exit statistics (Stage I): step, exit entropy, p(last loop)."""
+    rows = []
+    for entry in log_history:
+        if "exit_entropy" in entry:
+            last = max(int(k[len("exit_p") :]) for k in entry if k.startswith("exit_p"))
+            entropy, p_last = entry["exit_entropy"], entry[f"exit_p{last}"]
+            rows.append({"step": entry["step"], "exit_entropy": entropy, "p_last": p_last})
+    return rows
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    before, after = results.get("eval_before", {}), results.get("eval_after", {})
+    loops = sorted((k for k in after if k.startswith("eval_ce_loop")), key=lambda k: int(k[12:]))
+    if loops:
+        last = loops[-1]
+        ce_before, ce_after = before.get(last, math.nan), after[last]
+        print(f"held-out CE at the last loop: before {ce_before:.4f}, after {ce_after:.4f}")
+    if "sample" in results:
+        s = results["sample"]
+        print(f"well-formed completions: {s['well_formed']:.3f}; answer accuracy: {s['answer_accuracy']}")
+    for row in results["exit_history"]:
+        step, entropy, p_last = row["step"], row["exit_entropy"], row["p_last"]
+        print(f"step {step:>5}: exit entropy {entropy:.4f}, p(last loop) {p_last:.4f}")
+
+
+def quiet_progress_bars() -> None:
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+__all__ = [
+    "DataSection",
+    "LoopSFTTrainer",
+    "LoraSection",
+    "ModelSection",
+    "ObjectiveSection",
+    "SFTData",
+    "SFTRecipeConfig",
+    "SampleSection",
+    "TrainingSection",
+    "build_model_and_tokenizer",
+    "is_well_formed",
+    "load_sft_data",
+    "loop_metrics",
+    "make_trainer",
+    "objective_loss",
+    "run_sft",
+    "save_output",
+]
+
+_ = looplm  # `import looplm` registers the Auto classes the saved folder is loaded through
