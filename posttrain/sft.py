@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import random
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from looplm.losses import final_loop_loss, mean_loop_loss, per_loop_token_losses
 from looplm.tokenizer import CHAT_TEMPLATE, THINK_CLOSE, THINK_OPEN, build_tokenizer, fix_ouro_special_tokens
 from posttrain.data import drop_overlong, load_sft_dataset
 from posttrain.synthetic import arithmetic_traces, to_dataset
+from rewards.dapo import INVALID, extract_answer
 
 logger = logging.getLogger(__name__)
 
@@ -208,9 +208,9 @@ def split_prompt(row: dict[str, Any]) -> tuple[list[dict[str, str]], str | None]
 
 
 def parse_answer(text: str) -> str | None:
-    """The text after the last `Answer:` (DAPO's convention, also our synthetic traces'), or None."""
-    found = re.findall(r"Answer\s*:\s*(.+)", text)
-    return found[-1].strip() if found else None
+    """The normalised last `Answer:` (DAPO's scorer, the one the rewards use), or None when there is none."""
+    answer = extract_answer(text)
+    return None if answer == INVALID else answer
 
 
 def load_sft_data(cfg: DataSection) -> SFTData:
