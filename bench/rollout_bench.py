@@ -1,0 +1,278 @@
+"""Rollout benchmarks, each against its baseline in the same run.
+
+Throughput is total completion tokens / total seconds over `repeats` interleaved runs (after a warm-up), each
+run with its own seed so that sampled lengths average out. In-process comparisons run on one thread and report
+tokens per wall-clock second and per CPU second of the process: on a machine shared with other jobs the second
+is the fair one (time spent descheduled is not counted); the pool part can only use wall-clock time.
+
+1. our engine vs `model.generate()` on the same LoopLM and prompts, batch 1 / 8 / 32, in two workloads:
+   "fixed-length" (no stop ids: every row decodes max_new_tokens, so only the decode step itself differs) and
+   "variable-length" (a set of stop ids ends rows at different steps, as RL completions do; generate() keeps
+   finished rows in the batch until the last one stops, our engine drops them);
+2. adaptive vs fixed depth in our engine: average loops per decoded token, tokens/s;
+3. the Ray pool with 1 actor vs 2 actors (same total threads, and 1 actor x 1 thread);
+4. K/V bytes per token for each cache mode (formula and measured).
+Throughput counts completion tokens up to and including the first stop id of each row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from looplm import KV_MODES, LoopKVCache, LoopLMForCausalLM
+from rollout.cli import RandomModelConfig, ensure_model
+from rollout.engine import DepthConfig, SamplingConfig
+from rollout.torch_engine import TorchEngine
+
+
+@dataclass
+class RolloutBenchConfig:
+    model: str = "runs/looplm-random-10m"  # created from `init_random` if missing
+    init_random: RandomModelConfig = field(
+        default_factory=lambda: RandomModelConfig(
+            vocab_size=8192, hidden_size=320, intermediate_size=864, num_hidden_layers=4, num_attention_heads=5,
+            total_ut_steps=4, max_position_embeddings=1024, gate_std=0.1,
+        )
+    )
+    # torch threads for the in-process comparisons. One, so that their CPU-time throughput (reported beside the
+    # wall-clock one) stays meaningful on a machine shared with other jobs; the pool part uses `pool_threads`.
+    threads: int = 1
+    pool_threads: int = 2  # CPUs for the pool part: layouts 1 x 1, then a x (pool_threads / a) for each a
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
+    prompt_min_len: int = 16
+    prompt_max_len: int = 64
+    max_new_tokens: int = 64  # fixed-length workload
+    variable_max_new_tokens: int = 256  # variable-length workload
+    stop_ids: int = 128  # variable-length workload: ids 3..3+stop_ids end a row (~1.6% per token at vocab 8192)
+    exit_threshold: float = 0.6  # adaptive depth's q
+    pool_prompts: int = 32
+    pool_actors: list[int] = field(default_factory=lambda: [1, 2])  # [] skips the pool benchmark
+    repeats: int = 4
+    seed: int = 0
+    parts: list[str] = field(default_factory=lambda: list(PARTS))  # which of the four to run
+
+
+PARTS = ("engine_vs_generate", "adaptive_vs_fixed", "pool_actors", "kv_bytes_per_token")
+
+
+def run_rollout_bench(config: RolloutBenchConfig) -> dict[str, Any]:
+    unknown = sorted(set(config.parts) - set(PARTS))
+    if unknown:
+        raise ValueError(f"unknown rollout bench part(s) {unknown}; known: {list(PARTS)}")
+    torch.set_num_threads(config.threads)
+    folder = ensure_model(config.model, config.init_random)
+    model = LoopLMForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    params = sum(p.numel() for p in model.parameters())
+    print(f"# rollout bench: {params / 1e6:.2f}M-parameter LoopLM (T={model.config.total_ut_steps}), fp32, "
+          f"{config.threads} threads")
+    parts = {
+        "engine_vs_generate": lambda: _engine_vs_generate(model, config),
+        "adaptive_vs_fixed": lambda: _adaptive_vs_fixed(model, config),
+        "pool_actors": lambda: _pool_actors(str(folder), model.config.vocab_size, config),
+        "kv_bytes_per_token": lambda: _kv_bytes(model),
+    }
+    results: dict[str, Any] = {"parameters": params}
+    results.update({name: parts[name]() for name in PARTS if name in config.parts})
+    print_markdown(results)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _prompts(count: int, config: RolloutBenchConfig, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(config.prompt_min_len, config.prompt_max_len + 1, (count,), generator=g).tolist()
+    low = 3 + config.stop_ids  # prompts hold no stop id
+    return [torch.randint(low, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@dataclass
+class Timing:
+    wall: float = 0.0  # seconds
+    cpu: float = 0.0  # CPU seconds of this process (all its threads)
+    tokens: int = 0
+
+
+def _timed(fns: dict[str, Callable[[int], int]], repeats: int) -> dict[str, Timing]:
+    """Run each contender once to warm up, then `repeats` times interleaved, repeat r with its own seed (so
+    sampled lengths average out); totals over the repeats."""
+    timings = {name: Timing() for name in fns}
+    for fn in fns.values():
+        fn(-1)
+    for rep in range(repeats):
+        for name, fn in fns.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            timings[name].tokens += fn(rep)
+            timings[name].wall += time.perf_counter() - wall
+            timings[name].cpu += time.process_time() - cpu
+    return timings
+
+
+def _hf_generate(model: LoopLMForCausalLM, prompts: list[list[int]], max_new: int, stops: list[int], rep: int) -> int:
+    """transformers' generate() with the same sampling; -> completion tokens up to each row's first stop."""
+    torch.manual_seed(1000 * (rep + 1))  # rep: the repeat index (-1 for the warm-up)
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = torch.tensor(p), 1
+    with torch.inference_mode():
+        out = model.generate(
+            ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new,
+            eos_token_id=stops or None, pad_token_id=0,
+        )[:, width:]
+    if not stops:
+        return out.numel()
+    is_stop = torch.isin(out, torch.tensor(stops))
+    lengths = torch.where(is_stop.any(1), is_stop.int().argmax(1) + 1, out.shape[1])
+    return int(lengths.sum())
+
+
+def _ours(engine, prompts, sampling: SamplingConfig, depth: DepthConfig | None = None, rep: int = 0, sink=None) -> int:
+    """Generate with repeat `rep`'s seed; -> completion tokens. Timed repeats (rep >= 0) add records to `sink`."""
+    sampling = dataclasses.replace(sampling, seed=sampling.seed + 1000 * (rep + 1))
+    records = engine.generate(prompts, sampling, depth)
+    if sink is not None and rep >= 0:
+        sink.extend(records)
+    return sum(len(r.completion_ids) for r in records)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The four benchmarks
+
+
+def _engine_vs_generate(model: LoopLMForCausalLM, config: RolloutBenchConfig) -> list[dict[str, Any]]:
+    rows = []
+    stop_ids = list(range(3, 3 + config.stop_ids))
+    workloads = [("fixed-length", config.max_new_tokens, []), ("variable-length", config.variable_max_new_tokens, stop_ids)]
+    for workload, max_new, stops in workloads:
+        for batch in config.batch_sizes:
+            engine = TorchEngine(model, max_batch_size=batch)
+            prompts = _prompts(batch, config, model.config.vocab_size, config.seed + batch)
+            sampling = SamplingConfig(max_new_tokens=max_new, stop_token_ids=stops, seed=config.seed)
+            timed = _timed(
+                {
+                    "ours": lambda rep, e=engine, p=prompts, s=sampling: _ours(e, p, s, rep=rep),
+                    "generate": lambda rep, p=prompts, m=max_new, s=stops: _hf_generate(model, p, m, s, rep),
+                },
+                config.repeats,
+            )
+            row: dict[str, Any] = {"workload": workload, "batch": batch}
+            for name, t in timed.items():
+                row[f"{name}_tokens"], row[f"{name}_tok_s"], row[f"{name}_tok_cpu_s"] = t.tokens, t.tokens / t.wall, t.tokens / t.cpu
+            row["speedup"] = row["ours_tok_s"] / row["generate_tok_s"]
+            row["speedup_cpu"] = row["ours_tok_cpu_s"] / row["generate_tok_cpu_s"]
+            rows.append(row)
+            print(row)
+    return rows
+
+
+def _adaptive_vs_fixed(model: LoopLMForCausalLM, config: RolloutBenchConfig) -> list[dict[str, Any]]:
+    """At batch 1 and the largest batch: the model skips deeper loops only once every row of a step exited."""
+    rows = []
+    for batch in sorted({min(config.batch_sizes), max(config.batch_sizes)}):
+        engine = TorchEngine(model, max_batch_size=batch)
+        prompts = _prompts(batch, config, model.config.vocab_size, config.seed + 1)
+        sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, seed=config.seed)
+        depths = {
+            "fixed (T=4)": DepthConfig(),
+            f"adaptive (q={config.exit_threshold})": DepthConfig(policy="adaptive", exit_threshold=config.exit_threshold),
+        }
+        records: dict[str, list] = {name: [] for name in depths}  # the timed runs' records, for their depths
+        timed = _timed(
+            {
+                name: lambda rep, d=d, e=engine, p=prompts, s=sampling, out=records[name]: _ours(e, p, s, d, rep, out)
+                for name, d in depths.items()
+            },
+            config.repeats,
+        )
+        for name in depths:
+            fed = [e for r in records[name] for e in r.exit_steps[:-1]]  # a row's last token is never fed back
+            t = timed[name]
+            rows.append({
+                "depth": name, "batch": batch, "loops_per_token": sum(fed) / len(fed),
+                "tok_s": t.tokens / t.wall, "tok_cpu_s": t.tokens / t.cpu,
+            })
+            print(rows[-1])
+    return rows
+
+
+def _pool_actors(folder: str, vocab: int, config: RolloutBenchConfig) -> list[dict[str, Any]]:
+    import ray
+
+    from rollout.pool import PoolConfig, RolloutPool
+
+    prompts = _prompts(config.pool_prompts, config, vocab, config.seed + 2)
+    sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, seed=config.seed)
+    if not config.pool_actors:
+        return []
+    layouts = [(1, 1)] + [(a, max(1, config.pool_threads // a)) for a in config.pool_actors]
+    rows = []
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(num_cpus=config.pool_threads, include_dashboard=False, log_to_driver=False)
+    try:
+        for actors, threads in dict.fromkeys(layouts):
+            with RolloutPool(folder, PoolConfig(num_actors=actors, threads_per_actor=threads)) as pool:
+                timed = _timed({"pool": lambda rep, p=pool: _ours(p, prompts, sampling, rep=rep)}, config.repeats)
+            t = timed["pool"]  # wall time: the work runs in the actors' processes
+            rows.append({"actors": actors, "threads_per_actor": threads, "prompts": len(prompts), "tok_s": t.tokens / t.wall})
+            print(rows[-1])
+    finally:
+        if started_ray:
+            ray.shutdown()
+    return rows
+
+
+def _kv_bytes(model: LoopLMForCausalLM) -> list[dict[str, Any]]:
+    rows = []
+    ids = torch.randint(0, model.config.vocab_size, (1, 100))
+    for mode in KV_MODES:
+        cache = LoopKVCache(model.config, mode=mode)
+        with torch.inference_mode():
+            model(ids[:, :90], past_key_values=cache)
+            for i in range(90, 100):  # a few decode steps, so the shared modes' commit path is measured too
+                model(ids[:, i : i + 1], past_key_values=cache)
+        formula = LoopKVCache.bytes_per_token(model.config, mode)
+        rows.append({"mode": mode, "bytes_per_token": formula, "measured": cache.nbytes() / ids.shape[1]})
+    return rows
+
+
+def print_markdown(results: dict[str, Any]) -> None:
+    tables = {
+        "engine_vs_generate": (
+            "| workload | batch | ours tok/s | generate() tok/s | ours / generate() | same, per CPU second |",
+            lambda r: f"| {r['workload']} | {r['batch']} | {r['ours_tok_s']:.0f} | {r['generate_tok_s']:.0f} | "
+            f"{r['speedup']:.2f}x | {r['speedup_cpu']:.2f}x |",
+        ),
+        "adaptive_vs_fixed": (
+            "| depth | batch | loops per decoded token | tok/s | tok per CPU second |",
+            lambda r: f"| {r['depth']} | {r['batch']} | {r['loops_per_token']:.2f} | {r['tok_s']:.0f} | "
+            f"{r['tok_cpu_s']:.0f} |",
+        ),
+        "pool_actors": (
+            "| actors x threads | prompts | tok/s |",
+            lambda r: f"| {r['actors']} x {r['threads_per_actor']} | {r['prompts']} | {r['tok_s']:.0f} |",
+        ),
+        "kv_bytes_per_token": (
+            "| KV mode | bytes per token (formula) | measured |",
+            lambda r: f"| {r['mode']} | {r['bytes_per_token']} | {r['measured']:.0f} |",
+        ),
+    }
+    for name, (header, row) in tables.items():
+        if results.get(name):
+            columns = header.count("|") - 1
+            print(f"\n{header}\n|---|" + "---:|" * (columns - 1))
+            for r in results[name]:
+                print(row(r))
+
+
+__all__ = ["PARTS", "RolloutBenchConfig", "print_markdown", "run_rollout_bench"]

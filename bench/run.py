@@ -1,0 +1,47 @@
+"""`python run.py bench [benchmarks=[rollout]] [rollout.key=value ...]`: run benchmarks by name.
+
+Each benchmark compares against its baseline inside the same run and returns its results, which are saved
+as JSON under `output_dir` (one file per benchmark) and printed as the Markdown tables of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.rollout_bench import RolloutBenchConfig
+
+# name -> (module, function taking this benchmark's section of BenchConfig)
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "rollout": ("bench.rollout_bench", "run_rollout_bench"),
+}
+
+
+@dataclass
+class BenchConfig:
+    benchmarks: list[str] = field(default_factory=lambda: ["rollout"])
+    rollout: RolloutBenchConfig = field(default_factory=RolloutBenchConfig)
+    output_dir: str = "runs/bench"
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.benchmarks) - set(BENCHMARKS))
+        if unknown:
+            raise ValueError(f"unknown benchmark(s) {unknown}; known: {sorted(BENCHMARKS)}")
+
+
+def run_bench(config: BenchConfig) -> dict[str, Any]:
+    results = {}
+    for name in config.benchmarks:
+        module, function = BENCHMARKS[name]
+        results[name] = getattr(importlib.import_module(module), function)(getattr(config, name))
+        out = Path(config.output_dir) / f"{name}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results[name], indent=2) + "\n")
+        print(f"{name}: results saved to {out}")
+    return results
+
+
+__all__ = ["BENCHMARKS", "BenchConfig", "run_bench"]

@@ -1,0 +1,313 @@
+"""The rollout interface shared by every engine (ours, vLLM) and the Ray pool.
+
+* `SamplingConfig`, `DepthConfig`: what to generate and at which depth, checked before any work starts.
+* `RolloutRecord`: one completion, the record of architecture.md.
+* `processed_logprobs`: THE function that turns logits into the log-probs of the distribution actually
+  sampled from (temperature, top-k, top-p, min-p). The engine samples from it and the parity check applies
+  it to the training forward's logits, so both sides process identically.
+* `sample_tokens`: Gumbel-max sampling with counter-based noise keyed by (seed, request, step, token), so a
+  completion does not depend on batch composition, sharding or the number of actors.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from looplm.tokenizer import apply_chat
+
+# A prompt is token ids, a chat (list of {"role", "content"} messages, rendered by the tokenizer's template),
+# or plain text (encoded without special tokens).
+Prompt = Sequence[int] | Sequence[Mapping[str, str]] | str
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass
+class SamplingConfig:
+    """Sampling options, named as in vLLM's SamplingParams / TRL's GRPOConfig."""
+
+    n: int = 1  # completions per prompt
+    temperature: float = 1.0  # 0 = greedy (log-probs then come from the temperature-1 distribution)
+    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches top_p
+    top_k: int = 0  # keep the k most likely tokens; 0 or -1 = off
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one
+    max_new_tokens: int = 64
+    stop_token_ids: list[int] = field(default_factory=list)  # included in the completion when hit
+    stop_strings: list[str] = field(default_factory=list)  # checked on decoded text; needs a tokenizer
+    ignore_eos: bool = False  # do not stop at the model's eos token(s)
+    seed: int | None = None  # None: a fresh random seed per call
+    return_distributions: bool = False  # also keep each step's whole processed log-prob vector (parity KL)
+
+    def check(self, vocab_size: int | None = None) -> None:
+        """Raise ValueError naming the first bad field."""
+        if self.n < 1:
+            raise ValueError(f"sampling.n must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"sampling.temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise ValueError(f"sampling.top_k must be >= 1, or 0 / -1 for off, got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"sampling.min_p must be in [0, 1], got {self.min_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        for token in self.stop_token_ids:
+            if not isinstance(token, int) or token < 0 or (vocab_size is not None and token >= vocab_size):
+                raise ValueError(f"sampling.stop_token_ids: unknown token id {token!r} (vocab size {vocab_size})")
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            raise ValueError(f"sampling.stop_strings must be non-empty strings, got {self.stop_strings!r}")
+
+    def with_seed(self) -> SamplingConfig:
+        """A copy with a concrete seed, so shards (and a regenerated shard) draw the same noise."""
+        seed = random.SystemRandom().randrange(2**62) if self.seed is None else self.seed
+        return dataclasses.replace(self, seed=seed)
+
+
+@dataclass
+class DepthConfig:
+    """How deep every decoded token runs.
+
+    fixed:    every position runs `num_loops` loops (default: the model's T).
+    adaptive: prompt positions run all loops; each decoded token exits at the first loop whose exit CDF
+              reaches `exit_threshold` (Q-exit), recorded in `exit_steps`.
+    kv_mode:  the decode-time K/V sharing of LoopKVCache; only "full" is replayed exactly by training.
+    """
+
+    policy: Literal["fixed", "adaptive"] = "fixed"
+    num_loops: int | None = None
+    exit_threshold: float = 1.0
+    kv_mode: Literal["full", "last", "average", "first"] = "full"
+
+    def check(self) -> None:
+        if self.policy not in ("fixed", "adaptive"):
+            raise ValueError(f"depth.policy must be 'fixed' or 'adaptive', got {self.policy!r}")
+        if self.num_loops is not None and self.num_loops < 1:
+            raise ValueError(f"depth.num_loops must be >= 1, got {self.num_loops}")
+        if not 0.0 <= self.exit_threshold <= 1.0:
+            raise ValueError(f"depth.exit_threshold q must be in [0, 1], got {self.exit_threshold}")
+        if self.kv_mode not in ("full", "last", "average", "first"):
+            raise ValueError(f"depth.kv_mode must be one of full/last/average/first, got {self.kv_mode!r}")
+
+    def label(self) -> str:
+        loops = self.num_loops or "T"
+        name = f"fixed(num_loops={loops})" if self.policy == "fixed" else f"adaptive(q={self.exit_threshold})"
+        return name if self.kv_mode == "full" else f"{name},kv={self.kv_mode}"
+
+
+@dataclass
+class RolloutRecord:
+    """One completion (architecture.md's rollout record), plus what a replay needs.
+
+    `exit_steps[i]` is the depth at which completion token i's position ran when it was fed back (its K/V and
+    the logits of token i + 1); the last token is never fed back and records `num_loops`. The training replay
+    is `exit_steps = [num_loops] * len(prompt_ids) + exit_steps` on `prompt_ids + completion_ids`.
+    """
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    logprobs: list[float]  # of each sampled token under the processed sampling distribution
+    exit_steps: list[int]
+    policy_version: int
+    finish_reason: FinishReason
+    num_loops: int = 0  # the depth prompt positions ran at (replay's `num_loops`)
+    # (len(completion_ids), vocab) processed log-probs, only with `return_distributions`; not serialised.
+    distributions: torch.Tensor | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prompt_ids": self.prompt_ids,
+            "completion_ids": self.completion_ids,
+            "logprobs": self.logprobs,
+            "exit_steps": self.exit_steps,
+            "policy_version": self.policy_version,
+            "finish_reason": self.finish_reason,
+            "num_loops": self.num_loops,
+        }
+
+
+class RolloutEngine(abc.ABC):
+    """Generates `sampling.n` completions per prompt; records come back prompt-major, in prompt order."""
+
+    policy_version: int = 0
+
+    @abc.abstractmethod
+    def generate(
+        self, prompts: Sequence[Prompt], sampling: SamplingConfig, depth: DepthConfig | None = None
+    ) -> list[RolloutRecord]: ...
+
+    @abc.abstractmethod
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+        """Replace the policy's weights; records generated afterwards carry `version`."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def encode_prompts(prompts: Sequence[Prompt], tokenizer: Any = None) -> list[list[int]]:
+    """Token ids of each prompt; chats go through the tokenizer's chat template (generation prompt on)."""
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise ValueError(f"prompts must be a list of prompts, got {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: nothing to generate")
+    return [_encode_one(p, tokenizer, i) for i, p in enumerate(prompts)]
+
+
+def _encode_one(prompt: Prompt, tokenizer: Any, index: int) -> list[int]:
+    if isinstance(prompt, str) or (len(prompt) > 0 and isinstance(prompt[0], Mapping)):
+        if tokenizer is None:
+            raise ValueError(f"prompt {index} is text or chat messages: the engine needs a tokenizer")
+        if isinstance(prompt, str):
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        else:
+            ids = apply_chat(tokenizer, list(prompt))  # the template's generation prompt (opens <think>)
+    else:
+        ids = prompt
+    ids = [int(t) for t in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
+    if not ids:
+        raise ValueError(f"prompt {index} is empty")
+    return ids
+
+
+def check_prompt_ids(prompt_ids: Sequence[Sequence[int]], vocab_size: int, context: int) -> None:
+    """Every prompt must leave room for at least one new token and hold only known ids."""
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) >= context:
+            raise ValueError(
+                f"prompt {i} has {len(ids)} tokens: longer than the context allows ({context} positions, one at "
+                "least for the completion)"
+            )
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} holds token ids outside the vocabulary (size {vocab_size}): {bad[:5]}")
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What a request is checked against, read from the model config."""
+
+    vocab_size: int
+    context: int  # max positions, prompt + completion
+    num_loops: int  # T
+    eos_token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelLimits:
+        eos = config.eos_token_id
+        eos = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+        return cls(config.vocab_size, config.max_position_embeddings, config.total_ut_steps, eos)
+
+
+def prepare_request(
+    prompts: Sequence[Prompt],
+    sampling: SamplingConfig,
+    depth: DepthConfig,
+    limits: ModelLimits,
+    tokenizer: Any = None,
+) -> tuple[list[list[int]], SamplingConfig, DepthConfig]:
+    """Check everything before any work starts; -> (prompt ids, resolved sampling, resolved depth).
+
+    Resolved: a concrete seed, the model's eos ids added to the stop ids (unless `ignore_eos`), and
+    `num_loops` filled in with the model's T.
+    """
+    sampling.check(limits.vocab_size)
+    depth.check()
+    if sampling.stop_strings and tokenizer is None:
+        raise ValueError("sampling.stop_strings needs a tokenizer to decode completions; none was given")
+    prompt_ids = encode_prompts(prompts, tokenizer)
+    check_prompt_ids(prompt_ids, limits.vocab_size, limits.context)
+    stops = list(dict.fromkeys(sampling.stop_token_ids + ([] if sampling.ignore_eos else list(limits.eos_token_ids))))
+    sampling = dataclasses.replace(sampling.with_seed(), stop_token_ids=stops)
+    depth = dataclasses.replace(depth, num_loops=depth.num_loops or limits.num_loops)
+    return prompt_ids, sampling, depth
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling math: one function for the engine and the parity check.
+
+
+def processed_logprobs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """(..., V) logits -> (..., V) float32 log-probs of the distribution sampled from; filtered tokens -inf.
+
+    Order (HF's warpers): temperature, top-k, top-p, min-p. Ties at a top-k / top-p boundary are kept.
+    """
+    x = logits.float()
+    if sampling.temperature > 0 and sampling.temperature != 1.0:
+        x = x / sampling.temperature
+    if sampling.top_k > 0 and sampling.top_k < x.shape[-1]:
+        kth = x.topk(sampling.top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        probs, order = x.softmax(-1).sort(dim=-1, descending=True)
+        mass_before = probs.cumsum(-1) - probs  # mass of the strictly more likely tokens
+        drop_sorted = mass_before >= sampling.top_p
+        drop_sorted[..., 0] = False  # the most likely token always stays
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        x = x.masked_fill(drop, float("-inf"))
+    if sampling.min_p > 0.0:
+        logp = x.log_softmax(-1)
+        floor = logp.max(-1, keepdim=True).values + math.log(sampling.min_p)
+        x = x.masked_fill(logp < floor, float("-inf"))
+    return x.log_softmax(-1)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (lowbias32-style xor-shift-multiply) on int64 tensors. Operands stay below 2^32 and
+    multipliers below 2^31, so no product overflows int64: the same bits on every device."""
+    x = x & _MASK32
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _MASK32
+    x = ((x ^ (x >> 15)) * 0x735A2D97) & _MASK32
+    return x ^ (x >> 16)
+
+
+def request_keys(seed: int, request_ids: torch.Tensor) -> torch.Tensor:
+    """(B,) int64 stream keys for requests (global prompt index * n + sample index) under `seed`."""
+    s = torch.tensor([seed & _MASK32, (seed >> 32) & _MASK32], dtype=torch.long)
+    return _mix32(_mix32(request_ids.long() ^ _mix32(s[0])) + s[1] * 0x9E37 + 0x632BE5AB)
+
+
+def gumbel_noise(keys: torch.Tensor, step: int, vocab_size: int) -> torch.Tensor:
+    """(B, V) float32 Gumbel noise, a pure function of (key, step, token): no generator state to share."""
+    tokens = torch.arange(vocab_size, dtype=torch.long, device=keys.device)
+    h = _mix32(keys[:, None].to(keys.device) + _mix32(torch.tensor(step * 0x9E3779B1 + 0x7F4A7C15)))
+    h = _mix32(h ^ (tokens[None, :] * 0x85EBCA6B))
+    u = ((h >> 8).float() + 0.5) / float(1 << 24)  # (0, 1), 24 bits: exact in float32
+    return -torch.log(-torch.log(u))
+
+
+def sample_tokens(logprobs: torch.Tensor, keys: torch.Tensor, step: int, greedy: bool) -> torch.Tensor:
+    """(B, V) processed log-probs -> (B,) sampled ids. Gumbel-max draws exactly from softmax(logprobs)."""
+    if greedy:
+        return logprobs.argmax(-1)
+    noise = gumbel_noise(keys.to(logprobs.device), step, logprobs.shape[-1])
+    return (logprobs + noise).argmax(-1)
+
+
+__all__ = [
+    "DepthConfig",
+    "FinishReason",
+    "ModelLimits",
+    "Prompt",
+    "RolloutEngine",
+    "RolloutRecord",
+    "SamplingConfig",
+    "check_prompt_ids",
+    "encode_prompts",
+    "gumbel_noise",
+    "prepare_request",
+    "processed_logprobs",
+    "request_keys",
+    "sample_tokens",
+]

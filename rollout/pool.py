@@ -1,0 +1,234 @@
+"""The Ray actor pool: N rollout actors, each a `TorchEngine`, behind the same `generate` interface.
+
+* `ray.init()` starts a local cluster, or joins one with `ray_address` ("auto", "host:port").
+* Weights go out once per policy version: `ray.put` once (as NumPy arrays, which actors on a node read
+  zero-copy from the object store), every actor loads the same object; records carry that version.
+* Prompts are split into one contiguous shard per actor; results are concatenated in prompt order.
+* An actor that dies mid-shard is replaced (with the current weights) and its shard regenerated. A shard is
+  all-or-nothing, and its noise is keyed by global prompt index with the call's seed, so the regenerated
+  shard is the one that would have come back: every requested completion is returned exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import RayActorError
+
+from looplm import LoopLMConfig, LoopLMForCausalLM
+
+from .engine import (
+    DepthConfig,
+    ModelLimits,
+    Prompt,
+    RolloutEngine,
+    RolloutRecord,
+    SamplingConfig,
+    prepare_request,
+)
+from .torch_engine import TorchEngine
+
+
+@dataclass
+class PoolConfig:
+    num_actors: int = 2
+    threads_per_actor: int = 1  # torch CPU threads (and Ray CPUs reserved) per actor
+    ray_address: str | None = None  # None: start a local Ray; "auto" or "host:port": join a running cluster
+    num_cpus: int | None = None  # CPUs of a local Ray (None: all); ignored when joining
+    max_batch_size: int = 32  # rows decoded together inside one actor
+    max_replacements: int = 3  # dead actors replaced within one generate call before giving up
+
+    def check(self) -> None:
+        for name in ("num_actors", "threads_per_actor", "max_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"pool.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_replacements < 0:
+            raise ValueError(f"pool.max_replacements must be >= 0, got {self.max_replacements}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weights as NumPy: Ray stores arrays out of band and actors map them without a copy; torch tensors would be
+# pickled whole into every actor. bfloat16 has no NumPy dtype, so it travels as int16 bits.
+
+
+def pack_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[np.ndarray, str]]:
+    packed = {}
+    for name, tensor in state_dict.items():
+        t = tensor.detach().cpu().contiguous()
+        dtype = str(t.dtype).removeprefix("torch.")
+        packed[name] = ((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy(), dtype)
+    return packed
+
+
+def unpack_state_dict(packed: Mapping[str, tuple[np.ndarray, str]]) -> dict[str, torch.Tensor]:
+    out = {}
+    with warnings.catch_warnings():  # object-store arrays are read-only; load_state_dict copies them anyway
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for name, (array, dtype) in packed.items():
+            t = torch.from_numpy(array)
+            out[name] = t.view(torch.bfloat16) if dtype == "bfloat16" else t
+    return out
+
+
+class RolloutWorker:
+    """One actor: a TorchEngine on `threads` CPU threads, built from a model folder or a shipped config."""
+
+    def __init__(self, model: str | dict, tokenizer: Any, max_batch_size: int, threads: int, version: int):
+        torch.set_num_threads(threads)
+        if isinstance(model, str):
+            net = LoopLMForCausalLM.from_pretrained(model, dtype=torch.float32)
+        else:
+            net = LoopLMForCausalLM(LoopLMConfig.from_dict(model))  # weights follow through load_weights
+        self.engine = TorchEngine(net, tokenizer=tokenizer, max_batch_size=max_batch_size, policy_version=version)
+
+    def load_weights(self, packed: dict, version: int) -> int:
+        self.engine.load_weights(unpack_state_dict(packed), version)
+        return version
+
+    def generate_shard(
+        self,
+        prompt_ids: list[list[int]],
+        sampling: SamplingConfig,
+        depth: DepthConfig,
+        first_prompt: int,
+        crash_after_batches: int | None = None,
+    ) -> list[RolloutRecord]:
+        if crash_after_batches is not None:  # test hook: die for real, mid-shard, after some work
+            self.engine.generate_ids(prompt_ids, sampling, depth, first_prompt, stop_after_batches=crash_after_batches)
+            os._exit(1)
+        return self.engine.generate_ids(prompt_ids, sampling, depth, first_prompt)
+
+    def ping(self) -> int:
+        return os.getpid()
+
+
+class RolloutPool(RolloutEngine):
+    """`generate` over N Ray actors; drop-in for a `TorchEngine` (same arguments, same records, same order).
+
+    model: a model folder (each actor loads it) or an in-memory LoopLM (its config and weights are shipped).
+    """
+
+    def __init__(
+        self,
+        model: str | Path | LoopLMForCausalLM,
+        config: PoolConfig | None = None,
+        tokenizer: Any = None,
+        depth: DepthConfig | None = None,
+        policy_version: int = 0,
+    ):
+        self.config = config or PoolConfig()
+        self.config.check()
+        self.depth = depth or DepthConfig()
+        self.depth.check()
+        self.tokenizer = tokenizer
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
+            num_cpus = None if self.config.ray_address else self.config.num_cpus
+            ray.init(address=self.config.ray_address, num_cpus=num_cpus, include_dashboard=False)
+        self._remote = ray.remote(RolloutWorker).options(num_cpus=self.config.threads_per_actor, max_restarts=0)
+        self._weights: ray.ObjectRef | None = None
+        if isinstance(model, LoopLMForCausalLM):
+            self.limits = ModelLimits.from_config(model.config)
+            self._source: str | dict = model.config.to_dict()
+            self._weights = ray.put(pack_state_dict(model.state_dict()))
+        else:
+            self._source = str(model)
+            self.limits = ModelLimits.from_config(LoopLMConfig.from_pretrained(self._source))
+        self.policy_version = policy_version
+        self.actors = [self._new_actor() for _ in range(self.config.num_actors)]
+        ray.get([a.ping.remote() for a in self.actors])  # fail here, not in the first generate
+        self._crash_shards: dict[int, int] = {}  # test hook: shard index -> batches done before its actor dies
+        self.replacements = 0  # actors replaced over the pool's life
+
+    def _new_actor(self):
+        cfg = self.config
+        actor = self._remote.remote(self._source, self.tokenizer, cfg.max_batch_size, cfg.threads_per_actor, self.policy_version)
+        if self._weights is not None:
+            actor.load_weights.remote(self._weights, self.policy_version)  # ordered before any later call
+        return actor
+
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+        """Put the weights once; every actor loads that one object. A replacement actor loads it too."""
+        self._weights = ray.put(pack_state_dict(state_dict))
+        self.policy_version = version
+        loads = [a.load_weights.remote(self._weights, version) for a in self.actors]
+        for i, load in enumerate(loads):
+            try:
+                ray.get(load)
+            except RayActorError:
+                self._replace(i)  # the replacement loads these weights before anything else
+
+    def generate(
+        self, prompts: Sequence[Prompt], sampling: SamplingConfig, depth: DepthConfig | None = None
+    ) -> list[RolloutRecord]:
+        prompt_ids, sampling, depth = prepare_request(
+            prompts, sampling, depth or self.depth, self.limits, self.tokenizer
+        )
+        shards = _split(len(prompt_ids), len(self.actors))
+        pending = {self._submit(i, shards[i], prompt_ids, sampling, depth): i for i in range(len(shards))}
+        results: dict[int, list[RolloutRecord]] = {}
+        replaced = 0
+        while pending:
+            (ready,), _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(ready)
+            try:
+                results[i] = ray.get(ready)
+            except RayActorError as err:
+                replaced += 1
+                if replaced > self.config.max_replacements:
+                    raise RuntimeError(
+                        f"rollout actors died {replaced} times in one call (pool.max_replacements="
+                        f"{self.config.max_replacements}); last error: {err}"
+                    ) from err
+                self._replace(i)
+                pending[self._submit(i, shards[i], prompt_ids, sampling, depth)] = i
+        records = [r for i in range(len(shards)) for r in results[i]]
+        expected = len(prompt_ids) * sampling.n
+        if len(records) != expected:  # a shard is all-or-nothing; this would be a bug, never a silent loss
+            raise RuntimeError(f"pool returned {len(records)} completions, expected {expected}")
+        return records
+
+    def _submit(self, i: int, shard: tuple[int, int], prompt_ids, sampling, depth):
+        start, end = shard
+        crash = self._crash_shards.pop(i, None)
+        return self.actors[i].generate_shard.remote(prompt_ids[start:end], sampling, depth, start, crash)
+
+    def _replace(self, i: int) -> None:
+        try:
+            ray.kill(self.actors[i], no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone is fine
+            pass
+        self.actors[i] = self._new_actor()
+        self.replacements += 1
+
+    def close(self) -> None:
+        """Kill the actors (and stop Ray if this pool started it)."""
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+        if self._owns_ray:
+            ray.shutdown()
+
+    def __enter__(self) -> RolloutPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _split(count: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous, near-equal [start, end) ranges; no empty shard."""
+    parts = min(parts, count)
+    bounds = [count * k // parts for k in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+__all__ = ["PoolConfig", "RolloutPool", "RolloutWorker", "pack_state_dict", "unpack_state_dict"]
