@@ -112,5 +112,7 @@ def _print_report(report: dict[str, Any]) -> None:
             f"{name:<22} {row['reward_accuracy']:>10.2f} {row['well_formed']:>11.2f} {row['mean_loops_per_token']:>11.2f}"
             f" {p['max_abs_gap']:>11.2e} {p['mean_abs_gap']:>11.2e}  {p['tokens']}"
         )
+    print("(fp32: the gaps are rounding, which trained weights amplify; in fp64 the replay is exact,"
+          " tests/looplm/test_model.py::test_cached_decoding_is_the_same_function_in_float64)")
     first = next(row for name, row in report.items() if name != "sft")
     print(f"\nexample completion:\n{first['example']}")
