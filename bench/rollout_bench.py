@@ -27,7 +27,7 @@ import torch
 
 from looplm import KV_MODES, LoopKVCache, LoopLMForCausalLM
 from rollout.cli import RandomModelConfig, ensure_model
-from rollout.engine import DepthConfig, SamplingConfig
+from rollout.engine import DepthConfig, SamplingConfig, mean_loops_per_token
 from rollout.torch_engine import TorchEngine
 
 
@@ -195,10 +195,9 @@ def _adaptive_vs_fixed(model: LoopLMForCausalLM, config: RolloutBenchConfig) -> 
             config.repeats,
         )
         for name in depths:
-            fed = [e for r in records[name] for e in r.exit_steps[:-1]]  # a row's last token is never fed back
             t = timed[name]
             rows.append({
-                "depth": name, "batch": batch, "loops_per_token": sum(fed) / len(fed),
+                "depth": name, "batch": batch, "loops_per_token": mean_loops_per_token(records[name]),
                 "tok_s": t.tokens / t.wall, "tok_cpu_s": t.tokens / t.cpu,
             })
             print(rows[-1])

@@ -25,6 +25,7 @@ from looplm import LoopLMForCausalLM
 from posttrain.sft import SFTRecipeConfig, is_well_formed, run_sft
 from posttrain.synthetic import arithmetic_traces
 from rewards.dapo import dapo_score
+from rollout.engine import mean_loops_per_token
 
 
 @dataclass
@@ -79,19 +80,13 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
                 "reward_accuracy": sum(dapo_score(t, gt) > 0 for t, gt in zip(texts, truths, strict=True)) / len(texts),
                 "well_formed": sum(is_well_formed(t, r.finish_reason) for t, r in zip(texts, records, strict=True))
                 / len(texts),
-                "mean_loops_per_token": _mean_loops(records),
+                "mean_loops_per_token": mean_loops_per_token(records),
                 "parity": gaps.to_dict(),
                 "example": texts[0],
             }
     _print_report(report)
     (out / "demo_results.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     return report
-
-
-def _mean_loops(records) -> float:
-    """Average depth of the decoded positions (the last token of each completion is never run)."""
-    steps = [s for r in records for s in r.exit_steps[:-1]]
-    return sum(steps) / max(len(steps), 1)
 
 
 def _last_loop_ce(metrics: dict[str, float]) -> float:

@@ -19,7 +19,7 @@ import torch
 from configs import save_config
 from looplm import LoopLMConfig, LoopLMForCausalLM
 
-from .engine import DepthConfig, Prompt, RolloutEngine, RolloutRecord, SamplingConfig
+from .engine import DepthConfig, Prompt, RolloutEngine, RolloutRecord, SamplingConfig, mean_loops_per_token
 from .parity import TokenGaps, check_parity
 from .pool import PoolConfig
 
@@ -211,7 +211,7 @@ def run_parity(config: ParityRecipeConfig) -> dict[str, Any]:
                 **gaps.stats().to_dict(),
                 "exact_replay": depth.kv_mode == "full",
                 "exit_steps": dict(sorted(exits.items())),
-                "mean_loops_per_token": sum(k * v for k, v in exits.items()) / max(1, sum(exits.values())),
+                "mean_loops_per_token": mean_loops_per_token(records),
             }
     finally:
         _close(engine)

@@ -134,6 +134,12 @@ class RolloutRecord:
         }
 
 
+def mean_loops_per_token(records: Sequence[RolloutRecord]) -> float:
+    """Average depth of the decoded positions that ran: each completion's last token is never fed back."""
+    ran = [step for r in records for step in r.exit_steps[:-1]]
+    return sum(ran) / max(len(ran), 1)
+
+
 class RolloutEngine(abc.ABC):
     """Generates `sampling.n` completions per prompt; records come back prompt-major, in prompt order."""
 
@@ -306,6 +312,7 @@ __all__ = [
     "check_prompt_ids",
     "encode_prompts",
     "gumbel_noise",
+    "mean_loops_per_token",
     "prepare_request",
     "processed_logprobs",
     "request_keys",
