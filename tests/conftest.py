@@ -5,31 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 import looplm
+import looplm.tiny
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
 def tiny_config(**overrides) -> looplm.LoopLMConfig:
-    """hidden 32, 2 layers, vocab 99, T = 4 unless overridden."""
-    fields = dict(
-        vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        total_ut_steps=4, max_position_embeddings=512,
-    )
-    fields.update(overrides)
-    return looplm.LoopLMConfig(**fields)
+    """hidden 32, 2 layers, vocab 99, T = 4 unless overridden (looplm.tiny's "test" size)."""
+    return looplm.tiny.tiny_config("test", **overrides)
 
 
 def tiny_model(seed: int = 0, **overrides) -> looplm.LoopLMForCausalLM:
-    torch.manual_seed(seed)
-    model = looplm.LoopLMForCausalLM(tiny_config(**overrides)).eval()
-    # A gate with a spread of logits (the default init keeps lambda near 0.5 everywhere).
-    with torch.no_grad():
-        model.model.early_exit_gate.weight.normal_(0, 1.0)
-    return model
+    """The "test" size with a spread-out exit gate (the default init keeps lambda near 0.5 everywhere)."""
+    return looplm.tiny.tiny_model("test", seed=seed, **overrides)
 
 
 @pytest.fixture

@@ -9,17 +9,13 @@ import pytest
 import torch
 
 import looplm
+from looplm.tiny import tiny_model
 from tests.looplm.test_model import decode_incrementally
 
 
 @pytest.fixture(scope="module")
 def model_10m() -> looplm.LoopLMForCausalLM:
-    torch.manual_seed(0)
-    config = looplm.LoopLMConfig(
-        vocab_size=8192, hidden_size=320, intermediate_size=864, num_hidden_layers=4, num_attention_heads=5,
-        total_ut_steps=4, max_position_embeddings=1024,
-    )
-    model = looplm.LoopLMForCausalLM(config).eval()
+    model = tiny_model("10m", seed=0, gate_std=None)
     assert sum(p.numel() for p in model.parameters()) >= 10_000_000
     return model
 

@@ -6,20 +6,13 @@ import pytest
 import torch
 
 import looplm
+from looplm.tiny import tiny_model
 from rollout.engine import DepthConfig
 
 
 def small_model(seed: int = 0) -> looplm.LoopLMForCausalLM:
     """~0.42M parameters, T = 4, with a spread-out exit gate so Q-exit gives a mix of depths."""
-    torch.manual_seed(seed)
-    config = looplm.LoopLMConfig(
-        vocab_size=1024, hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        total_ut_steps=4, max_position_embeddings=256,
-    )
-    model = looplm.LoopLMForCausalLM(config).eval()
-    with torch.no_grad():
-        model.model.early_exit_gate.weight.normal_(0.0, 1.0)
-    return model
+    return tiny_model("small", seed=seed)
 
 
 def mixed_prompts(count: int, low: int = 1, high: int = 40, vocab: int = 1024, seed: int = 0) -> list[list[int]]:
