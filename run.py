@@ -23,6 +23,7 @@ from configs import ConfigError, load_config, to_dict
 RECIPES: dict[str, tuple[str, str, str]] = {
     "demo": ("posttrain.demo", "DemoConfig", "run_demo"),
     "sft": ("posttrain.sft", "SFTRecipeConfig", "run_sft"),
+    "grpo": ("posttrain.grpo", "GRPORecipeConfig", "run_grpo"),
     "rollout": ("rollout.cli", "RolloutRecipeConfig", "run_rollout"),
     "parity": ("rollout.cli", "ParityRecipeConfig", "run_parity"),
     "bench": ("bench.run", "BenchConfig", "run_bench"),

@@ -129,7 +129,7 @@ def token_gaps(records: Sequence[RolloutRecord], replayed: Sequence[torch.Tensor
             kls.append(_exact_kl(r.distributions, train))
             changed.append((torch.isfinite(r.distributions) != torch.isfinite(train)).any(-1))
         else:  # without distributions only a filtered sampled token shows a changed support
-            kls.append(_k3(rollout_lp, train_lp))
+            kls.append(k3_kl(rollout_lp, train_lp))
             changed.append(~torch.isfinite(train_lp))
     return TokenGaps(torch.cat(gaps), torch.cat(kls), torch.cat(changed), exact)
 
@@ -142,7 +142,9 @@ def _exact_kl(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
     return terms.sum(-1).float()
 
 
-def _k3(rollout_lp: torch.Tensor, train_lp: torch.Tensor) -> torch.Tensor:
+def k3_kl(rollout_lp: torch.Tensor, train_lp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(p_rollout || p_train) from the sampled tokens' log-probs: r - 1 - log r,
+    r = p_train / p_rollout (what RL frameworks log when only sampled log-probs are at hand)."""
     log_ratio = (train_lp - rollout_lp).double()
     return (log_ratio.exp() - 1 - log_ratio).float()
 
@@ -154,4 +156,4 @@ def check_parity(
     return token_gaps(records, replay_logprobs(model, records, sampling, batch_size))
 
 
-__all__ = ["ParityStats", "TokenGaps", "check_parity", "replay_logprobs", "token_gaps"]
+__all__ = ["ParityStats", "TokenGaps", "check_parity", "k3_kl", "replay_logprobs", "token_gaps"]

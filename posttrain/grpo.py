@@ -1,0 +1,328 @@
+"""RLVR for LoopLMs (GRPO, DAPO and TRL's other losses) with rollouts the update replays exactly.
+
+    python run.py grpo --config configs/grpo_tiny.yaml
+    python run.py grpo --config configs/dapo_ouro_1.4b.yaml          # GPUs, vLLM at fixed depth
+
+The `training:` section is TRL's own `GRPOConfig` (its field names, defaults and help); our options sit in
+`model`, `data`, `rollout`, `rewards`, `loop`, `dynamic_sampling` and `eval`. The trainer is
+`posttrain.loop_grpo.LoopGRPOTrainer`; this file only wires data, model, engine, rewards and outputs:
+
+    data -> model + tokenizer -> rollout engine -> held-out accuracy before -> train (resumable) ->
+    held-out accuracy after -> save (model folder in Ouro's layout, results.json, metrics.jsonl)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from datasets import Dataset
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
+from trl import GRPOConfig
+
+import looplm
+from configs import save_config
+from looplm import LoopLMForCausalLM
+from looplm.tokenizer import CHAT_TEMPLATE, fix_ouro_special_tokens
+from posttrain.data import load_dapo_math, load_gsm8k
+from posttrain.evaluation import task_accuracy
+from posttrain.loop_grpo import DynamicSamplingConfig, LoopGRPOTrainer, LoopRLConfig
+from posttrain.sft import LoraSection
+from posttrain.synthetic import arithmetic_traces, to_dataset
+from rewards import get_reward_funcs
+from rollout.engine import DepthConfig, RolloutEngine, SamplingConfig
+from rollout.pool import PoolConfig
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE, RESULTS_FILE, MODEL_DIR, CONFIG_FILE = "metrics.jsonl", "results.json", "model", "grpo_config.yaml"
+
+
+@dataclass
+class GRPOModelSection:
+    path: str = "outputs/sft_tiny"  # a LoopLM folder (an SFT output) or an Ouro checkpoint folder
+    tokenizer_path: str | None = None  # None: the model folder's
+    gate_trainable: bool = False  # the plain RL update gives the gate no gradient; frozen it is checked to stay put
+    lora: LoraSection = field(default_factory=LoraSection)
+
+
+@dataclass
+class GRPODataSection:
+    # synthetic: arithmetic problems generated in code (`synthetic_*` keys); dapo: a DAPO-Math-17k file, folder or
+    # hub name (de-duplicated); gsm8k: a question/answer file or folder (GSM8K/MATH-style, `#### N` answers).
+    format: Literal["synthetic", "dapo", "gsm8k"] = "synthetic"
+    train: str | None = None
+    split: str = "train"
+    dedupe: bool = True
+    max_rows: int | None = None
+    eval: str | None = None  # None: the first `eval_rows` training rows are held out
+    eval_split: str = "test"
+    eval_rows: int = 200
+    synthetic_rows: int = 4096
+    synthetic_seed: int = 0  # the SFT data's seed: held-out rows are never trained on by either recipe
+    synthetic_ops: tuple[int, int] = (2, 3)
+
+    def __post_init__(self) -> None:
+        if self.format != "synthetic" and not self.train:
+            raise ValueError(f"data.train: a file, folder or hub name is needed for format {self.format!r}")
+        if self.eval_rows < 1:
+            raise ValueError(f"data.eval_rows must be >= 1, got {self.eval_rows}")
+
+
+@dataclass
+class RolloutSection:
+    # pool: Ray actors running our engine (the default); torch: our engine in-process; vllm: GPUs, fixed depth only.
+    engine: Literal["pool", "torch", "vllm"] = "pool"
+    depth: DepthConfig = field(default_factory=DepthConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    max_batch_size: int = 32  # rows decoded together (in-process engine; the pool has its own)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # the in-process engine's device (auto: cuda when present)
+    seed: int = 0  # base of each step's sampling seed (a resumed run draws the same noise at the same step)
+
+    def __post_init__(self) -> None:
+        self.depth.check()
+        self.pool.check()
+        if self.engine == "vllm" and self.depth.policy != "fixed":
+            raise ValueError(
+                "rollout.engine=vllm with rollout.depth.policy=adaptive: vLLM's Ouro model always runs every loop "
+                "and never calls the gate; adaptive depth needs engine pool or torch"
+            )
+        if self.depth.kv_mode != "full":
+            raise ValueError(
+                f"rollout.depth.kv_mode={self.depth.kv_mode!r}: only the full cache is replayed by the update "
+                "(shared K/V modes are for evaluation)"
+            )
+
+
+@dataclass
+class RewardsSection:
+    names: list[str] = field(default_factory=lambda: ["dapo"])  # rewards.REWARD_FUNCS; weights: training.reward_weights
+    options: dict[str, Any] = field(default_factory=dict)  # e.g. {overlong_max_length: 128, overlong_cache: 32}
+
+
+@dataclass
+class EvalSection:
+    num_prompts: int = 200  # held-out prompts scored before and after training; 0 skips
+    sampled_n: int = 4  # completions per prompt at the training temperature (beside one greedy)
+    seed: int = 1234
+
+
+def _cpu_grpo_defaults() -> GRPOConfig:
+    return GRPOConfig(output_dir="outputs/grpo", use_cpu=not torch.cuda.is_available(), bf16=False, report_to="none")
+
+
+@dataclass
+class GRPORecipeConfig:
+    model: GRPOModelSection = field(default_factory=GRPOModelSection)
+    data: GRPODataSection = field(default_factory=GRPODataSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    rewards: RewardsSection = field(default_factory=RewardsSection)
+    loop: LoopRLConfig = field(default_factory=LoopRLConfig)
+    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
+    eval: EvalSection = field(default_factory=EvalSection)
+    training: GRPOConfig = field(default_factory=_cpu_grpo_defaults)
+
+    def __post_init__(self) -> None:
+        t = self.training
+        truncating = {"top_p": t.top_p != 1.0, "top_k": (t.top_k or 0) > 0, "min_p": (t.min_p or 0.0) > 0.0}
+        bad = [name for name, on in truncating.items() if on]
+        if bad:
+            raise ValueError(
+                f"training.{bad[0]}: truncated sampling is not supported: TRL's update scores the temperature-only "
+                "distribution, so every token sampled from a truncated one would be off-policy"
+            )
+        if self.dynamic_sampling.enabled and t.steps_per_generation and t.steps_per_generation > 1:
+            raise ValueError("dynamic_sampling with training.steps_per_generation > 1 is not supported")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+
+
+def load_grpo_data(cfg: GRPODataSection) -> tuple[Dataset, Dataset]:
+    """(train, held-out) datasets with `prompt` (chat messages) and `ground_truth` columns."""
+    if cfg.format == "synthetic":
+        rows = arithmetic_traces(cfg.synthetic_rows, seed=cfg.synthetic_seed, num_ops=tuple(cfg.synthetic_ops))
+        data = to_dataset(rows, columns=["prompt", "ground_truth"])
+    elif cfg.format == "dapo":
+        data = load_dapo_math(cfg.train, split=cfg.split, dedupe=cfg.dedupe, max_rows=cfg.max_rows)
+    else:
+        data = load_gsm8k(cfg.train, split=cfg.split, form="grpo", max_rows=cfg.max_rows)
+    if cfg.eval is not None:
+        loader = load_dapo_math if cfg.format == "dapo" else load_gsm8k
+        kwargs = {"dedupe": cfg.dedupe} if cfg.format == "dapo" else {"form": "grpo"}
+        held = loader(cfg.eval, split=cfg.eval_split, max_rows=cfg.eval_rows, **kwargs)
+        train = data
+    else:
+        n = min(cfg.eval_rows, len(data) // 2)
+        held, train = data.select(range(n)), data.select(range(n, len(data)))
+    if len(train) == 0:
+        raise ValueError(f"data: no training rows left from {cfg.train or 'synthetic'} after holding out {len(held)}")
+    return train, held
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model, tokenizer, engine
+
+
+def load_policy(cfg: GRPOModelSection) -> tuple[LoopLMForCausalLM, PreTrainedTokenizerBase]:
+    model = LoopLMForCausalLM.from_pretrained(cfg.path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path or cfg.path)
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    fix_ouro_special_tokens(tokenizer, model)
+    for p in model.model.early_exit_gate.parameters():
+        p.requires_grad_(cfg.gate_trainable)
+    return model, tokenizer
+
+
+def build_engine(cfg: RolloutSection, model: LoopLMForCausalLM, model_path: str, tokenizer) -> RolloutEngine:
+    """The engine holds its own copy of the weights; the trainer syncs them every optimizer step."""
+    if cfg.engine == "pool":
+        from rollout.pool import RolloutPool
+
+        return RolloutPool(model, cfg.pool, tokenizer=tokenizer, depth=cfg.depth)
+    if cfg.engine == "vllm":
+        from rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model_path, tokenizer=tokenizer, depth=cfg.depth)
+    from rollout.torch_engine import TorchEngine
+
+    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    return TorchEngine(
+        copy.deepcopy(model).to(device), tokenizer=tokenizer, depth=cfg.depth, max_batch_size=cfg.max_batch_size
+    )
+
+
+def lora_config(cfg: LoraSection):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Outputs
+
+
+class MetricsFile(TrainerCallback):
+    """`metrics.jsonl`: one JSON object per logged training step (logging_steps=1: every optimizer step)."""
+
+    ALIASES = {
+        "reward": "reward_mean", "reward_std": "reward_std", "parity/max_abs": "parity_max_abs",
+        "parity/mean_abs": "parity_mean_abs", "parity/kl": "parity_kl", "loops/mean_exit_loop": "mean_exit_loop",
+        "frac_reward_zero_std": "zero_std_frac", "completions/truncated_frac": "truncated_frac",
+    }
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "reward" not in logs:  # eval and end-of-training summaries carry no reward
+            return
+        row = {"step": state.global_step} | {self.ALIASES.get(k, k): v for k, v in logs.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def evaluate(engine: RolloutEngine, tokenizer, held: Dataset, cfg: GRPORecipeConfig) -> dict[str, Any]:
+    """Held-out accuracy: greedy, and `eval.sampled_n` samples per prompt at the training temperature."""
+    rows = held.select(range(min(cfg.eval.num_prompts, len(held))))
+    prompts, truths = list(rows["prompt"]), list(rows["ground_truth"])
+    common = dict(max_new_tokens=cfg.training.max_completion_length, stop_token_ids=[tokenizer.eos_token_id])
+    greedy = SamplingConfig(temperature=0.0, seed=cfg.eval.seed, **common)
+    sampled = SamplingConfig(n=cfg.eval.sampled_n, temperature=cfg.training.temperature, seed=cfg.eval.seed, **common)
+    return {
+        "prompts": len(prompts),
+        "greedy": task_accuracy(engine, tokenizer, prompts, truths, greedy, cfg.rollout.depth).to_dict(),
+        "sampled": task_accuracy(engine, tokenizer, prompts, truths, sampled, cfg.rollout.depth).to_dict(),
+    }
+
+
+def resume_arg(value: str | None) -> str | bool | None:
+    """TRL's `resume_from_checkpoint`: a folder, or "latest"/"true" for the newest under output_dir."""
+    return True if isinstance(value, str) and value.lower() in ("latest", "true") else value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The recipe
+
+
+def run_grpo(config: GRPORecipeConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+    """Train with GRPO/DAPO; -> results (also `<output_dir>/results.json`)."""
+    args = config.training
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / CONFIG_FILE)
+    train, held = load_grpo_data(config.data)
+    model, tokenizer = load_policy(config.model)
+    reward_funcs = get_reward_funcs(config.rewards.names, **config.rewards.options)
+    engine = build_engine(config.rollout, model, config.model.path, tokenizer)
+    try:
+        results: dict[str, Any] = {"train_rows": len(train), "eval_rows": len(held), "seed": args.seed}
+        resume = resume_arg(args.resume_from_checkpoint)
+        if config.eval.num_prompts and not resume:
+            results["before"] = evaluate(engine, tokenizer, held, config)
+        trainer = LoopGRPOTrainer(
+            model=model, reward_funcs=reward_funcs, args=args, train_dataset=train, processing_class=tokenizer,
+            peft_config=lora_config(config.model.lora) if config.model.lora.enabled else None,
+            callbacks=[MetricsFile(out / METRICS_FILE), *(callbacks or [])],
+            engine=engine, depth=config.rollout.depth, loop=config.loop,
+            dynamic_sampling=config.dynamic_sampling, rollout_seed=config.rollout.seed,
+        )
+        train_output = trainer.train(resume_from_checkpoint=resume)
+        results |= {"global_step": trainer.state.global_step, "train_loss": train_output.training_loss,
+                    "completions_generated": trainer.completions_generated}
+        final = final_policy(trainer)
+        engine.load_weights(final.state_dict(), version=trainer.state.global_step)
+        if config.eval.num_prompts:
+            results["after"] = evaluate(engine, tokenizer, held, config)
+        save_model(final, tokenizer, out / MODEL_DIR)
+    finally:
+        close = getattr(engine, "close", None)
+        if close is not None:
+            close()
+    (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=float) + "\n")
+    log_summary(results)
+    return results
+
+
+def final_policy(trainer: LoopGRPOTrainer) -> LoopLMForCausalLM:
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def save_model(model: LoopLMForCausalLM, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """A folder our engines, `AutoModelForCausalLM` (after `import looplm`) and vLLM load."""
+    model.config.use_cache = True
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def log_summary(results: dict[str, Any]) -> None:
+    for mode in ("greedy", "sampled"):
+        before = results.get("before", {}).get(mode, {}).get("accuracy")
+        after = results.get("after", {}).get(mode, {}).get("accuracy")
+        if before is not None and after is not None:
+            logger.info("held-out %s accuracy: %.3f -> %.3f", mode, before, after)
+
+
+__all__ = [
+    "EvalSection",
+    "GRPODataSection",
+    "GRPOModelSection",
+    "GRPORecipeConfig",
+    "RewardsSection",
+    "RolloutSection",
+    "load_grpo_data",
+    "run_grpo",
+]
+
+_ = looplm  # `import looplm` registers the Auto classes the saved folder is loaded through

@@ -1,0 +1,525 @@
+"""`LoopGRPOTrainer`: TRL's GRPOTrainer made on-policy for looped models, and the loop-aware math it needs.
+
+What TRL's trainer does not do for a LoopLM, and this file adds (pinned to trl>=1.16,<1.17: it overrides
+`_generate_and_score_completions`, `_get_per_token_logps_and_entropies`, `_compute_loss` and `training_step`,
+each by wrapping TRL's own method, never by copying it):
+
+* Generation through our engines (`rollout.RolloutPool` / `TorchEngine` / `VLLMEngine`) as TRL's `rollout_func`.
+  Weights go to the engine once per optimizer step, with the step as `policy_version`; every completion of the
+  step must carry that version (asserted).
+* Exit replay: the update forward runs each completion at the depth it was sampled at (`exit_steps`, prompt
+  positions at full depth) through TRL's fused lm-head path, which forwards `exit_steps` to our backbone.
+* Per-step parity: the rollout's log-probs against the trainer's log-probs of the same tokens before the update
+  (`parity/max_abs`, `parity/mean_abs`, `parity/kl`), which TRL only measures on its own vLLM path. Those
+  trainer log-probs are also the "old" log-probs of the ratio, so measuring costs no extra forward.
+* Importance-sampling correction (TRL's options `vllm_importance_sampling_mode` / `_clip_min` / `_clip_max`)
+  for engines whose numerics differ from the trainer (vLLM in bf16) and for the mismatch control; applied as a
+  per-token factor on the advantages, which scales every TRL loss type's per-token term the same way.
+* Loop credit (RLTT): the policy-gradient term over every loop's log-probability of the sampled token.
+* DAPO's dynamic sampling: groups whose rewards are all equal are dropped and refilled from fresh prompts.
+
+Pure functions come first (shapes in their docstrings), then the trainer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from trl import GRPOTrainer
+
+from looplm import exit_log_pdf
+from rollout.engine import DepthConfig, RolloutEngine, RolloutRecord, SamplingConfig
+from rollout.parity import k3_kl
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopRLConfig:
+    """Our options, beside TRL's `GRPOConfig` (the recipe's `training:` section)."""
+
+    # replay: the update runs every completion at the depth it was sampled at (on-policy by construction).
+    # full: the update runs every token at full depth whatever the rollout did: the Ouro authors' failure,
+    # reproduced on purpose as a control (pair it with adaptive rollouts); its gap is measured all the same.
+    update_depth: Literal["replay", "full"] = "replay"
+    # Credit over loops (RLTT): last = the standard term on the exit loop's log-prob; uniform, progressive
+    # (weights t^progressive_power) or exit (the gate's exit distribution, detached) spread it over loops.
+    loop_credit: Literal["last", "uniform", "progressive", "exit"] = "last"
+    progressive_power: float = 1.0
+    # Reweight each token by exp(logp_trainer - logp_rollout) (TRL's vllm_importance_sampling_* options set the
+    # mode and clipping). Not needed when replay parity holds (fp32, our engine); for vLLM/bf16 and the control.
+    importance_sampling_correction: bool = False
+    # Stop the run when a step's max |logp_rollout - logp_trainer| exceeds this (None: only log it).
+    max_parity_gap: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.progressive_power < 0:
+            raise ValueError(f"loop.progressive_power must be >= 0, got {self.progressive_power}")
+        if self.max_parity_gap is not None and self.max_parity_gap <= 0:
+            raise ValueError(f"loop.max_parity_gap must be > 0 or null, got {self.max_parity_gap}")
+
+
+@dataclass
+class DynamicSamplingConfig:
+    """DAPO's dynamic sampling: keep only groups whose rewards differ; TRL has no such option."""
+
+    enabled: bool = False
+    max_retries: int = 3  # refill rounds per step before giving up and keeping uninformative groups
+    oversample: float = 2.0  # fresh prompts drawn per missing group in a refill round
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0:
+            raise ValueError(f"dynamic_sampling.max_retries must be >= 0, got {self.max_retries}")
+        if self.oversample < 1.0:
+            raise ValueError(f"dynamic_sampling.oversample must be >= 1, got {self.oversample}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure functions
+
+
+def replay_exit_steps(
+    records: Sequence[RolloutRecord], prompt_width: int, completion_width: int, num_loops: int, full_depth: bool
+) -> torch.Tensor:
+    """(B, prompt_width + completion_width) exit steps for TRL's padded batch (prompts left-, completions
+    right-padded): prompt and pad positions run all `num_loops`; completion position j runs at the depth its
+    token was fed back at in the rollout (`full_depth`: at `num_loops`, the mismatch control)."""
+    steps = torch.full((len(records), prompt_width + completion_width), num_loops, dtype=torch.long)
+    if not full_depth:
+        for i, r in enumerate(records):
+            steps[i, prompt_width : prompt_width + len(r.exit_steps)] = torch.tensor(r.exit_steps)
+    return steps
+
+
+def loop_credit_weights(
+    kind: str, exit_steps: torch.Tensor, num_loops: int, gate_logits: torch.Tensor | None = None, power: float = 1.0
+) -> torch.Tensor:
+    """(B, C) exit steps -> (B, C, T) weights over loops, summing to 1 over the loops each token ran.
+
+    uniform: 1/e over loops 1..e; progressive: proportional to t^power; exit: the gate's exit distribution
+    p(t) (gate_logits (B, C, T), detached), renormalised over loops 1..e.
+    """
+    loops = torch.arange(1, num_loops + 1, device=exit_steps.device, dtype=torch.float32)
+    ran = (loops <= exit_steps[..., None]).float()  # (B, C, T)
+    if kind == "uniform":
+        raw = ran
+    elif kind == "progressive":
+        raw = ran * (loops / num_loops).pow(power)  # scaled by T first: no overflow at large powers
+    elif kind == "exit":
+        if gate_logits is None:
+            raise ValueError("loop_credit='exit' needs the gate logits")
+        raw = ran * exit_log_pdf(gate_logits.detach().float()).exp()
+    else:
+        raise ValueError(f"unknown loop credit {kind!r}; expected uniform, progressive or exit")
+    return raw / raw.sum(-1, keepdim=True).clamp(min=1e-12)
+
+
+def parity_metrics(
+    rollout_logps: torch.Tensor, trainer_logps: torch.Tensor, mask: torch.Tensor
+) -> dict[str, float]:
+    """(B, C) x 2 and a (B, C) mask -> max and mean |dlogp| and the k3 KL estimate over the completion tokens."""
+    keep = mask.bool()
+    rollout, trainer = rollout_logps[keep].double(), trainer_logps[keep].double()
+    if rollout.numel() == 0:
+        return {"parity/max_abs": 0.0, "parity/mean_abs": 0.0, "parity/kl": 0.0}
+    gap = (rollout - trainer).abs()
+    return {
+        "parity/max_abs": gap.max().item(),
+        "parity/mean_abs": gap.mean().item(),
+        "parity/kl": k3_kl(rollout, trainer).mean().item(),
+    }
+
+
+def exit_metrics(records: Sequence[RolloutRecord], num_loops: int) -> dict[str, float]:
+    """Mean exit loop of the decoded positions that ran (each completion's last token never does) and its
+    histogram, as fractions per loop."""
+    steps = torch.tensor([s for r in records for s in r.exit_steps[:-1]] or [num_loops], dtype=torch.float32)
+    hist = torch.bincount(steps.long(), minlength=num_loops + 1)[1:].float() / steps.numel()
+    return {"loops/mean_exit_loop": steps.mean().item()} | {
+        f"loops/exit_frac_{t + 1}": v for t, v in enumerate(hist.tolist())
+    }
+
+
+def importance_weights(
+    trainer_logps: torch.Tensor, rollout_logps: torch.Tensor, mask: torch.Tensor, mode: str,
+    clip_min: float | None, clip_max: float | None,
+) -> torch.Tensor:
+    """(B, C) -> (B, C) importance weights p_trainer / p_rollout, as TRL computes them for vLLM.
+
+    mode: token_truncate / token_mask / sequence_truncate / sequence_mask (TRL's `vllm_importance_sampling_mode`).
+    """
+    diff = (trainer_logps - rollout_logps) * mask
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True).expand_as(diff)
+    ratio = diff.exp()
+    low = -float("inf") if clip_min is None else clip_min
+    high = float("inf") if clip_max is None else clip_max
+    if mode.endswith("truncate"):
+        return ratio.clamp(min=None if clip_min is None else clip_min, max=clip_max)
+    return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The trainer
+
+
+class LoopGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer whose rollouts come from a LoopRL engine and whose update replays their depths.
+
+    engine: where completions come from (its weights are synced from the trainer's model every step).
+    depth: the rollout's depth policy. rollout_seed: base seed of the engine's sampling noise (per step).
+    """
+
+    def __init__(
+        self,
+        *args,
+        engine: RolloutEngine,
+        depth: DepthConfig,
+        loop: LoopRLConfig | None = None,
+        dynamic_sampling: DynamicSamplingConfig | None = None,
+        rollout_seed: int = 0,
+        **kwargs,
+    ):
+        super().__init__(*args, rollout_func=self._rollout_func, **kwargs)
+        self.engine, self.depth = engine, depth
+        self.loop = loop or LoopRLConfig()
+        self.dynamic = dynamic_sampling or DynamicSamplingConfig()
+        self.rollout_seed = rollout_seed
+        self.num_loops = self._policy().config.total_ut_steps
+        self._records: list[RolloutRecord] = []  # the batch just generated, in TRL's row order
+        self._stash: list[RolloutRecord] | None = None  # dynamic sampling's chosen records
+        self._replay: torch.Tensor | None = None  # (B, P+C) exit steps of the batch being scored
+        self._phase_s: dict[str, float] = {}
+        self._update_tokens = 0.0
+        self._rollout_calls = 0
+        self.completions_generated = 0
+
+    # -- rollouts ------------------------------------------------------------------------------------------
+
+    def _policy(self) -> torch.nn.Module:
+        """The LoopLM being trained (inside accelerate's and PEFT's wrappers)."""
+        model = self.accelerator.unwrap_model(self.model)
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def _sync_weights(self) -> int:
+        version = self.state.global_step
+        if self.engine.policy_version != version or self._rollout_calls == 0:
+            self.engine.load_weights(policy_state_dict(self.accelerator.unwrap_model(self.model)), version)
+        return version
+
+    def _sampling(self, n: int) -> SamplingConfig:
+        args = self.args
+        # A fresh, resumable seed per (step, call): a restarted run draws the same noise at the same step.
+        seed = (self.rollout_seed * 1_000_003 + self.state.global_step * 1009 + self._rollout_calls) % 2**62
+        return SamplingConfig(
+            n=n, temperature=args.temperature, max_new_tokens=args.max_completion_length, seed=seed,
+            stop_token_ids=list(self.eos_token_ids),
+        )
+
+    def generate_groups(self, prompts: Sequence[Any], n: int) -> list[RolloutRecord]:
+        """`n` completions for each prompt, prompt-major, from the engine at the current policy version."""
+        start = time.perf_counter()
+        version = self._sync_weights()
+        records = self.engine.generate(list(prompts), self._sampling(n), self.depth)
+        self._rollout_calls += 1
+        stale = {r.policy_version for r in records} - {version}
+        if stale:
+            raise RuntimeError(f"rollout records carry policy versions {sorted(stale)}, expected {version}")
+        self.completions_generated += len(records)
+        self._phase("generate", time.perf_counter() - start)
+        self._metrics["train"]["rollout/tokens_per_s"].append(
+            sum(len(r.completion_ids) for r in records) / max(time.perf_counter() - start, 1e-9)
+        )
+        return records
+
+    def _rollout_func(self, prompts: list, trainer: GRPOTrainer) -> dict[str, list]:
+        """TRL's `rollout_func`: prompts arrive repeated, each `num_generations` times in a row."""
+        groups = len(prompts) // self.num_generations
+        unique = [prompts[g * self.num_generations] for g in range(groups)]
+        if self._stash is not None:
+            records, self._stash = self._stash, None
+        else:
+            n = self.num_generations if self.model.training else self.num_generations_eval
+            records = self.generate_groups(unique, n)
+        if len(records) != len(prompts):
+            raise RuntimeError(f"{len(records)} completions for {len(prompts)} prompt slots")
+        self._records = records
+        self._log_rollout_metrics(records)
+        return {
+            "prompt_ids": [r.prompt_ids for r in records],
+            "completion_ids": [r.completion_ids for r in records],
+            "logprobs": [r.logprobs for r in records],
+        }
+
+    def _log_rollout_metrics(self, records: Sequence[RolloutRecord]) -> None:
+        for name, value in exit_metrics(records, self.num_loops).items():
+            self._metrics["train"][name].append(value)
+        truncated = sum(r.finish_reason == "length" for r in records) / len(records)
+        self._metrics["train"]["completions/truncated_frac"].append(truncated)
+        self._metrics["train"]["rollout/completions_total"].append(float(self.completions_generated))
+
+    # -- one generation batch: rollouts, rewards, trainer log-probs, parity --------------------------------
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.dynamic.enabled and self.model.training:
+            inputs = self._dynamic_sample(inputs)
+        output = super()._generate_and_score_completions(inputs)
+        prompt_width, completion_width = output["prompt_ids"].shape[1], output["completion_ids"].shape[1]
+        output["exit_steps"] = self._exit_steps(prompt_width, completion_width).to(output["prompt_ids"].device)
+        self._check_parity(output)
+        return output
+
+    def _exit_steps(self, prompt_width: int, completion_width: int) -> torch.Tensor:
+        full = self.loop.update_depth == "full"
+        return replay_exit_steps(self._records, prompt_width, completion_width, self.num_loops, full)
+
+    @torch.no_grad()
+    def _check_parity(self, output: dict[str, Any]) -> None:
+        """Trainer log-probs of the sampled tokens, before the update, against the rollout's."""
+        start = time.perf_counter()
+        ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        width = output["completion_ids"].shape[1]
+        batch = self.args.per_device_train_batch_size
+        with self.replaying(output["exit_steps"]):
+            trainer_logps = self._token_logps(self.model, ids, mask, width, batch)
+            if "old_per_token_logps" not in output:  # TRL skipped them: these are the pre-update log-probs
+                output["old_per_token_logps"] = (
+                    trainer_logps if self.loop.loop_credit == "last"
+                    else self._get_per_token_logps_and_entropies(self.model, ids, mask, width, batch)[0]
+                )
+        rollout_logps = output["sampling_per_token_logps"]
+        completion_mask = output["completion_mask"]
+        metrics = parity_metrics(rollout_logps, trainer_logps, completion_mask)
+        for name, value in metrics.items():
+            self._metrics["train"][name].append(value)
+        if self.loop.max_parity_gap is not None and metrics["parity/max_abs"] > self.loop.max_parity_gap:
+            raise RuntimeError(
+                f"step {self.state.global_step}: rollout/trainer max |dlogp| {metrics['parity/max_abs']:.3e} exceeds "
+                f"loop.max_parity_gap={self.loop.max_parity_gap}"
+            )
+        if self.loop.importance_sampling_correction:
+            args = self.args
+            weights = importance_weights(
+                trainer_logps, rollout_logps, completion_mask, args.vllm_importance_sampling_mode,
+                args.vllm_importance_sampling_clip_min, args.vllm_importance_sampling_clip_max,
+            )
+            # A per-token factor on the advantages scales each loss type's per-token term (all are linear in A).
+            output["advantages"] = output["advantages"].reshape(-1, 1) * weights
+            kept = weights[completion_mask.bool()]
+            self._metrics["train"]["sampling/importance_sampling_ratio/mean"].append(kept.mean().item())
+            self._metrics["train"]["sampling/importance_sampling_ratio/min"].append(kept.min().item())
+        self._phase("logprobs", time.perf_counter() - start)
+
+    # -- the update forward: exit replay (and loop credit) -------------------------------------------------
+
+    @contextlib.contextmanager
+    def replaying(self, exit_steps: torch.Tensor) -> Iterator[None]:
+        """Forwards inside run each row at `exit_steps` (B, P+C); chunks slice it by row."""
+        self._replay = exit_steps
+        try:
+            yield
+        finally:
+            self._replay = None
+
+    def _compute_loss(self, model, inputs):
+        self._update_tokens = float(inputs["completion_mask"].sum())
+        with self.replaying(inputs["exit_steps"]):
+            return super()._compute_loss(model, inputs)
+
+    def _replay_rows(self, start: int, end: int, input_ids: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
+        if self._replay is None:  # TRL's own old-log-prob pass, right after our rollout_func
+            self._replay = self._exit_steps(input_ids.shape[1] - logits_to_keep, logits_to_keep)
+        return self._replay[start:end].to(input_ids.device)
+
+    def _get_per_token_logps_and_entropies(
+        self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
+        compute_aux_loss=False, **multimodal,
+    ):
+        """TRL's per-token log-probs with each row's exit steps replayed; with loop credit, the credit-weighted
+        sum over loops of each loop's log-prob of the sampled token (the ratio and the gradient both use it)."""
+        if self.loop.loop_credit == "last":
+            return self._fused_logps(model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy)
+        return self._loop_credit_logps(model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy)
+
+    def _token_logps(self, model, input_ids, attention_mask, logits_to_keep, batch_size) -> torch.Tensor:
+        """The exit loop's log-prob of each completion token: what the rollout sampled from."""
+        return self._fused_logps(model, input_ids, attention_mask, logits_to_keep, batch_size, False)[0]
+
+    def _fused_logps(self, model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy):
+        batch_size = batch_size or input_ids.size(0)
+        logps, entropies = [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            end = min(start + batch_size, input_ids.size(0))
+            ids, mask = input_ids[start:end], attention_mask[start:end]
+            labels = ids.masked_fill(mask == 0, -100)
+            labels[:, :-logits_to_keep] = -100
+            with self.accelerator.autocast():
+                out = model(
+                    input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True,
+                    exit_steps=self._replay_rows(start, end, ids, logits_to_keep),
+                )
+            logps.append(out.log_probs[:, -logits_to_keep:])
+            if compute_entropy:
+                entropies.append(out.entropy[:, -logits_to_keep:])
+        return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
+
+    def _loop_credit_logps(self, model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy):
+        batch_size = batch_size or input_ids.size(0)
+        lm_head = self._policy().get_output_embeddings()
+        logps, entropies = [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            end = min(start + batch_size, input_ids.size(0))
+            ids, mask = input_ids[start:end], attention_mask[start:end]
+            steps = self._replay_rows(start, end, ids, logits_to_keep)
+            with self.accelerator.autocast():
+                # logits_to_keep + 1: the exit loop's logits at the completion's predictors (for the entropy)
+                out = model(
+                    input_ids=ids, attention_mask=mask, exit_steps=steps, output_loop_states=True,
+                    use_cache=False, logits_to_keep=logits_to_keep + 1 if compute_entropy else 1,
+                )
+            targets = ids[:, -logits_to_keep:]
+            # Position p predicts token p + 1: the completion's predictors are the positions before each token.
+            per_loop = torch.stack([
+                _token_logps(lm_head(h[:, -logits_to_keep - 1 : -1]), targets, self.temperature)
+                for h in out.loop_hidden_states
+            ], dim=-1)  # (b, C, T)
+            predictor_steps = steps[:, -logits_to_keep - 1 : -1]
+            gates = out.gate_logits[:, -logits_to_keep - 1 : -1]
+            weights = loop_credit_weights(
+                self.loop.loop_credit, predictor_steps, self.num_loops, gates, self.loop.progressive_power
+            )
+            logps.append((per_loop * weights).sum(-1))
+            if compute_entropy:
+                entropies.append(_entropy(out.logits[:, :-1], self.temperature))
+        return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
+
+    # -- dynamic sampling ----------------------------------------------------------------------------------
+
+    def _dynamic_sample(self, inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Replace groups whose rewards are all equal by groups of fresh prompts, up to `max_retries` rounds.
+
+        The chosen groups' records are stashed, so `rollout_func` returns them instead of generating again.
+        """
+        G = self.num_generations
+        wanted = len(inputs) // G
+        candidates = [inputs[g * G] for g in range(wanted)]
+        kept: list[tuple[dict, list[RolloutRecord]]] = []
+        dropped: list[tuple[dict, list[RolloutRecord]]] = []
+        zero_std_first_draw, refilled, rounds = 0.0, 0, 0
+        while True:
+            informative, groups = self._score_groups(candidates)
+            if rounds == 0:
+                zero_std_first_draw = 1.0 - sum(informative) / len(informative)
+            for row, records, ok in zip(candidates, groups, informative, strict=True):
+                take = ok and len(kept) < wanted
+                (kept if take else dropped).append((row, records))
+                refilled += int(take and rounds > 0)
+            rounds += 1
+            missing = wanted - len(kept)
+            if missing == 0 or rounds > self.dynamic.max_retries:
+                break
+            candidates = self._fresh_rows(math.ceil(missing * self.dynamic.oversample), rounds)
+        unfilled = wanted - len(kept)
+        chosen = kept + dropped[:unfilled]  # too few informative groups: keep some uninformative ones
+        for name, value in {
+            "zero_std_frac_first_draw": zero_std_first_draw, "dropped_groups": len(dropped) - unfilled,
+            "refilled_groups": refilled, "unfilled_groups": unfilled, "rounds": rounds,
+        }.items():
+            self._metrics["train"][f"dynamic/{name}"].append(float(value))
+        self._stash = [r for _, records in chosen for r in records]
+        return [row for row, _ in chosen for _ in range(G)]
+
+    def _score_groups(self, rows: list[dict[str, Any]]) -> tuple[list[bool], list[list[RolloutRecord]]]:
+        """Generate a group per row and score it with the trainer's reward functions (weighted sum, as TRL)."""
+        G = self.num_generations
+        records = self.generate_groups([row["prompt"] for row in rows], G)
+        repeated = [row for row in rows for _ in range(G)]
+        texts = self.processing_class.batch_decode([r.completion_ids for r in records], skip_special_tokens=True)
+        completions = [[{"role": "assistant", "content": t}] for t in texts] if _is_chat(rows[0]["prompt"]) else texts
+        prompts = [row["prompt"] for row in repeated]
+        start = time.perf_counter()
+        per_func = self._calculate_rewards(repeated, prompts, completions, [r.completion_ids for r in records])
+        self._phase("reward", time.perf_counter() - start)
+        rewards = (per_func * self.reward_weights.to(per_func.device)).nansum(dim=1).view(len(rows), G)
+        informative = (rewards.max(dim=1).values - rewards.min(dim=1).values > 1e-6).tolist()
+        return informative, [records[g * G : (g + 1) * G] for g in range(len(rows))]
+
+    def _fresh_rows(self, count: int, attempt: int) -> list[dict[str, Any]]:
+        """Prompts drawn from the training set by a seed of (run seed, step, round): resumable."""
+        rng = random.Random(self.rollout_seed * 7919 + self.state.global_step * 101 + attempt)
+        data = self.train_dataset
+        return [data[rng.randrange(len(data))] for _ in range(count)]
+
+    # -- timing --------------------------------------------------------------------------------------------
+
+    def _phase(self, name: str, seconds: float) -> None:
+        self._phase_s[name] = self._phase_s.get(name, 0.0) + seconds
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        start = time.perf_counter()
+        self._phase_s = {}
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        total = time.perf_counter() - start
+        phases = {name: self._phase_s.get(name, 0.0) for name in ("generate", "reward", "logprobs")}
+        phases["update"] = max(total - sum(phases.values()), 0.0)
+        for name, seconds in phases.items():
+            self._metrics["train"][f"time/{name}_s"].append(seconds)
+        self._metrics["train"]["update/tokens_per_s"].append(self._update_tokens / max(phases["update"], 1e-9))
+        return loss
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _is_chat(prompt: Any) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
+
+
+def _token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(b, C, V) logits, (b, C) ids -> (b, C) log-probs under softmax(logits / temperature)."""
+    logits = logits.float() / temperature
+    return logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)
+
+
+def _entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    logp = (logits.float() / temperature).log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def policy_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The LoopLM's weights as its checkpoint names them; a LoRA model's adapters are merged in (and out again)."""
+    if not hasattr(model, "merge_adapter"):
+        return {k: v.detach() for k, v in model.state_dict().items()}
+    model.merge_adapter()
+    try:
+        base = model.get_base_model().state_dict()
+        return {
+            k.replace(".base_layer", "").replace(".modules_to_save.default", ""): v.detach().clone()
+            for k, v in base.items()
+            if "lora_" not in k and ".original_module." not in k
+        }
+    finally:
+        model.unmerge_adapter()
+
+
+__all__ = [
+    "DynamicSamplingConfig",
+    "LoopGRPOTrainer",
+    "LoopRLConfig",
+    "exit_metrics",
+    "importance_weights",
+    "loop_credit_weights",
+    "parity_metrics",
+    "policy_state_dict",
+    "replay_exit_steps",
+]
