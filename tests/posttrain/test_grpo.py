@@ -221,7 +221,7 @@ def test_loop_credit_trains(model_dir, tmp_path, credit):
 def test_dynamic_sampling_drops_and_refills_uninformative_groups(model_dir, tmp_path):
     def odd_only(completions, ground_truth, **_):
         # Groups of an even answer all score 0 (no variance); odd ones vary with the completion.
-        return [float(len(c[-1]["content"]) % 5) if int(gt) % 2 else 0.0 for c, gt in zip(completions, ground_truth)]
+        return [float(len(c[-1]["content"]) % 5) if int(gt) % 2 else 0.0 for c, gt in zip(completions, ground_truth, strict=True)]
 
     trainer = make_trainer(model_dir, tmp_path, reward=odd_only, dynamic=DynamicSamplingConfig(enabled=True,
                                                                                                   max_retries=6))
