@@ -31,7 +31,12 @@ from looplm import LoopLMForCausalLM
 from looplm.tokenizer import CHAT_TEMPLATE, fix_ouro_special_tokens
 from posttrain.data import load_dapo_math, load_gsm8k
 from posttrain.evaluation import task_accuracy
-from posttrain.loop_grpo import DynamicSamplingConfig, LoopGRPOTrainer, LoopRLConfig
+from posttrain.loop_grpo import (
+    DynamicSamplingConfig,
+    LoopGRPOTrainer,
+    LoopRLConfig,
+    latest_complete_checkpoint,
+)
 from posttrain.sft import LoraSection
 from posttrain.synthetic import arithmetic_traces, to_dataset
 from rewards import get_reward_funcs
@@ -224,6 +229,13 @@ class MetricsFile(TrainerCallback):
     def __init__(self, path: Path):
         self.path = path
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        """On resume, drop the rows a killed run wrote after its last checkpoint: no step is logged twice."""
+        if self.path.exists():
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            kept = [r for r in rows if r["step"] <= state.global_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "reward" not in logs:  # eval and end-of-training summaries carry no reward
             return
@@ -246,9 +258,18 @@ def evaluate(engine: RolloutEngine, tokenizer, held: Dataset, cfg: GRPORecipeCon
     }
 
 
-def resume_arg(value: str | None) -> str | bool | None:
-    """TRL's `resume_from_checkpoint`: a folder, or "latest"/"true" for the newest under output_dir."""
-    return True if isinstance(value, str) and value.lower() in ("latest", "true") else value
+def resume_arg(args: GRPOConfig) -> str | None:
+    """TRL's `resume_from_checkpoint`: a folder, or "latest" for the newest complete one under output_dir
+    (None when there is none yet: a fresh start, so the same command starts and resumes a run)."""
+    value = args.resume_from_checkpoint
+    if isinstance(value, str) and value.lower() in ("latest", "true"):
+        found = latest_complete_checkpoint(args.output_dir)
+        if found is None:
+            logger.info("no complete checkpoint in %s: fresh start", args.output_dir)
+        return found
+    if value is not None and not Path(value).is_dir():
+        raise FileNotFoundError(f"training.resume_from_checkpoint: no checkpoint folder {value}")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -267,7 +288,7 @@ def run_grpo(config: GRPORecipeConfig, callbacks: list[TrainerCallback] | None =
     engine = build_engine(config.rollout, model, config.model.path, tokenizer)
     try:
         results: dict[str, Any] = {"train_rows": len(train), "eval_rows": len(held), "seed": args.seed}
-        resume = resume_arg(args.resume_from_checkpoint)
+        resume = resume_arg(args)
         if config.eval.num_prompts and not resume:
             results["before"] = evaluate(engine, tokenizer, held, config)
         trainer = LoopGRPOTrainer(

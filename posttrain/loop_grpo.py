@@ -26,16 +26,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 
 from looplm import exit_log_pdf
+from posttrain.callbacks import NonFiniteGuard
 from rollout.engine import DepthConfig, RolloutEngine, RolloutRecord, SamplingConfig
 from rollout.parity import k3_kl
 
@@ -59,10 +63,16 @@ class LoopRLConfig:
     importance_sampling_correction: bool = False
     # Stop the run when a step's max |logp_rollout - logp_trainer| exceeds this (None: only log it).
     max_parity_gap: float | None = None
+    # Steps with a NaN/inf gradient are skipped; this many in a row stop the run with an error.
+    max_consecutive_nonfinite_steps: int = 3
 
     def __post_init__(self) -> None:
         if self.progressive_power < 0:
             raise ValueError(f"loop.progressive_power must be >= 0, got {self.progressive_power}")
+        if self.max_consecutive_nonfinite_steps < 1:
+            raise ValueError(
+                f"loop.max_consecutive_nonfinite_steps must be >= 1, got {self.max_consecutive_nonfinite_steps}"
+            )
         if self.max_parity_gap is not None and self.max_parity_gap <= 0:
             raise ValueError(f"loop.max_parity_gap must be > 0 or null, got {self.max_parity_gap}")
 
@@ -191,6 +201,7 @@ class LoopGRPOTrainer(GRPOTrainer):
         super().__init__(*args, rollout_func=self._rollout_func, **kwargs)
         self.engine, self.depth = engine, depth
         self.loop = loop or LoopRLConfig()
+        self.add_callback(NonFiniteGuard(self.loop.max_consecutive_nonfinite_steps))
         self.dynamic = dynamic_sampling or DynamicSamplingConfig()
         self.rollout_seed = rollout_seed
         self.num_loops = self._policy().config.total_ut_steps
@@ -200,6 +211,7 @@ class LoopGRPOTrainer(GRPOTrainer):
         self._phase_s: dict[str, float] = {}
         self._update_tokens = 0.0
         self._rollout_calls = 0
+        self._calls_at_step = (-1, 0)
         self.completions_generated = 0
 
     # -- rollouts ------------------------------------------------------------------------------------------
@@ -217,8 +229,11 @@ class LoopGRPOTrainer(GRPOTrainer):
 
     def _sampling(self, n: int) -> SamplingConfig:
         args = self.args
-        # A fresh, resumable seed per (step, call): a restarted run draws the same noise at the same step.
-        seed = (self.rollout_seed * 1_000_003 + self.state.global_step * 1009 + self._rollout_calls) % 2**62
+        # A fresh, resumable seed per (step, call within the step): a resumed run draws the same noise.
+        step = self.state.global_step
+        call = self._calls_at_step[1] if self._calls_at_step[0] == step else 0
+        self._calls_at_step = (step, call + 1)
+        seed = (self.rollout_seed * 1_000_003 + step * 1009 + call) % 2**62
         return SamplingConfig(
             n=n, temperature=args.temperature, max_new_tokens=args.max_completion_length, seed=seed,
             stop_token_ids=list(self.eos_token_ids),
@@ -459,6 +474,15 @@ class LoopGRPOTrainer(GRPOTrainer):
         data = self.train_dataset
         return [data[rng.randrange(len(data))] for _ in range(count)]
 
+    # -- checkpoints ---------------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model, trial):
+        """TRL's checkpoint, then a completion marker: a save cut short by a crash is never resumed from."""
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            mark_complete(folder)
+
     # -- timing --------------------------------------------------------------------------------------------
 
     def _phase(self, name: str, seconds: float) -> None:
@@ -479,6 +503,37 @@ class LoopGRPOTrainer(GRPOTrainer):
 
 # ----------------------------------------------------------------------------------------------------------
 # Helpers
+
+
+COMPLETE_MARKER = "checkpoint_complete"
+
+
+def mark_complete(folder: Path) -> None:
+    """Written last, and synced, so its presence means every file of the checkpoint is on disk."""
+    marker = folder / COMPLETE_MARKER
+    with marker.open("w") as f:
+        f.write("ok\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def latest_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest `checkpoint-N` with its completion marker; incomplete ones (a crash mid-save) are renamed
+    `checkpoint-N.incomplete` so that neither this nor transformers' checkpoint rotation picks them up."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    found = []
+    for folder in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        step = folder.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")
+        if not folder.is_dir() or not step.isdigit():
+            continue
+        if (folder / COMPLETE_MARKER).exists():
+            found.append((int(step), folder))
+        else:
+            logger.warning("%s was not completely written (crash during save?): set aside", folder)
+            folder.rename(folder.with_name(folder.name + ".incomplete"))
+    return str(max(found)[1]) if found else None
 
 
 def _is_chat(prompt: Any) -> bool:
@@ -518,6 +573,7 @@ __all__ = [
     "LoopRLConfig",
     "exit_metrics",
     "importance_weights",
+    "latest_complete_checkpoint",
     "loop_credit_weights",
     "parity_metrics",
     "policy_state_dict",

@@ -280,3 +280,91 @@ def test_metrics_file_has_one_row_per_step(model_dir, tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("reward_mean", "parity_max_abs", "parity_mean_abs", "parity_kl", "mean_exit_loop"):
         assert all(key in r for r in rows), key
+
+
+def test_nonfinite_gradients_skip_the_step_then_stop_the_run(model_dir, tmp_path):
+    """A NaN injected into the loss (by a hook the test puts on the model): the step is skipped, the weights stay
+    finite and unchanged, and the configured number of bad steps in a row stops the run with a clear error."""
+    trainer = make_trainer(model_dir, tmp_path, loop=LoopRLConfig(max_consecutive_nonfinite_steps=2), max_steps=3)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    poison = trainer.model.model.norm.register_forward_hook(lambda m, i, out: out * float("nan") if m.training else out)
+    with pytest.raises(RuntimeError, match="2 consecutive optimizer steps had non-finite gradients"):
+        trainer.train()
+    poison.remove()
+    assert trainer.state.global_step == 1  # the first bad step was skipped, the second stopped the run
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+RUN_SCRIPT = """
+import sys
+import torch
+torch.set_num_threads(1)
+from trl import GRPOConfig
+from posttrain.grpo import GRPODataSection, GRPOModelSection, GRPORecipeConfig, RolloutSection, EvalSection, run_grpo
+import posttrain.grpo
+posttrain.grpo.save_config = lambda *a, **k: None  # the recipe config file is not what this test checks
+# A reward with variance in every group, so the weights (and the optimizer state) change at every step.
+posttrain.grpo.get_reward_funcs = lambda names, **options: [
+    lambda completions, **_: [float(len(c[-1]["content"]) % 7) for c in completions]
+]
+model_dir, out = sys.argv[1], sys.argv[2]
+run_grpo(GRPORecipeConfig(
+    model=GRPOModelSection(path=model_dir),
+    data=GRPODataSection(synthetic_rows=64, eval_rows=8),
+    rollout=RolloutSection(engine="torch", depth=DepthConfig(policy="adaptive", exit_threshold=0.6)),
+    rewards=RewardsSection(names=["dapo"]),
+    eval=EvalSection(num_prompts=0),
+    training=GRPOConfig(
+        output_dir=out, use_cpu=True, bf16=False, report_to="none", per_device_train_batch_size=8,
+        num_generations=4, max_completion_length=12, max_steps=6, logging_steps=1, learning_rate=1e-2,
+        save_strategy="steps", save_steps=2, gradient_checkpointing=False, beta=0.0, seed=0, disable_tqdm=True,
+        resume_from_checkpoint="latest",
+    ),
+))
+"""
+
+
+def test_killed_run_resumes_from_its_last_complete_checkpoint(model_dir, tmp_path):
+    """SIGKILL after checkpoint-2, restart with the same command: steps 3-6 log what an uninterrupted run logs,
+    and a half-written checkpoint (no completion marker) is set aside rather than resumed from."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "run.py"
+    script.write_text("from rollout.engine import DepthConfig\nfrom posttrain.grpo import RewardsSection\n" + RUN_SCRIPT)
+    env_cmd = [sys.executable, str(script), str(model_dir)]
+    repo = Path(__file__).resolve().parents[2]
+
+    def run(out: Path, kill_after: str | None = None) -> None:
+        proc = subprocess.Popen([*env_cmd, str(out)], cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if kill_after is None:
+            assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-3000:]
+            return
+        marker = out / kill_after / "checkpoint_complete"
+        deadline = time.time() + 300
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert marker.exists() and not (out / "checkpoint-4").exists(), "the kill must land between checkpoints"
+
+    run(tmp_path / "straight")
+    killed = tmp_path / "killed"
+    run(killed, kill_after="checkpoint-2")
+    (killed / "checkpoint-4").mkdir()  # a save cut short: files but no completion marker
+    (killed / "checkpoint-4" / "model.safetensors").write_bytes(b"half")
+    run(killed)
+    assert (killed / "checkpoint-4.incomplete").is_dir()
+
+    def metrics(out: Path) -> list[dict]:
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    straight, resumed = metrics(tmp_path / "straight"), metrics(killed)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]  # nothing lost, nothing logged twice
+    for a, b in zip(straight, resumed, strict=True):
+        assert a["grad_norm"] > 0
+        for key in ("reward_mean", "loss", "grad_norm", "parity_max_abs", "mean_exit_loop", "completions/mean_length"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
