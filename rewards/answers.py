@@ -18,6 +18,9 @@ TAIL_CHARS = 4000
 # No real final answer is this long: longer ones are not sent to math-verify (its parse time grows with the
 # input and nested LaTeX can make it hang); they count as no answer.
 MAX_ANSWER_CHARS = 1000
+# Nor is any real answer nested this deep (`\frac{\sqrt{\frac{a}{b}}}{c}` is 3); math-verify runs for seconds
+# on 50 nested braces and for minutes on 200, so deeper ones count as no answer instead of as a timeout.
+MAX_NESTING = 16
 GSM8K_MARKER = "####"  # GSM8K's `answer` column ends with `#### N`
 
 
@@ -94,7 +97,19 @@ def gold_answer(ground_truth: str) -> str | None:
 
 def _bounded(answer: str) -> str | None:
     answer = answer.strip()
-    return answer if answer and len(answer) <= MAX_ANSWER_CHARS else None
+    return answer if answer and len(answer) <= MAX_ANSWER_CHARS and _nesting(answer) <= MAX_NESTING else None
+
+
+def _nesting(text: str) -> int:
+    """The deepest `{`/`(`/`[` nesting in the text (unbalanced closers ignored)."""
+    depth = deepest = 0
+    for char in text:
+        if char in "{([":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "})]" and depth:
+            depth -= 1
+    return deepest
 
 
 _DOLLARS = re.compile(r"^\$+|\$+$")
