@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from rewards.answers import MAX_ANSWER_CHARS, MAX_NESTING, TAIL_CHARS, canonical, final_answer, gold_answer, precheck
+from rewards.answers import (
+    MAX_ANSWER_CHARS,
+    MAX_NESTING,
+    TAIL_CHARS,
+    canonical,
+    final_answer,
+    gold_answer,
+    precheck,
+)
 
 
 @pytest.mark.parametrize(
