@@ -47,7 +47,7 @@ class MathVerifier:
     """A small pool of math-verify workers shared by every thread of the process; thread-safe."""
 
     def __init__(self, num_workers: int | None = None, memory_limit_mb: int | None = DEFAULT_MEMORY_LIMIT_MB):
-        self.num_workers = num_workers or min(4, os.cpu_count() or 1)
+        self.num_workers = num_workers or min(4, len(os.sched_getaffinity(0)))  # the cores this process may use
         self.memory_limit_mb = memory_limit_mb
         self._zygote: Zygote | None = None
         self._zygote_lock = threading.Lock()
@@ -77,10 +77,9 @@ class MathVerifier:
             idle, self._idle = self._idle, []
         for worker in idle:
             self._kill(worker)
-        with self._zygote_lock:
-            zygote, self._zygote = self._zygote, None
+        zygote = self._zygote
         if zygote is not None:
-            zygote.close()
+            self._drop_zygote(zygote)
 
     def verify(
         self,
@@ -191,21 +190,35 @@ class MathVerifier:
         return self._start()
 
     def _start(self) -> Worker:
-        """Fork a worker from the zygote (started on first use, restarted if it died)."""
+        """Fork a worker from the zygote; if the zygote stopped answering, from a new one (once)."""
         try:
-            with self._zygote_lock:
-                if self._zygote is None or not self._zygote.alive():
-                    if self._zygote is not None:
-                        logger.warning("the math-verify zygote died; starting a new one")
-                        self._zygote.close()
-                    self._zygote = Zygote(self.memory_limit_mb)
-                zygote = self._zygote
-            return zygote.fork()
+            zygote = self._live_zygote()
+            try:
+                return zygote.fork()
+            except OSError:  # its socket broke: it died (killed from outside, out of memory)
+                logger.warning("the math-verify zygote stopped answering; starting a new one")
+                self._drop_zygote(zygote)
+                return self._live_zygote().fork()
         except BaseException:
             with self._cond:
                 self._live -= 1
                 self._cond.notify()
             raise
+
+    def _live_zygote(self) -> Zygote:
+        with self._zygote_lock:
+            if self._zygote is not None and not self._zygote.alive():
+                self._zygote.close()
+                self._zygote = None
+            if self._zygote is None:
+                self._zygote = Zygote(self.memory_limit_mb)
+            return self._zygote
+
+    def _drop_zygote(self, zygote: Zygote) -> None:
+        with self._zygote_lock:
+            if self._zygote is zygote:
+                self._zygote = None
+        zygote.close()
 
     def _release(self, worker: Worker) -> None:
         with self._cond:

@@ -21,6 +21,7 @@ import struct
 import subprocess
 import sys
 import threading
+import warnings
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, Pipe
 
@@ -121,6 +122,7 @@ def zygote_main(fd: int, memory_limit_mb: int | None) -> None:
     sock = socket.socket(fileno=fd)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # workers are reaped by the kernel: no zombies
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # its "timeout is disabled" warnings
+    warnings.simplefilter("ignore")  # hostile input would print sympy's warnings into the caller's stderr
     equivalent("1", "1")  # import sympy and math-verify once; every worker forks warm
     sock.sendall(b"r")
     while True:

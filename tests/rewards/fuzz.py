@@ -41,14 +41,14 @@ def _answer(rng: random.Random) -> str:
     if kind < 0.45:
         return rng.choice([str(rng.randint(-50, 50)), f"\\frac{{{rng.randint(1, 9)}}}{{{rng.randint(1, 9)}}}",
                            f"{rng.randint(0, 9)}.{rng.randint(0, 99)}", f"\\sqrt{{{rng.randint(2, 20)}}}"])
-    if kind < 0.55:
+    if kind < 0.5:  # math-verify spends ~0.1 s per level of bare braces: few of these, or the run is slow
         depth = rng.choice([5, 16, 17, 50, 500, 3000])  # past rewards.answers.MAX_NESTING: no answer
         return "{" * depth + "1" + "}" * rng.choice([depth, depth - 1, 0])
-    if kind < 0.65:  # towers small enough to stay fast: the slow ones are HANGS, added at a known rate
+    if kind < 0.6:  # towers small enough to stay fast: the slow ones are HANGS, added at a known rate
         return f"{rng.randint(2, 4)}^{{{rng.randint(2, 3)}^{{{rng.randint(1, 2)}}}}}"
-    if kind < 0.75:
+    if kind < 0.72:
         return _unicode(rng, rng.randint(1, 30))
-    if kind < 0.85:
+    if kind < 0.84:
         return "".join(rng.choice(CONTROL + ["1", "x"]) for _ in range(rng.randint(1, 20)))
     return "".join(rng.choice(MALFORMED) for _ in range(rng.randint(1, 15)))
 
@@ -83,7 +83,7 @@ def fuzz_cases(n: int, seed: int, hang_every: int = 500, megabyte_every: int = 2
         answer = _answer(rng)
         case = Case(_completion(rng, answer), _ground_truth(rng, answer), [0] * rng.choice([0, 5, 90, 100, 5000]))
         if i % hang_every == hang_every - 1:
-            case = Case(f"Answer: {HANGS[(i // hang_every) % len(HANGS)]}", "7", [0], hangs=True)
+            case = Case(f"</think>Answer: {HANGS[(i // hang_every) % len(HANGS)]}", "7", [0], hangs=True)
         elif i % megabyte_every == megabyte_every // 2:
             case.completion = rng.choice(["x", "{", "\\boxed{", "</think>", "\x00"]) * 1_000_000 + f"Answer: {answer}"
         cases.append(case)

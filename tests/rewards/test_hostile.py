@@ -56,10 +56,13 @@ def timed_accuracy(completion: str, truth: str) -> tuple[list, float]:
     return values, time.monotonic() - began
 
 
+def _zygotes() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children() if "zygote_main" in " ".join(p.cmdline())]
+
+
 def _worker_pids() -> list[int]:
     """The verifier's workers: children of this process's zygote."""
-    zygotes = [p for p in psutil.Process().children() if "zygote_main" in " ".join(p.cmdline())]
-    return [w.pid for z in zygotes for w in z.children()]
+    return [w.pid for z in _zygotes() for w in z.children()]
 
 
 def test_hostile_answers_time_out_from_a_thread_and_the_next_call_works():
@@ -74,6 +77,16 @@ def test_hostile_answers_time_out_from_a_thread_and_the_next_call_works():
     assert after["timeouts"] - before["timeouts"] >= len(HANGS)
     # Every worker that overran was killed and reaped: only the pool's own remain.
     assert len(_worker_pids()) <= rewards.default_verifier().num_workers
+
+
+def test_a_killed_zygote_is_replaced():
+    rewards.default_verifier().start()
+    (zygote,) = _zygotes()
+    workers = zygote.children()
+    zygote.kill()
+    psutil.wait_procs([zygote, *workers], timeout=15)  # its workers die with it
+    assert accuracy_reward(completions=["Answer: 0.5", "Answer: 2"], solution=["\\frac{1}{2}", "\\frac{1}{2}"]) == [1.0, 0.0]
+    assert [z.pid for z in _zygotes()] != [zygote.pid]
 
 
 def test_hostile_answers_time_out_in_a_ray_actor(actor):
@@ -103,7 +116,7 @@ def test_fuzz_from_threads():
     for part in parts:
         report.add(part)
     counts = {k: v - before[k] for k, v in verifier_stats().items()}
-    print(f"\n[fuzz threads] {time.monotonic() - began:.1f} s, verifier counts {counts}")
+    print(f"\n[fuzz threads] {time.monotonic() - began:.1f} s, verifier counts {counts}, {report.hangs} known hangs")
     _check(report, "threads")
     assert report.cases == 10_000 and counts["timeouts"] >= report.hangs
 
@@ -113,7 +126,7 @@ def test_fuzz_from_a_ray_actor(actor):
     began = time.monotonic()
     report = ray.get(actor.fuzz.remote(2000, seed=99))
     counts = {k: v - before[k] for k, v in ray.get(actor.stats.remote()).items()}
-    print(f"\n[fuzz actor] {time.monotonic() - began:.1f} s, verifier counts {counts}")
+    print(f"\n[fuzz actor] {time.monotonic() - began:.1f} s, verifier counts {counts}, {report.hangs} known hangs")
     _check(report, "ray actor")
     assert counts["timeouts"] >= report.hangs
 
