@@ -172,3 +172,27 @@ def test_counts_and_trl_metric_hook():
     # Two decided by string checks (3 = 3, 3 != 4), one by math-verify, one had no answer to check.
     assert {k: after[k] - before[k] for k in after} == {"calls": 1, "prechecked": 2, "timeouts": 0, "errors": 0}
     assert logged == {"verifier/timeouts": 0.0, "verifier/errors": 0.0}
+
+
+def test_called_as_trl_calls_reward_functions():
+    """TRL 1.16's `_calculate_rewards`: keywords only, every dataset column but the prompt, plus its hooks; and
+    the names it logs them under."""
+    from trl.trainer.utils import get_callable_name
+
+    funcs = get_reward_funcs(list(REWARD_FUNCS), max_completion_len=8, soft_punish_cache=4)
+    prompts = [[{"role": "user", "content": "1+1?"}]] * 2
+    completions = [[{"role": "assistant", "content": "<think>1+1</think>Answer: 2"}], [{"role": "assistant", "content": "3"}]]
+    metrics: dict[str, list[float]] = {}
+    hooks = {"trainer_state": object(), "log_extra": lambda *a: None, "log_metric": lambda k, v: metrics.setdefault(k, []).append(v)}
+    columns = {"reward_model": [{"ground_truth": "2", "style": "rule"}] * 2, "data_source": ["math_dapo"] * 2, "ability": ["MATH"] * 2}
+    scores = {
+        get_callable_name(func): func(prompts=prompts, completions=completions, completion_ids=[[5] * 7, [5] * 3], **columns, **hooks)
+        for func in funcs
+    }
+    assert scores == {
+        "accuracy_reward": [1.0, 0.0],
+        "dapo_reward": [1.0, -1.0],
+        "format_reward": [1.0, 0.0],
+        "overlong_reward": [-0.75, 0.0],
+    }
+    assert metrics == {"verifier/timeouts": [0.0], "verifier/errors": [0.0]}
