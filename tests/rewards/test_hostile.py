@@ -22,6 +22,7 @@ import ray
 import rewards
 from rewards import accuracy_reward, verifier_stats
 from tests.rewards.fuzz import HANGS, Report, fuzz_cases, score
+from tests.rewards.test_rewards import ACCURACY_CASES
 
 TIMEOUT_S, CALL_TIMEOUT_S = 0.5, 4.0  # short limits keep the hostile cases cheap
 MARGIN_S = 3.0
@@ -42,6 +43,9 @@ class RewardActor:
     def timed_accuracy(self, completion: str, truth: str) -> tuple[list, float]:
         return timed_accuracy(completion, truth)
 
+    def accuracy_table(self) -> tuple[list, list]:
+        return accuracy_table()
+
     def fuzz(self, n: int, seed: int) -> Report:
         return score(fuzz_cases(n, seed), batch_size=50, timeout_s=TIMEOUT_S, call_timeout_s=CALL_TIMEOUT_S)
 
@@ -54,6 +58,12 @@ def timed_accuracy(completion: str, truth: str) -> tuple[list, float]:
     began = time.monotonic()
     values = accuracy_reward(completions=[completion], solution=[truth], timeout_s=TIMEOUT_S, call_timeout_s=CALL_TIMEOUT_S)
     return values, time.monotonic() - began
+
+
+def accuracy_table() -> tuple[list, list]:
+    """test_rewards' table of cases: (scores, expected scores)."""
+    golds, completions, expected = zip(*ACCURACY_CASES, strict=True)
+    return accuracy_reward(completions=list(completions), solution=list(golds)), list(expected)
 
 
 def _zygotes() -> list[psutil.Process]:
@@ -73,6 +83,8 @@ def test_hostile_answers_time_out_from_a_thread_and_the_next_call_works():
             values, seconds = pool.submit(timed_accuracy, f"Answer: {answer}", truth).result()
             assert values == [0.0] and seconds < TIMEOUT_S + MARGIN_S, (answer[:20], seconds)
         assert pool.submit(timed_accuracy, "Answer: 0.5", "\\frac{1}{2}").result()[0] == [1.0]
+        scores, expected = pool.submit(accuracy_table).result()
+        assert scores == expected
     after = verifier_stats()
     assert after["timeouts"] - before["timeouts"] >= len(HANGS)
     # Every worker that overran was killed and reaped: only the pool's own remain.
@@ -94,6 +106,8 @@ def test_hostile_answers_time_out_in_a_ray_actor(actor):
         values, seconds = ray.get(actor.timed_accuracy.remote(f"Answer: {answer}", truth))
         assert values == [0.0] and seconds < TIMEOUT_S + MARGIN_S + 2.0, (answer[:20], seconds)  # +2: the first call starts the zygote
     assert ray.get(actor.timed_accuracy.remote("Answer: 0.5", "\\frac{1}{2}"))[0] == [1.0]
+    scores, expected = ray.get(actor.accuracy_table.remote())
+    assert scores == expected
     assert ray.get(actor.stats.remote())["timeouts"] >= len(HANGS)
 
 
