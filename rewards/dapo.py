@@ -9,7 +9,10 @@ so no timeout is needed here; symbolic equivalence is math-verify's job.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
+
+from rewards.inputs import completion_text, ground_truths
 
 ANSWER_PATTERN = re.compile(r"(?i)Answer\s*:\s*([^\n]+)")
 TAIL_CHARS = 300
@@ -59,20 +62,19 @@ def dapo_score(completion: str, ground_truth: str) -> float:
     return 1.0 if predicted != INVALID and predicted == normalize_final_answer(str(ground_truth)) else -1.0
 
 
-def completion_text(completion: Any) -> str:
-    """TRL passes completions as strings, or as message lists in conversational mode."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
-        return str(completion[-1].get("content", ""))
-    raise TypeError(f"completion must be a string or a list of messages, got {type(completion).__name__}")
+def dapo_reward(prompts: Sequence[Any] | None = None, completions: Sequence[Any] = (), **columns: Any) -> list[float | None]:
+    """TRL reward function: DAPO's +1/-1 on the `Answer:` line, one score per completion; None for a row
+    without a ground truth. As DAPO's scorer does, it reads the last 300 characters whatever they are (a think
+    block included): `accuracy_reward` is the think-aware, math-verify one."""
+    if not completions:
+        return []
+    truths = ground_truths(columns, len(completions))
+    return [
+        None if truth is None else dapo_score(completion_text(completion), truth)
+        for completion, truth in zip(completions, truths, strict=True)
+    ]
 
 
-def dapo_answer_reward(prompts: list, completions: list, ground_truth: list[str], **_: Any) -> list[float]:
-    """TRL reward function: DAPO's +1/-1 on the `Answer:` line, one score per completion."""
-    if len(completions) != len(ground_truth):
-        raise ValueError(f"{len(completions)} completions but {len(ground_truth)} ground truths")
-    return [dapo_score(completion_text(c), gt) for c, gt in zip(completions, ground_truth, strict=True)]
+dapo_answer_reward = dapo_reward  # its first name, kept for callers
 
-
-__all__ = ["dapo_answer_reward", "dapo_score", "extract_answer", "normalize_final_answer"]
+__all__ = ["INVALID", "dapo_answer_reward", "dapo_reward", "dapo_score", "extract_answer", "normalize_final_answer"]

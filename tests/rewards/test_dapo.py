@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pandas as pd
 import pytest
 
@@ -44,12 +42,22 @@ def test_trl_signature_with_conversational_completions():
         dapo_answer_reward(prompts=["p", "p"], completions=completions, ground_truth=["4"])
 
 
-def test_hostile_strings_are_fast_and_do_not_raise():
-    hostile = ["$" * 5000 + "Answer: " + "$x$" * 2000, "Answer: " + "\\boxed{" * 3000, "\x00Answer:\x00 1", "Answer: " + "=" * 10_000]
-    start = time.perf_counter()
-    for text in hostile:
-        assert dapo_score(text, "1") in (1.0, -1.0)
-    assert time.perf_counter() - start < 1.0
+@pytest.mark.parametrize(
+    ("text", "ground_truth", "expected"),
+    [
+        ("$" * 5000 + "Answer: " + "$x$" * 2000, "1", -1.0),  # the Answer: lies before the 300-character tail
+        ("$" * 5000 + "\nAnswer: 1", "1", 1.0),  # ... and here inside it
+        ("Answer: " + "\\boxed{" * 3000, "1", -1.0),
+        ("Answer: \\boxed{1}", "1", 1.0),
+        ("Answer: \\boxed{\\boxed{1}}", "1", -1.0),  # DAPO's normalisation strips the outer \\boxed{} only
+        ("\x00Answer:\x00 1", "1", -1.0),  # NUL is not whitespace: the answer reads "\x001"
+        ("\x00\nAnswer: 1", "1", 1.0),
+        ("Answer: " + "=" * 10_000, "", -1.0),
+        ("Answer: x = 1 = 2", "2", 1.0),  # the part after the last `=`
+    ],
+)
+def test_hostile_strings_score_exactly(text, ground_truth, expected):
+    assert dapo_score(text, ground_truth) == expected
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "dapo").exists(), reason="shared data not present")
