@@ -106,8 +106,8 @@ class RolloutSection:
 
 @dataclass
 class RewardsSection:
-    names: list[str] = field(default_factory=lambda: ["dapo"])  # rewards.REWARD_FUNCS; weights: training.reward_weights
-    options: dict[str, Any] = field(default_factory=dict)  # e.g. {overlong_max_length: 128, overlong_cache: 32}
+    names: list[str] = field(default_factory=lambda: ["dapo_reward"])  # rewards.REWARD_FUNCS; weights: training.reward_weights
+    options: dict[str, Any] = field(default_factory=dict)  # e.g. {max_completion_len: 128, soft_punish_cache: 32}
 
 
 @dataclass

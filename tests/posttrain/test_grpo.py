@@ -313,7 +313,7 @@ run_grpo(GRPORecipeConfig(
     model=GRPOModelSection(path=model_dir),
     data=GRPODataSection(synthetic_rows=64, eval_rows=8),
     rollout=RolloutSection(engine="torch", depth=DepthConfig(policy="adaptive", exit_threshold=0.6)),
-    rewards=RewardsSection(names=["dapo"]),
+    rewards=RewardsSection(names=["dapo_reward"]),
     eval=EvalSection(num_prompts=0),
     training=GRPOConfig(
         output_dir=out, use_cpu=True, bf16=False, report_to="none", per_device_train_batch_size=8,
