@@ -38,7 +38,7 @@ from posttrain.loop_grpo import (
     latest_complete_checkpoint,
 )
 from posttrain.sft import LoraSection
-from posttrain.synthetic import arithmetic_traces, to_dataset
+from posttrain.synthetic import ArithmeticTask, to_dataset
 from rewards import get_reward_funcs
 from rollout.engine import DepthConfig, RolloutEngine, SamplingConfig
 from rollout.pool import PoolConfig
@@ -70,7 +70,7 @@ class GRPODataSection:
     eval_rows: int = 200
     synthetic_rows: int = 4096
     synthetic_seed: int = 0  # the SFT data's seed: held-out rows are never trained on by either recipe
-    synthetic_ops: tuple[int, int] = (2, 3)
+    task: ArithmeticTask = field(default_factory=ArithmeticTask)  # the SFT config's `data.task`
 
     def __post_init__(self) -> None:
         if self.format != "synthetic" and not self.train:
@@ -152,8 +152,7 @@ class GRPORecipeConfig:
 def load_grpo_data(cfg: GRPODataSection) -> tuple[Dataset, Dataset]:
     """(train, held-out) datasets with `prompt` (chat messages) and `ground_truth` columns."""
     if cfg.format == "synthetic":
-        rows = arithmetic_traces(cfg.synthetic_rows, seed=cfg.synthetic_seed, num_ops=tuple(cfg.synthetic_ops))
-        data = to_dataset(rows, columns=["prompt", "ground_truth"])
+        data = to_dataset(cfg.task.rows(cfg.synthetic_rows, cfg.synthetic_seed), columns=["prompt", "ground_truth"])
     elif cfg.format == "dapo":
         data = load_dapo_math(cfg.train, split=cfg.split, dedupe=cfg.dedupe, max_rows=cfg.max_rows)
     else:

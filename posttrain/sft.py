@@ -40,7 +40,7 @@ from looplm import LoopLMConfig, LoopLMForCausalLM, exit_log_pdf
 from looplm.losses import final_loop_loss, mean_loop_loss, per_loop_token_losses, stage1_loss
 from looplm.tokenizer import CHAT_TEMPLATE, THINK_CLOSE, THINK_OPEN, build_tokenizer, fix_ouro_special_tokens
 from posttrain.data import drop_overlong, load_sft_dataset
-from posttrain.synthetic import arithmetic_traces, to_dataset
+from posttrain.synthetic import ArithmeticTask, to_dataset
 from rewards.dapo import INVALID, extract_answer
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ class DataSection:
     eval_rows: int = 64
     synthetic_rows: int = 1024
     synthetic_seed: int = 0
+    task: ArithmeticTask = field(default_factory=ArithmeticTask)  # the synthetic problems (train: synthetic)
     # Rows longer than training.max_length: "drop" them before training (counted in the results), or
     # "truncate" them to their first max_length tokens (TRL's keep_start).
     overlong: Literal["drop", "truncate"] = "drop"
@@ -188,11 +189,13 @@ class SFTData:
         return [p for p, _ in pairs], [a for _, a in pairs]
 
 
-def load_rows(source: str, split: str, max_rows: int | None, synthetic_rows: int, seed: int) -> Dataset:
+def load_rows(
+    source: str, split: str, max_rows: int | None, synthetic_rows: int, seed: int, task: ArithmeticTask | None = None
+) -> Dataset:
     """A dataset normalised by posttrain.data: `messages`, or `prompt` + `completion` (message lists)."""
     if source == "synthetic":
         n = synthetic_rows if max_rows is None else min(max_rows, synthetic_rows)
-        return to_dataset(arithmetic_traces(n, seed=seed), columns=["messages"])  # generated: no download
+        return to_dataset((task or ArithmeticTask()).rows(n, seed), columns=["messages"])  # generated: no download
     return load_sft_dataset(source, split=split, max_rows=max_rows)
 
 
@@ -215,9 +218,9 @@ def parse_answer(text: str) -> str | None:
 
 def load_sft_data(cfg: DataSection) -> SFTData:
     """Train and eval rows; without `data.eval` the first `eval_rows` rows are held out."""
-    train = load_rows(cfg.train, cfg.split, cfg.max_rows, cfg.synthetic_rows, cfg.synthetic_seed)
+    train = load_rows(cfg.train, cfg.split, cfg.max_rows, cfg.synthetic_rows, cfg.synthetic_seed, cfg.task)
     if cfg.eval is not None:
-        evals = load_rows(cfg.eval, cfg.eval_split, cfg.eval_rows, cfg.eval_rows, cfg.synthetic_seed + 1)
+        evals = load_rows(cfg.eval, cfg.eval_split, cfg.eval_rows, cfg.eval_rows, cfg.synthetic_seed + 1, cfg.task)
         return SFTData(train, evals)
     held = min(cfg.eval_rows, len(train) // 2)
     return SFTData(train.select(range(held, len(train))), train.select(range(held)) if held else None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from datasets import Dataset
@@ -35,12 +36,19 @@ def _row(question: str, answer: int, reply: str) -> dict[str, Any]:
     }
 
 
-def _arithmetic_problem(rng: random.Random, num_ops: int, max_operand: int, modulus: int | None) -> dict[str, Any]:
-    """Left-to-right chain `((a op b) op c) ...`, parenthesised only where precedence needs it."""
+def _arithmetic_problem(
+    rng: random.Random, num_ops: int, max_operand: int, modulus: int | None, operators: str = OPERATORS,
+    skip_reduction: float = 0.0,
+) -> dict[str, Any]:
+    """Left-to-right chain `((a op b) op c) ...`, parenthesised only where precedence needs it.
+
+    skip_reduction: probability that the trace (a sloppy teacher's) leaves out the final `mod` line and answers
+    the unreduced value; `ground_truth` stays the correct answer.
+    """
     value = rng.randint(1, max_operand)
     expression, is_sum, steps = str(value), False, []
     for _ in range(num_ops):
-        op = rng.choice(OPERATORS)
+        op = rng.choice(operators)
         low, high = (min(1, value), min(max_operand, value)) if op == "-" else (1, max_operand)  # stays >= 0
         operand = rng.randint(low, high)
         if op == "*" and is_sum:
@@ -49,23 +57,64 @@ def _arithmetic_problem(rng: random.Random, num_ops: int, max_operand: int, modu
         result = _apply(op, value, operand)
         steps.append(f"{value}{op}{operand}={result}")
         value = result
+    stated = value  # the answer the trace states
     if modulus is not None:
-        steps.append(f"{value} mod {modulus}={value % modulus}")
+        skip = skip_reduction > 0 and rng.random() < skip_reduction
+        if not skip:
+            steps.append(f"{value} mod {modulus}={value % modulus}")
         expression = f"({expression})" if is_sum else expression  # mod applies to the whole expression
         expression, value = f"{expression} mod {modulus}", value % modulus
-    return _row(f"Compute {expression}.", value, format_trace("\n".join(steps), str(value)))
+        stated = stated if skip else value
+    return _row(f"Compute {expression}.", value, format_trace("\n".join(steps), str(stated)))
 
 
 def arithmetic_traces(
-    n: int, seed: int = 0, num_ops: tuple[int, int] = (2, 3), max_operand: int = 9, modulus: int | None = MODULUS
+    n: int, seed: int = 0, num_ops: tuple[int, int] = (2, 3), max_operand: int = 9, modulus: int | None = MODULUS,
+    operators: str = OPERATORS, skip_reduction: float = 0.0,
 ) -> list[dict[str, Any]]:
     """`n` problems like `Compute (7+5)*3 mod 23.` with traces `<think>\\n7+5=12\\n12*3=36\\n36 mod 23=13\\n</think>\\nAnswer: 13`.
 
-    Each problem has between `num_ops[0]` and `num_ops[1]` operations on operands in 0..max_operand;
-    `modulus=None` leaves out the final reduction.
+    Each problem has between `num_ops[0]` and `num_ops[1]` operations (drawn from `operators`) on operands in
+    0..max_operand; `modulus=None` leaves out the final reduction. With `skip_reduction` > 0 that fraction of
+    traces skips the reduction and states a wrong answer (see `ArithmeticTask`).
     """
     rng = random.Random(seed)
-    return [_arithmetic_problem(rng, rng.randint(*num_ops), max_operand, modulus) for _ in range(n)]
+    return [
+        _arithmetic_problem(rng, rng.randint(*num_ops), max_operand, modulus, operators, skip_reduction)
+        for _ in range(n)
+    ]
+
+
+@dataclass
+class ArithmeticTask:
+    """The synthetic arithmetic task, shared by the SFT and RL recipes so both see the same problems.
+
+    The RL task (`configs/grpo_tiny.yaml`): additions and subtractions of digits, reduced mod 10, where the SFT
+    traces come from a sloppy teacher that skips the final reduction in `skip_reduction` of them (answering the
+    unreduced sum, wrong whenever it is >= 10). SFT imitates the teacher, so the model often stops before
+    reducing; the verifier rewards the reduced answer, which is the headroom RL has over imitating imperfect
+    traces. The defaults are the original task (+ - *, mod 23, faithful traces).
+    """
+
+    num_ops: tuple[int, int] = (2, 3)
+    max_operand: int = 9
+    operators: str = OPERATORS
+    modulus: int | None = MODULUS
+    skip_reduction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.operators or set(self.operators) - set(OPERATORS):
+            raise ValueError(f"task.operators must be a non-empty subset of {OPERATORS!r}, got {self.operators!r}")
+        if not 0.0 <= self.skip_reduction <= 1.0:
+            raise ValueError(f"task.skip_reduction must be in [0, 1], got {self.skip_reduction}")
+        if not 1 <= self.num_ops[0] <= self.num_ops[1]:
+            raise ValueError(f"task.num_ops must be (low, high) with 1 <= low <= high, got {self.num_ops}")
+
+    def rows(self, n: int, seed: int) -> list[dict[str, Any]]:
+        return arithmetic_traces(
+            n, seed=seed, num_ops=tuple(self.num_ops), max_operand=self.max_operand, modulus=self.modulus,
+            operators=self.operators, skip_reduction=self.skip_reduction,
+        )
 
 
 def _prefix_tree(rng: random.Random, ops: int, modulus: int) -> tuple[list[str], int]:
@@ -103,4 +152,4 @@ def to_dataset(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = N
     return Dataset.from_dict({column: [row[column] for row in rows] for column in keep})
 
 
-__all__ = ["arithmetic_traces", "modular_expressions", "to_dataset"]
+__all__ = ["ArithmeticTask", "arithmetic_traces", "modular_expressions", "to_dataset"]

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from posttrain.synthetic import arithmetic_traces, modular_expressions, to_dataset
+from posttrain.synthetic import ArithmeticTask, arithmetic_traces, modular_expressions, to_dataset
 from rewards.dapo import dapo_score
 
 TRACE = re.compile(r"<think>\n(?P<steps>.+)\n</think>\nAnswer: (?P<answer>\d+)", re.DOTALL)
@@ -107,3 +107,27 @@ def test_to_dataset_columns() -> None:
     assert grpo[3]["prompt"] == rows[3]["prompt"]
     sft = to_dataset(modular_expressions(4, length=3), ["messages"])
     assert sft[0]["messages"][1]["content"].startswith("Answer: ")
+
+
+def test_sloppy_teacher_skips_the_reduction_but_ground_truth_stays_right() -> None:
+    task = ArithmeticTask(operators="+", modulus=10, skip_reduction=0.5)
+    rows = task.rows(400, seed=0)
+    skipped = 0
+    for row in rows:
+        question, trace = row["messages"][0]["content"], row["messages"][1]["content"]
+        expression = question.removeprefix("Compute ").removesuffix(" mod 10.")
+        assert row["ground_truth"] == str(eval(expression) % 10)  # noqa: S307 - digits and + only
+        stated = trace.rsplit("Answer: ", 1)[1]
+        if " mod 10=" not in trace:
+            skipped += 1
+            assert stated == str(eval(expression))  # noqa: S307 - the unreduced sum
+        else:
+            assert stated == row["ground_truth"]
+    assert 160 <= skipped <= 240  # 50% of 400, within 4 sigma
+    assert ArithmeticTask().rows(20, seed=3) == arithmetic_traces(20, seed=3)  # defaults: the original task
+
+
+@pytest.mark.parametrize("bad", [dict(operators="/"), dict(skip_reduction=1.5), dict(num_ops=(0, 2))])
+def test_arithmetic_task_rejects_bad_values(bad) -> None:
+    with pytest.raises(ValueError, match="task."):
+        ArithmeticTask(**bad)
