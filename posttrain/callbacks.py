@@ -6,6 +6,7 @@ import logging
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 logger = logging.getLogger(__name__)
 
@@ -46,4 +47,23 @@ class NonFiniteGuard(TrainerCallback):
             p.grad = None
 
 
-__all__ = ["NonFiniteGuard"]
+class CompactProgress(ProgressCallback):
+    """transformers' progress bar, with one readable line per log instead of a printed dict of strings.
+
+    `keys` maps a logged metric to its label; metrics not logged this time are left out.
+    """
+
+    def __init__(self, keys: dict[str, str]):
+        super().__init__()
+        self.keys = keys
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or self.training_bar is None or not logs:
+            return
+        if not any(k in logs for k in self.keys):
+            return
+        parts = [f"{label} {logs[k]:.3g}" for k, label in self.keys.items() if isinstance(logs.get(k), (int, float))]
+        self.training_bar.write(f"step {state.global_step:>4}: " + ", ".join(parts))
+
+
+__all__ = ["CompactProgress", "NonFiniteGuard"]

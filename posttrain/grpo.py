@@ -23,12 +23,14 @@ from typing import Any, Literal
 import torch
 from datasets import Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 from trl import GRPOConfig
 
 import looplm
 from configs import save_config
 from looplm import LoopLMForCausalLM
 from looplm.tokenizer import CHAT_TEMPLATE, fix_ouro_special_tokens
+from posttrain.callbacks import CompactProgress
 from posttrain.data import load_dapo_math, load_gsm8k
 from posttrain.evaluation import task_accuracy
 from posttrain.loop_grpo import (
@@ -297,6 +299,7 @@ def run_grpo(config: GRPORecipeConfig, callbacks: list[TrainerCallback] | None =
             engine=engine, depth=config.rollout.depth, loop=config.loop,
             dynamic_sampling=config.dynamic_sampling, rollout_seed=config.rollout.seed,
         )
+        compact_progress(trainer)
         train_output = trainer.train(resume_from_checkpoint=resume)
         results |= {"global_step": trainer.state.global_step, "train_loss": train_output.training_loss,
                     "completions_generated": trainer.completions_generated}
@@ -312,6 +315,20 @@ def run_grpo(config: GRPORecipeConfig, callbacks: list[TrainerCallback] | None =
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=float) + "\n")
     log_summary(results)
     return results
+
+
+PROGRESS_KEYS = {
+    "reward": "reward", "parity/max_abs": "max|dlogp|", "loops/mean_exit_loop": "exit loop",
+    "frac_reward_zero_std": "zero-std groups", "completions/mean_length": "length", "step_time": "s/step",
+}
+
+
+def compact_progress(trainer: LoopGRPOTrainer) -> None:
+    """One readable line per step under the progress bar, instead of TRL's printed dicts."""
+    if trainer.args.disable_tqdm:
+        return
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(CompactProgress(PROGRESS_KEYS))
 
 
 def final_policy(trainer: LoopGRPOTrainer) -> LoopLMForCausalLM:
