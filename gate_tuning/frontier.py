@@ -215,7 +215,7 @@ def _score(p: FrontierPoint, metric: str) -> float:
 
 def frontier_margin(better: Sequence[FrontierPoint], worse: Sequence[FrontierPoint], metric: str = "accuracy") -> float:
     """min of envelope(better) - envelope(worse) over every depth of either curve where both reach:
-    >= 0 means `better` is at or above `worse` at every average depth; nan when the curves share no depth."""
+    >= 0 means `better` is at or above `worse` at every average depth; nan when either curve is empty."""
     depths = sorted({p.avg_loops for p in [*better, *worse]})
     gaps = [envelope(better, x, metric) - envelope(worse, x, metric) for x in depths]
     gaps = [g for x, g in zip(depths, gaps, strict=True)
