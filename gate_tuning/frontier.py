@@ -17,6 +17,7 @@ ran, else teacher-forced); `bytes_per_token`, the K/V cache's bytes per token in
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -143,23 +144,31 @@ def evaluate_rules(
         raise ValueError("no held-out examples to evaluate on")
     model.eval()
     engine = TorchEngine(model, tokenizer=tokenizer, max_batch_size=batch_size)
+    measured: dict[str, tuple] = {}  # one measurement per distinct policy (static T is also the full K/V mode)
     points = []
     for rule in tqdm(rules, desc="frontier", unit="rule"):
-        depth = rule.depth
-        sums = [0.0, 0, 0.0, 0]
-        for start in range(0, len(examples), batch_size):
-            for i, value in enumerate(teacher_forced(model, examples[start : start + batch_size], depth)):
-                sums[i] += value
-        loss, avg_loops_tf = sums[0] / max(sums[1], 1), sums[2] / max(sums[3], 1)
-        acc, avg_loops = generation_accuracy(engine, examples, depth, max_new_tokens) if accuracy else (None, math.nan)
-        loops = depth.num_loops or model.config.total_ut_steps
+        depth = dataclasses.replace(rule.depth, num_loops=rule.depth.num_loops or model.config.total_ut_steps)
+        key = depth.label()  # names the policy completely
+        if key not in measured:
+            measured[key] = _measure(model, engine, examples, depth, batch_size, max_new_tokens, accuracy)
+        loss, avg_loops_tf, acc, avg_loops = measured[key]
         points.append(FrontierPoint(
             rule=rule.rule, param=rule.param, avg_loops=avg_loops_tf if math.isnan(avg_loops) else avg_loops,
             loss=loss, accuracy=acc, avg_loops_tf=avg_loops_tf,
-            bytes_per_token=LoopKVCache.bytes_per_token(model.config, depth.kv_mode, loops, model.dtype),
+            bytes_per_token=LoopKVCache.bytes_per_token(model.config, depth.kv_mode, depth.num_loops, model.dtype),
         ))
         logger.info("%s %s: %s", rule.rule, rule.param, points[-1])
     return points
+
+
+def _measure(model, engine, examples, depth, batch_size, max_new_tokens, accuracy) -> tuple:
+    """-> (loss, teacher-forced avg loops, accuracy, decoding avg loops) of one depth policy."""
+    sums = [0.0, 0, 0.0, 0]
+    for start in range(0, len(examples), batch_size):
+        for i, value in enumerate(teacher_forced(model, examples[start : start + batch_size], depth)):
+            sums[i] += value
+    acc, avg_loops = generation_accuracy(engine, examples, depth, max_new_tokens) if accuracy else (None, math.nan)
+    return sums[0] / max(sums[1], 1), sums[2] / max(sums[3], 1), acc, avg_loops
 
 
 # ----------------------------------------------------------------------------------------------------------
