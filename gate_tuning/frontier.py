@@ -22,6 +22,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -266,27 +267,35 @@ def markdown_table(points: Sequence[FrontierPoint]) -> str:
 
 
 def plot_frontier(points: Sequence[FrontierPoint], path: Path, title: str = "") -> None:
-    """Accuracy (left, where measured) and loss (right) against average loops; one curve per rule."""
+    """Accuracy (left, where measured) and loss (right) against average loops; one curve per rule.
+
+    The y-range follows the depth curves; a K/V sharing point far outside it is drawn at the edge with its value.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    has_acc = any(p.accuracy is not None for p in points)
-    panels = ["accuracy", "loss"] if has_acc else ["loss"]
+    panels = ["accuracy", "loss"] if any(p.accuracy is not None for p in points) else ["loss"]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
     for ax, metric in zip(axes[0], panels, strict=True):
-        for rule in dict.fromkeys(p.rule for p in points):
-            curve = sorted((p for p in points if p.rule == rule), key=lambda p: p.avg_loops)
-            ys = [(100 * p.accuracy if p.accuracy is not None else math.nan) if metric == "accuracy" else p.loss
-                  for p in curve]
-            xs = [p.avg_loops for p in curve]
-            if rule == "kv_sharing":  # all at T loops: points with their mode named, not a curve
-                ax.scatter(xs, ys, marker="x", color="black", label="K/V sharing (T loops)", zorder=3)
-                for p, x, y in zip(curve, xs, ys, strict=True):
-                    ax.annotate(str(p.param), (x, y), textcoords="offset points", xytext=(-18, 4), fontsize=8)
-            else:
-                ax.plot(xs, ys, marker="o", markersize=4, label=rule)
+        value = partial(_plotted, metric=metric)
+        curves = [p for p in points if p.rule != "kv_sharing"]
+        for rule in dict.fromkeys(p.rule for p in curves):
+            curve = sorted((p for p in curves if p.rule == rule), key=lambda p: p.avg_loops)
+            ax.plot([p.avg_loops for p in curve], [value(p) for p in curve], marker="o", markersize=4, label=rule)
+        low, high = _padded_range([value(p) for p in curves])
+        kv = [p for p in points if p.rule == "kv_sharing"]
+        for i, p in enumerate(kv):
+            y = min(max(value(p), low), high)
+            label = f"{p.param}" if y == value(p) else f"{p.param} ({value(p):.3g}, off scale)"
+            ax.scatter([p.avg_loops], [y], marker="x", color="black", zorder=3,
+                       label="K/V sharing (T loops)" if i == 0 else None)
+            offset = -12 - 9 * i if y == high else 6 + 9 * i  # labels of points clipped at the top go below
+            ax.annotate(label, (p.avg_loops, y), textcoords="offset points", xytext=(-6, offset), fontsize=7,
+                        ha="right")
+        if math.isfinite(low):
+            ax.set_ylim(low, high)
         ax.set_xlabel("average loops per decoded token")
         ax.set_ylabel("accuracy (%)" if metric == "accuracy" else "teacher-forced loss (nats/token)")
         ax.grid(alpha=0.3)
@@ -296,6 +305,21 @@ def plot_frontier(points: Sequence[FrontierPoint], path: Path, title: str = "") 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plotted(p: FrontierPoint, metric: str) -> float:
+    if metric == "loss":
+        return p.loss
+    return 100 * p.accuracy if p.accuracy is not None else math.nan
+
+
+def _padded_range(values: Sequence[float]) -> tuple[float, float]:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return -math.inf, math.inf
+    low, high = min(finite), max(finite)
+    pad = 0.15 * (high - low) or 0.05 * abs(high) or 1.0
+    return low - pad, high + pad
 
 
 __all__ = [
