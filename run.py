@@ -27,6 +27,8 @@ RECIPES: dict[str, tuple[str, str, str]] = {
     "rollout": ("rollout.cli", "RolloutRecipeConfig", "run_rollout"),
     "parity": ("rollout.cli", "ParityRecipeConfig", "run_parity"),
     "bench": ("bench.run", "BenchConfig", "run_bench"),
+    "gate": ("gate_tuning.recipe", "GateRecipeConfig", "run_gate"),
+    "eval": ("gate_tuning.recipe", "EvalRecipeConfig", "run_eval"),
 }
 
 

@@ -156,7 +156,7 @@ def build_attention_mask(
     device = position_ids.device
     padded = attention_mask is not None and not bool(attention_mask.all())
     packed = attention_mask is None and past_len == 0 and q > 1 and bool((position_ids[:, 1:] == 0).any())
-    if not padded and not packed:
+    if not padded and not packed and (past_len == 0 or q == 1):  # a chunk after a cache needs the offset mask
         return None, past_len == 0 and q > 1
     rows = torch.arange(past_len, past_len + q, device=device)[:, None]
     cols = torch.arange(past_len + q, device=device)[None, :]
@@ -177,12 +177,19 @@ def build_attention_mask(
 class ExitTracker:
     """Which tokens have exited, at which loop, and their output state.
 
-    Exits come from `exit_steps` (replay), from Q-exit with `threshold` (decided on the fly), or happen at the
-    last loop. `active` is None while every token is still running, which keeps the default path select-free.
+    Exits come from `exit_steps` (replay), from Q-exit with `threshold` (decided on the fly), from the
+    hidden-state-difference rule with `hidden_eps` (on the fly: exit at the first loop t >= 2 where
+    ||h_t - h_{t-1}|| / ||h_{t-1}|| < hidden_eps, per token, on the normed states; relative so that one eps fits
+    any hidden size), or happen at the last loop. `active` is None while every token is still running, which
+    keeps the default path select-free.
     """
 
-    def __init__(self, shape, num_loops: int, exit_steps=None, threshold: float | None = None, device=None):
+    def __init__(
+        self, shape, num_loops: int, exit_steps=None, threshold: float | None = None, device=None,
+        hidden_eps: float | None = None,
+    ):
         self.num_loops, self.exit_steps, self.threshold = num_loops, exit_steps, threshold
+        self.hidden_eps, self.previous_h = hidden_eps, None
         self.exited = torch.zeros(shape, dtype=torch.bool, device=device)
         self.steps = torch.full(shape, num_loops, dtype=torch.long, device=device)
         self.any_exited = False
@@ -204,6 +211,8 @@ class ExitTracker:
         elif self.threshold is not None and self.threshold < 1.0:
             cdf = -torch.expm1(log_survival(torch.stack(gate_logits, dim=-1).float())[..., -1])
             newly = ~self.exited & (cdf >= self.threshold)
+        elif self.hidden_eps is not None:
+            newly = ~self.exited & self._converged(h)
         else:
             return
         if not self.any_exited and bool(newly.all()):
@@ -213,6 +222,14 @@ class ExitTracker:
         self.steps = torch.where(newly, loop + 1, self.steps)
         self.exited = self.exited | newly
         self.any_exited = self.any_exited or bool(newly.any())
+
+    def _converged(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, S) bool: the relative change of each token's state since the previous loop is below hidden_eps."""
+        previous, self.previous_h = self.previous_h, h
+        if previous is None:  # loop 1 has no previous normed state to compare with
+            return torch.zeros(h.shape[:-1], dtype=torch.bool, device=h.device)
+        change = (h - previous).float().norm(dim=-1) / previous.float().norm(dim=-1).clamp(min=1e-12)
+        return change < self.hidden_eps
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -311,17 +328,19 @@ class LoopLMModel(LoopLMPreTrainedModel):
         exit_steps: torch.LongTensor | None = None,
         exit_threshold: float | None = None,
         output_loop_states: bool = False,
+        exit_hidden_eps: float | None = None,
         **kwargs,
     ) -> LoopLMModelOutput:
         """Args beyond transformers' usual ones:
         num_loops: run this many loops instead of `config.total_ut_steps`.
         exit_steps: (B, S) LongTensor in 1..num_loops, each token's exit loop (replays a rollout).
         exit_threshold: Q-exit threshold q decided on the fly per token (the rollout engine's adaptive depth).
+        exit_hidden_eps: exit a token once its state's relative change between loops is below eps (see ExitTracker).
         output_loop_states: also return every loop's (normed) hidden states.
         """
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, S, D)
         B, S, _ = h.shape
-        n_loops = self._check_depth_args(num_loops, exit_steps, exit_threshold, B, S)
+        n_loops = self._check_depth_args(num_loops, exit_steps, exit_threshold, B, S, exit_hidden_eps)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None and not self.training:
             past_key_values = LoopKVCache(self.config)
@@ -333,7 +352,7 @@ class LoopLMModel(LoopLMPreTrainedModel):
         mask, is_causal = build_attention_mask(attention_mask, position_ids, S, past_len)
         rope = self.rotary_emb(position_ids, h.dtype)
 
-        exits = ExitTracker((B, S), n_loops, exit_steps, exit_threshold, h.device)
+        exits = ExitTracker((B, S), n_loops, exit_steps, exit_threshold, h.device, exit_hidden_eps)
         last_kv: list = [None] * len(self.layers)  # per layer: each token's K/V at its latest loop
         gate_logits, loop_states = [], []
         for loop in range(n_loops):
@@ -369,7 +388,7 @@ class LoopLMModel(LoopLMPreTrainedModel):
             for i, (k, v) in enumerate(last_kv):
                 cache.update_loop(k, v, loop, i)
 
-    def _check_depth_args(self, num_loops, exit_steps, exit_threshold, B: int, S: int) -> int:
+    def _check_depth_args(self, num_loops, exit_steps, exit_threshold, B: int, S: int, hidden_eps=None) -> int:
         n_loops = self.config.total_ut_steps if num_loops is None else int(num_loops)
         if n_loops < 1:
             raise ValueError(f"num_loops must be >= 1, got {num_loops}")
@@ -385,6 +404,11 @@ class LoopLMModel(LoopLMPreTrainedModel):
                 raise ValueError(f"exit_steps must be in 1..{n_loops} (num_loops), got values in {lo}..{hi}")
         if exit_threshold is not None:
             check_threshold(exit_threshold)
+        if hidden_eps is not None:
+            if exit_steps is not None or exit_threshold is not None:
+                raise ValueError("pass one depth rule: exit_steps, exit_threshold or exit_hidden_eps")
+            if not hidden_eps >= 0.0:
+                raise ValueError(f"exit_hidden_eps must be >= 0, got {hidden_eps}")
         return n_loops
 
 
@@ -426,6 +450,7 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
         exit_threshold: float | None = None,
         output_loop_states: bool = False,
         output_loop_logits: bool = False,
+        exit_hidden_eps: float | None = None,
         **kwargs,
     ) -> LoopLMCausalLMOutput:
         out = self.model(
@@ -439,6 +464,7 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
             exit_steps=exit_steps,
             exit_threshold=exit_threshold,
             output_loop_states=output_loop_states or output_loop_logits,
+            exit_hidden_eps=exit_hidden_eps,
         )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(out.last_hidden_state[:, keep])  # (B, S', V)
@@ -470,6 +496,7 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
         inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
         if is_first_iteration:
             inputs.pop("exit_threshold", None)  # the prompt's prefill always runs at full depth
+            inputs.pop("exit_hidden_eps", None)
         return inputs
 
     def save_pretrained(self, save_directory, *args, **kwargs):

@@ -79,17 +79,22 @@ class DepthConfig:
     fixed:    every position runs `num_loops` loops (default: the model's T).
     adaptive: prompt positions run all loops; each decoded token exits at the first loop whose exit CDF
               reaches `exit_threshold` (Q-exit), recorded in `exit_steps`.
+    hidden_diff: as adaptive, but a decoded token exits at the first loop t >= 2 where its state's relative
+              change ||h_t - h_{t-1}|| / ||h_{t-1}|| is below `hidden_eps` (no gate involved).
     kv_mode:  the decode-time K/V sharing of LoopKVCache; only "full" is replayed exactly by training.
     """
 
-    policy: Literal["fixed", "adaptive"] = "fixed"
+    policy: Literal["fixed", "adaptive", "hidden_diff"] = "fixed"
     num_loops: int | None = None
     exit_threshold: float = 1.0
     kv_mode: Literal["full", "last", "average", "first"] = "full"
+    hidden_eps: float = 0.0
 
     def check(self) -> None:
-        if self.policy not in ("fixed", "adaptive"):
-            raise ValueError(f"depth.policy must be 'fixed' or 'adaptive', got {self.policy!r}")
+        if self.policy not in ("fixed", "adaptive", "hidden_diff"):
+            raise ValueError(f"depth.policy must be 'fixed', 'adaptive' or 'hidden_diff', got {self.policy!r}")
+        if not self.hidden_eps >= 0.0:
+            raise ValueError(f"depth.hidden_eps must be >= 0, got {self.hidden_eps}")
         if self.num_loops is not None and self.num_loops < 1:
             raise ValueError(f"depth.num_loops must be >= 1, got {self.num_loops}")
         if not 0.0 <= self.exit_threshold <= 1.0:
@@ -99,8 +104,20 @@ class DepthConfig:
 
     def label(self) -> str:
         loops = self.num_loops or "T"
-        name = f"fixed(num_loops={loops})" if self.policy == "fixed" else f"adaptive(q={self.exit_threshold})"
+        name = {
+            "fixed": f"fixed(num_loops={loops})",
+            "adaptive": f"adaptive(q={self.exit_threshold})",
+            "hidden_diff": f"hidden_diff(eps={self.hidden_eps})",
+        }[self.policy]
         return name if self.kv_mode == "full" else f"{name},kv={self.kv_mode}"
+
+    def decode_kwargs(self) -> dict[str, float]:
+        """The model's on-the-fly exit argument for decoded tokens under this policy (none for fixed depth)."""
+        if self.policy == "adaptive":
+            return {"exit_threshold": self.exit_threshold}
+        if self.policy == "hidden_diff":
+            return {"exit_hidden_eps": self.hidden_eps}
+        return {}
 
 
 @dataclass

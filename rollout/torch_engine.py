@@ -110,7 +110,6 @@ class TorchEngine(RolloutEngine):
         distinct = list(dict.fromkeys(map(tuple, prompts)))
         prompt_of_row = torch.tensor([distinct.index(tuple(p)) for p in prompts], device=device)
         num_loops = depth.num_loops
-        threshold = depth.exit_threshold if depth.policy == "adaptive" else None
         cache = LoopKVCache(self.model.config, mode=depth.kv_mode)
 
         ids, mask = _left_pad([list(p) for p in distinct], device)  # (U, P)
@@ -145,7 +144,7 @@ class TorchEngine(RolloutEngine):
                 rows, token, full_mask, done = rows[keep], token[keep], full_mask[keep], done[keep]
             out = self.model(
                 token[:, None], attention_mask=full_mask[:, : width + t + 1], past_key_values=cache,
-                num_loops=num_loops, exit_threshold=threshold, logits_to_keep=1,
+                num_loops=num_loops, logits_to_keep=1, **depth.decode_kwargs(),
             )
             state.exit_steps[rows[~done], t] = out.exit_steps[~done, 0]  # the depth token t's position ran at
             logits = out.logits[:, -1]

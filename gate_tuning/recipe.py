@@ -1,0 +1,419 @@
+"""The `run.py gate` and `run.py eval` recipes and their configs.
+
+    python run.py gate --config configs/gate_tiny.yaml     # Stage II, frontier before and after, tuned folder
+    python run.py eval --config configs/eval_tiny.yaml     # the frontier of one checkpoint
+
+Phases of `run_gate`: check the inputs (a gate in the checkpoint, T >= 2, k > 0, every q in [0, 1], data not
+empty; all before any compute) -> data -> model -> frontier with the checkpoint's gate (static, Q-exit,
+hidden-state difference, K/V sharing) -> Stage II (`GateTrainer`, LM frozen) -> the tuned gate's Q-exit curve
+-> pick q for the budget -> save the tuned folder (identical to the input but for `model.early_exit_gate.*`
+and `early_exit_threshold`) -> frontier.csv / .md / .png and results.json beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import safe_open
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainingArguments
+
+import looplm
+from configs import save_config
+from looplm import KV_MODES, LoopLMConfig, LoopLMForCausalLM
+from looplm.exit_gate import check_threshold
+from looplm.tokenizer import fix_ouro_special_tokens
+
+from .data import Example, PadCollator, load_examples, training_features
+from .frontier import (
+    FrontierPoint,
+    evaluate_rules,
+    frontier_margin,
+    hidden_diff_rules,
+    kv_rules,
+    pick_threshold,
+    q_exit_rules,
+    static_rules,
+    write_frontier,
+)
+from .stage2 import GATE_PREFIX, GateTrainer, check_stage2_args, freeze_lm
+
+logger = logging.getLogger(__name__)
+
+MODEL_DIR = "model"  # the tuned checkpoint, under output_dir
+RESULTS_FILE = "results.json"
+UNTUNED, TUNED = "q_exit_stage1", "q_exit_stage2"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+
+# ----------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ModelSection:
+    path: str = ""  # a LoopLM save or an Ouro checkpoint folder (with its exit gate)
+    tokenizer_path: str | None = None  # None: the tokenizer in `path`
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Weights are loaded in float32 and the tuned folder is saved in the checkpoint's own dtype (bf16 -> fp32 ->
+    # bf16 is exact), so every LM tensor comes back bit-identical. Evaluation runs in `eval_dtype`.
+    eval_dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+@dataclass
+class DataSection:
+    # "synthetic" (arithmetic traces generated with `seed`), or an SFT dataset (posttrain.sft.load_rows: a local
+    # .jsonl/.json/.parquet file or folder, or a hub name) with `messages` or `prompt`/`completion`.
+    train: str = "synthetic"
+    split: str = "train"
+    # Held-out data: None holds out fresh synthetic rows (seed + 1), or the first eval_rows rows of `train`.
+    eval: str | None = None
+    eval_split: str = "test"
+    train_rows: int = 2048
+    eval_rows: int = 128
+    seed: int = 1  # synthetic: SFT used seed 0, so these problems are new ones
+    max_length: int = 256
+
+
+@dataclass
+class Stage2Section:
+    k: float = 50.0  # sharpness of the continue target w = sigmoid(k (I - gamma))
+    gamma: float = 0.005  # the loss improvement (nats) at which w = 1/2
+    alignment: Literal["same_loop", "next_loop"] = "same_loop"  # see gate_tuning.stage2
+
+    def __post_init__(self) -> None:
+        if not self.k > 0:
+            raise ValueError(f"stage2.k must be > 0, got {self.k}")
+
+
+@dataclass
+class TrainingSection:
+    output_dir: str = "outputs/gate"
+    max_steps: int = 200
+    lr: float = 1e-2
+    lr_scheduler: str = "constant"
+    warmup: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    grad_accum: int = 1
+    bf16: bool = False  # autocast on GPU; ignored on CPU
+    seed: int = 0
+    logging_steps: int = 20
+    save_steps: int = 0  # 0: no intermediate checkpoints
+    progress_bar: bool = True
+
+
+@dataclass
+class EvalSection:
+    q_grid: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
+    # Relative change ||h_t - h_{t-1}|| / ||h_{t-1}|| below which a token exits (loops 2..T).
+    hidden_eps_grid: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1, 0.2, 0.3, 0.5])
+    kv_modes: list[str] = field(default_factory=lambda: list(KV_MODES))
+    accuracy: bool = True  # greedy generation scored with DAPO's `Answer:` (where the data has answers)
+    max_new_tokens: int = 128
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        for q in self.q_grid:
+            if not 0.0 <= q <= 1.0:
+                raise ValueError(f"eval.q_grid: exit threshold q must be in [0, 1], got {q}")
+        for eps in self.hidden_eps_grid:
+            if not eps >= 0.0:
+                raise ValueError(f"eval.hidden_eps_grid: eps must be >= 0, got {eps}")
+        unknown = sorted(set(self.kv_modes) - set(KV_MODES))
+        if unknown:
+            raise ValueError(f"eval.kv_modes: unknown mode(s) {unknown}; expected some of {list(KV_MODES)}")
+
+
+@dataclass
+class SelectSection:
+    """How q is chosen from the tuned gate's curve: exactly one of the two."""
+
+    max_accuracy_drop: float | None = 0.01  # fraction: 0.01 = one point below static T loops
+    target_avg_loops: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.max_accuracy_drop is None) == (self.target_avg_loops is None):
+            raise ValueError("select: set exactly one of max_accuracy_drop and target_avg_loops")
+
+
+@dataclass
+class GateRecipeConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    stage2: Stage2Section = field(default_factory=Stage2Section)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    select: SelectSection = field(default_factory=SelectSection)
+
+
+@dataclass
+class EvalRecipeConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    output_dir: str = "outputs/eval"
+    gate_label: str = "q_exit"  # the Q-exit curve's name in the outputs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checks before any compute
+
+
+def check_checkpoint(path: str | Path) -> LoopLMConfig:
+    """The folder's config has T >= 2 and its weights hold the exit gate; read from disk, nothing computed."""
+    folder = Path(path)
+    if not path or not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"model.path: no checkpoint folder with a config.json at {str(path)!r}")
+    config = LoopLMConfig.from_pretrained(str(folder))
+    if config.total_ut_steps < 2:
+        raise ValueError(f"{folder}: total_ut_steps = {config.total_ut_steps}; exit rules need T >= 2 loops")
+    names = checkpoint_tensor_names(folder)
+    if not any(n.startswith(GATE_PREFIX) for n in names):
+        raise ValueError(f"{folder}: the checkpoint has no exit gate ({GATE_PREFIX}weight/bias): nothing to tune")
+    return config
+
+
+def checkpoint_tensor_names(folder: Path) -> set[str]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text())["weight_map"])
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights")
+    names: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as fh:
+            names |= set(fh.keys())
+    return names
+
+
+def require_examples(examples: list[Example], what: str) -> None:
+    if not examples:
+        raise ValueError(f"{what}: the dataset is empty (no rows left after loading and the max_length filter)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Setup
+
+
+def resolve_device(device: str) -> torch.device:
+    return torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def load_tokenizer(cfg: ModelSection) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path or cfg.path)
+    fix_ouro_special_tokens(tokenizer)  # eos = <|im_end|>: where generation stops and completions end
+    return tokenizer
+
+
+def load_model(cfg: ModelSection, tokenizer: PreTrainedTokenizerBase) -> LoopLMForCausalLM:
+    model = LoopLMForCausalLM.from_pretrained(cfg.path, dtype=torch.float32)
+    fix_ouro_special_tokens(tokenizer, model)  # the engine stops at config's eos (Ouro's folders say id 0)
+    return model.to(resolve_device(cfg.device)).eval()
+
+
+def load_eval_examples(data: DataSection, tokenizer: PreTrainedTokenizerBase) -> list[Example]:
+    if data.eval is not None:
+        return load_examples(data.eval, data.eval_split, data.eval_rows, data.seed, tokenizer, data.max_length)
+    if data.train == "synthetic":
+        return load_examples("synthetic", data.split, data.eval_rows, data.seed + 1, tokenizer, data.max_length)
+    return load_examples(data.train, data.split, data.eval_rows, data.seed, tokenizer, data.max_length)
+
+
+def load_train_examples(data: DataSection, tokenizer: PreTrainedTokenizerBase) -> list[Example]:
+    if data.train == "synthetic" or data.eval is not None:
+        return load_examples(data.train, data.split, data.train_rows, data.seed, tokenizer, data.max_length)
+    rows = load_examples(data.train, data.split, data.eval_rows + data.train_rows, data.seed, tokenizer,
+                         data.max_length)
+    return rows[data.eval_rows :]  # the first eval_rows rows are held out (load_eval_examples)
+
+
+def base_rules(num_loops: int, cfg: EvalSection, gate_label: str):
+    return [
+        *static_rules(num_loops),
+        *q_exit_rules(cfg.q_grid, gate_label),
+        *hidden_diff_rules(cfg.hidden_eps_grid),
+        *kv_rules(cfg.kv_modes),
+    ]
+
+
+def frontier(model: LoopLMForCausalLM, tokenizer, examples: list[Example], rules, cfg: EvalSection, dtype: str):
+    """Evaluate in `dtype` (a copy when it differs from float32, so the weights that get saved stay exact)."""
+    target = model if dtype == "float32" else _copy_in(model, torch.bfloat16)
+    return evaluate_rules(target, tokenizer, examples, rules, cfg.batch_size, cfg.max_new_tokens, cfg.accuracy)
+
+
+def _copy_in(model: LoopLMForCausalLM, dtype: torch.dtype) -> LoopLMForCausalLM:
+    copy = LoopLMForCausalLM(model.config).to(device=model.device, dtype=dtype)
+    copy.load_state_dict(model.state_dict())
+    return copy.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage II training
+
+
+def training_args(cfg: TrainingSection, use_cpu: bool) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(Path(cfg.output_dir) / "checkpoints"),
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup,
+        weight_decay=cfg.weight_decay,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        bf16=cfg.bf16 and not use_cpu,
+        use_cpu=use_cpu,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps" if cfg.save_steps > 0 else "no",
+        save_steps=max(cfg.save_steps, 1),
+        remove_unused_columns=False,  # our collator builds the batch
+        report_to="none",
+        dataloader_num_workers=0,
+        disable_tqdm=not cfg.progress_bar,
+    )
+
+
+def tune_gate(
+    model: LoopLMForCausalLM, examples: list[Example], stage2: Stage2Section, cfg: TrainingSection, pad_id: int
+) -> dict[str, Any]:
+    """Stage II in place on `model` (only the gate changes); -> the trainer's log history."""
+    check_stage2_args(stage2.k, model.config.total_ut_steps)
+    require_examples(examples, "data.train")
+    freeze_lm(model)
+    trainer = GateTrainer(
+        model=model,
+        args=training_args(cfg, use_cpu=model.device.type == "cpu"),
+        train_dataset=[training_features(e) for e in examples],
+        data_collator=PadCollator(pad_id),
+        k=stage2.k,
+        gamma=stage2.gamma,
+        alignment=stage2.alignment,
+    )
+    output = trainer.train()
+    model.eval()
+    return {"train_loss": output.training_loss, "log_history": trainer.state.log_history}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tuned checkpoint
+
+
+def save_tuned(model: LoopLMForCausalLM, source: str | Path, out_dir: str | Path, threshold: float) -> Path:
+    """The input folder with the tuned gate and `early_exit_threshold`; every other file copied as it was.
+
+    The config saved is the source's own (not the loaded model's, whose dtype and special ids loading changed)
+    with the threshold set; weights are saved in the source's dtype. `model` is left in that dtype.
+    """
+    check_threshold(threshold)
+    source, out = Path(source), Path(out_dir)
+    config = LoopLMConfig.from_pretrained(str(source))
+    config.early_exit_threshold = float(threshold)
+    dtype = config.dtype or torch.float32
+    model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    model.config = config
+    model.save_pretrained(out)
+    for item in source.iterdir():  # tokenizer files, generation config, recipe configs, ...
+        if item.is_file() and item.name != "config.json" and not item.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copy2(item, out / item.name)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Recipes
+
+
+def run_gate(config: GateRecipeConfig) -> dict[str, Any]:
+    """Stage II with frontiers before and after; -> results (also in <output_dir>/results.json)."""
+    check_checkpoint(config.model.path)
+    torch.manual_seed(config.training.seed)
+    out = Path(config.training.output_dir)
+    tokenizer = load_tokenizer(config.model)
+    train, held_out = load_train_examples(config.data, tokenizer), load_eval_examples(config.data, tokenizer)
+    require_examples(train, "data.train")
+    require_examples(held_out, "held-out data")
+    model = load_model(config.model, tokenizer)
+    num_loops = model.config.total_ut_steps
+    check_stage2_args(config.stage2.k, num_loops)
+
+    logger.info("frontier with the checkpoint's (Stage-I) gate on %d held-out examples", len(held_out))
+    before = frontier(model, tokenizer, held_out, base_rules(num_loops, config.eval, UNTUNED), config.eval,
+                      config.model.eval_dtype)
+    logger.info("Stage II on %d examples", len(train))
+    training = tune_gate(model, train, config.stage2, config.training, tokenizer.pad_token_id)
+    after = frontier(model, tokenizer, held_out, q_exit_rules(config.eval.q_grid, TUNED), config.eval,
+                     config.model.eval_dtype)
+    points = [*before, *after]
+    pick = pick_threshold(points, TUNED, num_loops, config.select.target_avg_loops, config.select.max_accuracy_drop)
+    model_dir = save_tuned(model, config.model.path, out / MODEL_DIR, float(pick.param))
+    paths = write_frontier(points, out, title=f"{config.model.path}: Stage-I vs Stage-II gate")
+    save_config(config, out / "gate_config.yaml")
+    results = summarize(points, pick, num_loops) | {
+        "train_loss": training["train_loss"], "model_dir": str(model_dir), **{k: str(v) for k, v in paths.items()},
+    }
+    (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=float) + "\n")
+    print(paths["md"].read_text())
+    print(json.dumps({k: v for k, v in results.items() if k != "points"}, indent=2, default=float))
+    return results
+
+
+def run_eval(config: EvalRecipeConfig) -> dict[str, Any]:
+    """The frontier of one checkpoint with its own gate; -> results (also in <output_dir>/results.json)."""
+    check_checkpoint(config.model.path)
+    tokenizer = load_tokenizer(config.model)
+    held_out = load_eval_examples(config.data, tokenizer)
+    require_examples(held_out, "held-out data")
+    model = load_model(config.model, tokenizer)
+    num_loops = model.config.total_ut_steps
+    points = frontier(model, tokenizer, held_out, base_rules(num_loops, config.eval, config.gate_label),
+                      config.eval, config.model.eval_dtype)
+    out = Path(config.output_dir)
+    paths = write_frontier(points, out, title=str(config.model.path))
+    save_config(config, out / "eval_config.yaml")
+    results = {"points": [asdict(p) for p in points], **{k: str(v) for k, v in paths.items()}}
+    (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=float) + "\n")
+    print(paths["md"].read_text())
+    return results
+
+
+def summarize(points: list[FrontierPoint], pick: FrontierPoint, num_loops: int) -> dict[str, Any]:
+    """The chosen q, loops saved against static T, and how the tuned curve compares with the untuned one."""
+    static_t = next(p for p in points if p.rule == "static" and p.param == num_loops)
+    tuned, untuned = [p for p in points if p.rule == TUNED], [p for p in points if p.rule == UNTUNED]
+    metric = "accuracy" if static_t.accuracy is not None else "loss"
+    return {
+        "chosen_q": float(pick.param),
+        "chosen_point": asdict(pick),
+        "static_T": asdict(static_t),
+        "loops_saved_vs_static_T": 1.0 - pick.avg_loops / num_loops,
+        "accuracy_drop_vs_static_T": None if pick.accuracy is None else static_t.accuracy - pick.accuracy,
+        f"tuned_minus_untuned_{metric}_min_over_depths": frontier_margin(tuned, untuned, metric),
+        "points": [asdict(p) for p in points],
+    }
+
+
+__all__ = [
+    "DataSection",
+    "EvalRecipeConfig",
+    "EvalSection",
+    "GateRecipeConfig",
+    "ModelSection",
+    "SelectSection",
+    "Stage2Section",
+    "TrainingSection",
+    "check_checkpoint",
+    "run_eval",
+    "run_gate",
+    "save_tuned",
+    "tune_gate",
+]
+
+_ = looplm  # `import looplm` registers the Auto classes

@@ -1,0 +1,122 @@
+"""Stage II (Ouro): tune the exit gate with the LM frozen, from how much each extra loop lowered each token's loss.
+
+Per token and loop t = 2..T, with L_t the token's cross-entropy read at loop t (all T loops computed in one
+forward, detached):
+    improvement  I_t = max(0, L_{t-1} - L_t)
+    target       w_t = sigmoid(k * (I_t - gamma))           the "continue" label; k = 50, gamma = 0.005
+    loss         (1/T) * sum_{t=2..T} BCE(1 - lambda_{g(t)}, w_t), each averaged over label tokens
+Which gate g(t) pairs with improvement I_t (`alignment`):
+    same_loop  g(t) = t, as Ouro writes it (looplm-facts.md): lambda_t is read from h_t, the state after loop t,
+               and learns whether loop t improved on loop t-1. Gates 2..T train; gate 1 keeps its Stage-I
+               value, and gate T trains although the exit distribution never reads it.
+    next_loop  g(t) = t - 1: lambda_{t-1}, read before loop t runs, learns whether running loop t pays. Trains
+               exactly the gates 1..T-1 that Q-exit reads.
+Only the gate's parameters get gradients: the LM is frozen by `requires_grad=False` and its states carry no
+graph, so the backward pass is the gate's alone. Shapes follow `looplm.losses`: ce (T, B, S-1), mask (B, S-1),
+gate_logits (B, S, T) (position i's gate decides the depth used to predict token i + 1).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from looplm import LoopLMForCausalLM
+from looplm.losses import per_loop_token_losses
+
+logger = logging.getLogger(__name__)
+
+Alignment = Literal["same_loop", "next_loop"]
+GATE_PREFIX = "model.early_exit_gate."
+
+
+def check_stage2_args(k: float, num_loops: int) -> None:
+    if not k > 0:
+        raise ValueError(f"stage2.k must be > 0 (the sharpness of the continue target), got {k}")
+    if num_loops < 2:
+        raise ValueError(f"Stage II needs a model with T >= 2 loops (total_ut_steps), got T = {num_loops}")
+
+
+def loop_improvements(ce: torch.Tensor) -> torch.Tensor:
+    """(T, B, S-1) per-loop losses -> (T-1, B, S-1) I_t = max(0, L_{t-1} - L_t) for t = 2..T."""
+    return (ce[:-1] - ce[1:]).clamp(min=0.0)
+
+
+def continue_targets(ce: torch.Tensor, k: float, gamma: float) -> torch.Tensor:
+    """(T, B, S-1) -> (T-1, B, S-1) w_t = sigmoid(k * (I_t - gamma)) for t = 2..T (detached)."""
+    return torch.sigmoid(k * (loop_improvements(ce.detach().float()) - gamma))
+
+
+def stage2_loss(
+    gate_logits: torch.Tensor,
+    ce: torch.Tensor,
+    mask: torch.Tensor,
+    k: float = 50.0,
+    gamma: float = 0.005,
+    alignment: Alignment = "same_loop",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """-> (loss, detached stats). gate_logits (B, S, T), ce (T, B, S-1), mask (B, S-1); see the module docstring."""
+    num_loops = ce.shape[0]
+    check_stage2_args(k, num_loops)
+    w = continue_targets(ce, k, gamma)  # (T-1, B, S-1)
+    gates = gate_logits[:, :-1].float().permute(2, 0, 1)  # (T, B, S-1)
+    gates = gates[1:] if alignment == "same_loop" else gates[:-1]  # the gate paired with each I_t
+    # BCE of the continue probability 1 - lambda = sigmoid(-g) against w, in logit form for stability.
+    bce = F.binary_cross_entropy_with_logits(-gates, w, reduction="none")  # (T-1, B, S-1)
+    count = mask.sum().clamp(min=1)
+    per_loop = (bce * mask).sum((1, 2)) / count  # (T-1,) token means
+    loss = per_loop.sum() / num_loops
+    stats = {
+        "target_continue": ((w * mask).sum((1, 2)) / count).detach(),
+        "gate_continue": ((torch.sigmoid(-gates) * mask).sum((1, 2)) / count).detach(),
+    }
+    return loss, stats
+
+
+def freeze_lm(model: LoopLMForCausalLM) -> list[str]:
+    """requires_grad=False on every parameter but the exit gate's; -> the trainable names (the gate's)."""
+    trainable = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith(GATE_PREFIX))
+        if param.requires_grad:
+            trainable.append(name)
+    if not trainable:
+        raise ValueError(f"the model has no exit gate ({GATE_PREFIX}*): nothing for Stage II to tune")
+    return trainable
+
+
+class GateTrainer(Trainer):
+    """transformers' Trainer with the Stage-II loss. Overrides only `compute_loss` (public, documented hook).
+
+    The model must come through `freeze_lm`: the optimizer then holds the gate's parameters alone.
+    """
+
+    def __init__(self, *args, k: float = 50.0, gamma: float = 0.005, alignment: Alignment = "same_loop", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.k, self.gamma, self.alignment = k, gamma, alignment
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        # One forward computes all T loops; only the gate's logits carry a graph (the LM is frozen).
+        outputs = model(**inputs, use_cache=False, output_loop_states=True, logits_to_keep=1)
+        with torch.no_grad():
+            lm_head = self.accelerator.unwrap_model(model).get_output_embeddings()
+            ce, mask = per_loop_token_losses(outputs.loop_hidden_states, lm_head, labels)
+        loss, _ = stage2_loss(outputs.gate_logits, ce, mask, self.k, self.gamma, self.alignment)
+        return (loss, outputs) if return_outputs else loss
+
+
+__all__ = [
+    "GATE_PREFIX",
+    "GateTrainer",
+    "check_stage2_args",
+    "continue_targets",
+    "freeze_lm",
+    "loop_improvements",
+    "stage2_loss",
+]

@@ -1,0 +1,131 @@
+"""Frontier evaluation: teacher-forced losses as decoding computes them, the q pick, the outputs."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gate_tuning.data import Example, load_examples
+from gate_tuning.frontier import (
+    FrontierPoint,
+    evaluate_rules,
+    frontier_margin,
+    hidden_diff_rules,
+    kv_rules,
+    pick_threshold,
+    q_exit_rules,
+    static_rules,
+    teacher_forced,
+    write_frontier,
+)
+from gate_tuning.recipe import ModelSection, load_tokenizer
+from looplm import LoopLMForCausalLM
+from rollout.engine import DepthConfig
+
+
+@pytest.fixture(scope="module")
+def setup(checkpoint):
+    model = LoopLMForCausalLM.from_pretrained(str(checkpoint)).eval()
+    tokenizer = load_tokenizer(ModelSection(path=str(checkpoint)))
+    return model, tokenizer, load_examples("synthetic", "train", 6, 5, tokenizer, 128)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("same_lengths", [False, True])
+def test_static_teacher_forced_loss_is_the_full_forward_at_that_loop(setup, same_lengths):
+    model, _, examples = setup
+    if same_lengths:  # no padding anywhere: the completion chunk after the cache still needs a causal mask
+        examples = [Example(e.prompt_ids[:8], e.completion_ids[:10], None) for e in examples]
+    for loops in (1, 3, 4):
+        ce_sum, tokens, loops_sum, positions = teacher_forced(model, examples, DepthConfig(num_loops=loops))
+        want, count = 0.0, 0
+        for e in examples:
+            ids = torch.tensor([e.prompt_ids + e.completion_ids])
+            logits = model(ids, num_loops=loops, use_cache=False).logits[0, len(e.prompt_ids) - 1 : -1]
+            want += F.cross_entropy(logits, torch.tensor(e.completion_ids), reduction="sum").item()
+            count += len(e.completion_ids)
+        assert tokens == count and positions == count - len(examples)
+        assert ce_sum == pytest.approx(want, rel=1e-5)
+        assert loops_sum == loops * positions
+
+
+@torch.no_grad()
+def test_adaptive_teacher_forced_loss_replays_with_its_exit_steps(setup):
+    """Q-exit decided on the fly in one chunk = the training forward replaying those exits (prompt at T)."""
+    model, _, examples = setup
+    e = examples[0]
+    depth = DepthConfig(policy="adaptive", exit_threshold=0.5)
+    ce_sum, tokens, loops_sum, positions = teacher_forced(model, [e], depth)
+    assert 1.0 < loops_sum / positions < 4.0
+    # Recover the decided exits from a decode-style chunk, then replay them in one full forward.
+    ids = torch.tensor([e.prompt_ids + e.completion_ids[:-1]])
+    chunk_steps = []
+    from looplm import LoopKVCache
+
+    cache = LoopKVCache(model.config)
+    model(ids[:, : len(e.prompt_ids)], past_key_values=cache)
+    chunk_steps = model(ids[:, len(e.prompt_ids) :], past_key_values=cache, exit_threshold=0.5).exit_steps
+    steps = torch.cat([torch.full((1, len(e.prompt_ids)), 4), chunk_steps], dim=1)
+    logits = model(ids, exit_steps=steps, use_cache=False).logits[0, len(e.prompt_ids) - 1 :]
+    want = F.cross_entropy(logits, torch.tensor(e.completion_ids), reduction="sum").item()
+    assert ce_sum == pytest.approx(want, rel=1e-5) and loops_sum == chunk_steps.sum().item()
+
+
+def test_evaluate_rules_gives_one_point_per_rule(setup):
+    model, tokenizer, examples = setup
+    rules = [*static_rules(4), *q_exit_rules([0.0, 1.0], "q"), *hidden_diff_rules([0.0]), *kv_rules()]
+    points = evaluate_rules(model, tokenizer, examples[:3], rules, batch_size=2, max_new_tokens=4)
+    assert [(p.rule, p.param) for p in points] == [(r.rule, r.param) for r in rules]
+    by = {(p.rule, p.param): p for p in points}
+    assert [by["static", n].avg_loops for n in (1, 2, 3, 4)] == [1.0, 2.0, 3.0, 4.0]
+    assert by["q", 0.0].avg_loops == 1.0 and by["q", 1.0].avg_loops == 4.0  # q = 0 exits at once, q = 1 never
+    assert by["q", 1.0].loss == pytest.approx(by["static", 4].loss, rel=1e-6)
+    assert by["hidden_diff", 0.0].loss == pytest.approx(by["static", 4].loss, rel=1e-6)
+    assert by["kv_sharing", "full"].loss == pytest.approx(by["static", 4].loss, rel=1e-6)
+    assert by["kv_sharing", "last"].bytes_per_token * 4 == by["kv_sharing", "full"].bytes_per_token
+    assert all(p.accuracy is not None and 0.0 <= p.accuracy <= 1.0 for p in points)
+
+
+def point(rule: str, param, loops: float, acc: float | None, loss: float = 1.0) -> FrontierPoint:
+    return FrontierPoint(rule, param, loops, loss, acc, 0, loops)
+
+
+POINTS = [
+    point("static", 1, 1.0, 0.30), point("static", 4, 4.0, 0.80),
+    point("tuned", 0.2, 1.5, 0.60), point("tuned", 0.5, 2.2, 0.795), point("tuned", 0.9, 3.0, 0.81),
+    point("untuned", 0.2, 1.4, 0.50), point("untuned", 0.5, 2.5, 0.70),
+]
+
+
+def test_pick_threshold_for_an_accuracy_drop_or_a_depth():
+    assert pick_threshold(POINTS, "tuned", 4, max_accuracy_drop=0.01).param == 0.5
+    assert pick_threshold(POINTS, "tuned", 4, max_accuracy_drop=0.0).param == 0.9
+    assert pick_threshold(POINTS, "tuned", 4, max_accuracy_drop=-0.1).param == 1.0  # nothing fits: always T
+    assert pick_threshold(POINTS, "tuned", 4, target_avg_loops=2.5).param == 0.5
+    assert pick_threshold(POINTS, "tuned", 4, target_avg_loops=1.0).param == 0.2  # none: the shallowest
+    with pytest.raises(ValueError, match="exactly one"):
+        pick_threshold(POINTS, "tuned", 4)
+    with pytest.raises(ValueError, match="no points of rule 'nope'"):
+        pick_threshold(POINTS, "nope", 4, target_avg_loops=2.0)
+
+
+def test_frontier_margin_compares_best_accuracy_at_each_depth():
+    tuned, untuned = [p for p in POINTS if p.rule == "tuned"], [p for p in POINTS if p.rule == "untuned"]
+    # Depths where both reach: 1.5, 2.2, 2.5, 3.0 (at 1.4 only `untuned` has a point). Best accuracy within each
+    # depth: tuned 0.60, 0.795, 0.795, 0.81; untuned 0.50, 0.50, 0.70, 0.70.
+    assert frontier_margin(tuned, untuned) == pytest.approx(0.095)
+    assert frontier_margin(untuned, tuned) == pytest.approx(-0.295)
+    assert math.isnan(frontier_margin([], untuned))
+
+
+def test_outputs_csv_markdown_and_png(tmp_path):
+    paths = write_frontier(POINTS + [point("kv_sharing", "last", 4.0, 0.7)], tmp_path, title="t")
+    rows = list(csv.DictReader(paths["csv"].open()))
+    assert {"rule", "param", "avg_loops", "loss", "accuracy", "bytes_per_token"} <= set(rows[0])
+    assert len(rows) == 8 and rows[2]["rule"] == "tuned"
+    assert paths["md"].read_text().count("\n") == 10
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG"

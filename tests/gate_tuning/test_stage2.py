@@ -1,0 +1,93 @@
+"""Stage II: improvements, targets, the loss on a hand-computed example, and a trainer that moves only the gate."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gate_tuning.data import PadCollator, load_examples, training_features
+from gate_tuning.recipe import ModelSection, Stage2Section, TrainingSection, load_tokenizer, tune_gate
+from gate_tuning.stage2 import GATE_PREFIX, continue_targets, freeze_lm, loop_improvements, stage2_loss
+from looplm import LoopLMForCausalLM
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def bce(p: float, w: float) -> float:
+    return -(w * math.log(p) + (1 - w) * math.log(1 - p))
+
+
+def test_improvements_and_targets():
+    ce = torch.tensor([3.0, 2.0, 2.5, 2.49]).view(4, 1, 1)  # (T, B, S-1)
+    assert loop_improvements(ce).flatten().tolist() == pytest.approx([1.0, 0.0, 0.01])
+    w = continue_targets(ce, k=50.0, gamma=0.005).flatten().tolist()
+    assert w == pytest.approx([sigmoid(50 * 0.995), sigmoid(-0.25), sigmoid(50 * 0.005)], abs=1e-6)
+
+
+@pytest.mark.parametrize("alignment", ["same_loop", "next_loop"])
+def test_stage2_loss_hand_computed(alignment):
+    # T = 3, one sequence of 3 positions: the last position's gates are never read (no next token), and the
+    # second position's label is masked out.
+    ce = torch.tensor([[[2.0, 9.0]], [[1.0, 9.0]], [[1.0, 0.0]]])  # (T=3, B=1, S-1=2)
+    mask = torch.tensor([[True, False]])
+    g = torch.tensor([[[0.5, -1.0, 2.0], [7.0, 7.0, 7.0], [9.0, 9.0, 9.0]]])  # (B, S, T)
+    k, gamma = 10.0, 0.1
+    # Position 0: I_2 = 1.0, I_3 = 0.0 -> w_2 = sigmoid(9), w_3 = sigmoid(-1).
+    w2, w3 = sigmoid(k * (1.0 - gamma)), sigmoid(k * (0.0 - gamma))
+    gates = (-1.0, 2.0) if alignment == "same_loop" else (0.5, -1.0)  # lambda_t (same) or lambda_{t-1} (next)
+    cont = [1 - sigmoid(x) for x in gates]  # continue probability 1 - lambda
+    expected = (bce(cont[0], w2) + bce(cont[1], w3)) / 3  # (1/T) sum_{t=2..T}
+    loss, stats = stage2_loss(g, ce, mask, k=k, gamma=gamma, alignment=alignment)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert stats["target_continue"].tolist() == pytest.approx([w2, w3], abs=1e-6)
+    assert stats["gate_continue"].tolist() == pytest.approx(cont, abs=1e-6)
+
+
+def test_loss_rejects_bad_k_and_one_loop():
+    ce, mask, g = torch.zeros(2, 1, 1), torch.ones(1, 1, dtype=torch.bool), torch.zeros(1, 2, 2)
+    with pytest.raises(ValueError, match="k must be > 0"):
+        stage2_loss(g, ce, mask, k=0.0)
+    with pytest.raises(ValueError, match="T >= 2"):
+        stage2_loss(g[..., :1], ce[:1], mask, k=50.0)
+
+
+def test_only_the_gate_trains_and_the_lm_stays_bit_identical(checkpoint, tmp_path):
+    model = LoopLMForCausalLM.from_pretrained(str(checkpoint))
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    tokenizer = load_tokenizer(ModelSection(path=str(checkpoint)))
+    examples = load_examples("synthetic", "train", 16, 3, tokenizer, 128)
+    cfg = TrainingSection(output_dir=str(tmp_path), max_steps=3, batch_size=8, lr=0.05, progress_bar=False)
+    tune_gate(model, examples, Stage2Section(), cfg, tokenizer.pad_token_id)
+    after = model.state_dict()
+    gate = [n for n in after if n.startswith(GATE_PREFIX)]
+    assert sorted(gate) == ["model.early_exit_gate.bias", "model.early_exit_gate.weight"]
+    for name, tensor in after.items():
+        if name in gate:
+            assert not torch.equal(tensor, before[name]), f"{name} did not change"
+        else:
+            assert torch.equal(tensor, before[name]), f"{name} changed"
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == gate
+
+
+def test_freeze_needs_a_gate():
+    class NoGate(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm_head = torch.nn.Linear(2, 2)
+
+    with pytest.raises(ValueError, match="no exit gate"):
+        freeze_lm(NoGate())
+
+
+def test_collator_pads_right_and_masks_the_prompt():
+    from gate_tuning.data import Example
+
+    features = [training_features(Example([5, 6], [7, 2], "1")), training_features(Example([5], [2], None))]
+    batch = PadCollator(pad_id=0)(features)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 2], [5, 2, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, -100, 7, 2], [-100, 2, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
