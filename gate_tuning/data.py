@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from looplm.losses import IGNORE_INDEX
 from looplm.tokenizer import THINK_OPEN, apply_chat
 from posttrain.sft import load_rows, split_prompt
+from posttrain.synthetic import ArithmeticTask
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +32,12 @@ class Example:
 
 
 def load_examples(
-    source: str, split: str, rows: int, seed: int, tokenizer: PreTrainedTokenizerBase, max_length: int
+    source: str, split: str, rows: int, seed: int, tokenizer: PreTrainedTokenizerBase, max_length: int,
+    task: ArithmeticTask | None = None,
 ) -> list[Example]:
-    """Up to `rows` examples of `source`; rows longer than `max_length` tokens are dropped (and counted)."""
-    dataset = load_rows(source, split, rows, rows, seed)
+    """Up to `rows` examples of `source` (`task`: the synthetic problems); rows longer than `max_length` tokens
+    are dropped (and counted)."""
+    dataset = load_rows(source, split, rows, rows, seed, task)
     examples = [encode_row(row, tokenizer, f"{source} row {i}") for i, row in enumerate(dataset)]
     kept = [e for e in examples if len(e.prompt_ids) + len(e.completion_ids) <= max_length]
     if len(kept) < len(examples):

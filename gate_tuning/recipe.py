@@ -28,6 +28,7 @@ from configs import save_config
 from looplm import KV_MODES, LoopLMConfig, LoopLMForCausalLM
 from looplm.exit_gate import check_threshold
 from looplm.tokenizer import fix_ouro_special_tokens
+from posttrain.synthetic import ArithmeticTask
 
 from .data import Example, PadCollator, load_examples, training_features
 from .frontier import (
@@ -76,6 +77,7 @@ class DataSection:
     train_rows: int = 2048
     eval_rows: int = 128
     seed: int = 1  # synthetic: SFT used seed 0, so these problems are new ones
+    task: ArithmeticTask = field(default_factory=ArithmeticTask)  # the synthetic problems (train: synthetic)
     max_length: int = 256
 
 
@@ -221,13 +223,15 @@ def load_eval_examples(data: DataSection, tokenizer: PreTrainedTokenizerBase) ->
     if data.eval is not None:
         return load_examples(data.eval, data.eval_split, data.eval_rows, data.seed, tokenizer, data.max_length)
     if data.train == "synthetic":
-        return load_examples("synthetic", data.split, data.eval_rows, data.seed + 1, tokenizer, data.max_length)
+        return load_examples("synthetic", data.split, data.eval_rows, data.seed + 1, tokenizer, data.max_length,
+                             data.task)
     return load_examples(data.train, data.split, data.eval_rows, data.seed, tokenizer, data.max_length)
 
 
 def load_train_examples(data: DataSection, tokenizer: PreTrainedTokenizerBase) -> list[Example]:
     if data.train == "synthetic" or data.eval is not None:
-        return load_examples(data.train, data.split, data.train_rows, data.seed, tokenizer, data.max_length)
+        return load_examples(data.train, data.split, data.train_rows, data.seed, tokenizer, data.max_length,
+                             data.task)
     rows = load_examples(data.train, data.split, data.eval_rows + data.train_rows, data.seed, tokenizer,
                          data.max_length)
     return rows[data.eval_rows :]  # the first eval_rows rows are held out (load_eval_examples)
