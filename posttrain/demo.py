@@ -1,113 +1,179 @@
-"""The one-command CPU demo (`python run.py`): SFT a tiny LoopLM, roll it out in Ray actors, check parity.
+"""The one-command CPU demo (`python run.py`): SFT -> RL -> gate tuning on a tiny LoopLM, with a report.
 
-    python run.py                      # or: python run.py demo key=value ...
+    python run.py                      # or: python run.py demo key=value ...; fresh=true starts over
 
-Phases: (1) reasoning SFT of a tiny LoopLM on synthetic arithmetic traces with Ouro's Stage-I objective, so
-the exit gate learns with the LM (`configs/sft_tiny.yaml`); (2) held-out prompts sampled through the Ray
-actor pool at fixed depth and at adaptive depth (Q-exit); (3) every completion scored with DAPO's
-`Answer:` reward and checked for a well-formed think block; (4) every completion replayed by the training
-forward with its recorded exit steps: the rollout/training log-prob gap, per depth policy.
-A few minutes on 2 cores.
+Stages (each a recipe run with its shipped config plus the overrides below; a finished stage is reused):
+  1. reasoning SFT with Ouro's Stage-I objective (LM and exit gate together) on the CPU RL task: sums of digits
+     mod 10, traces from a sloppy teacher that skips the final `mod` half the time (configs/sft_tiny.yaml);
+  2. GRPO/DAPO through 2 Ray rollout actors at adaptive depth, every completion's exit loops replayed by the
+     update, the rollout/trainer gap measured every step (configs/grpo_tiny.yaml);
+  3. Stage-II gate tuning of the RL model with the LM frozen, and the depth/accuracy frontier
+     (configs/gate_tiny.yaml);
+then a report: accuracy after each stage, the per-step parity gap, average loops, time per stage, written under
+`outputs/demo/` with the plots (the RL learning curve with its gap; the frontier).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import AutoTokenizer
-
 from configs import CONFIG_DIR, load_config, save_config
-from looplm import LoopLMForCausalLM
-from posttrain.sft import SFTRecipeConfig, is_well_formed, run_sft
-from posttrain.synthetic import arithmetic_traces
-from rewards.dapo import dapo_score
-from rollout.engine import mean_loops_per_token
+
+logger = logging.getLogger(__name__)
+
+RL_TASK = ["data.task.operators=+", "data.task.modulus=10"]
 
 
 @dataclass
 class DemoConfig:
     output_dir: str = "outputs/demo"
+    fresh: bool = False  # true: delete earlier stages' outputs and run every stage again
     sft_config: str = str(CONFIG_DIR / "sft_tiny.yaml")
-    # Applied on top of sft_config: Stage I trains the gate, so adaptive depth has something to read.
-    sft_overrides: list[str] = field(
-        default_factory=lambda: ["objective.kind=stage1", "objective.beta=0.05", "training.max_steps=300"]
-    )
-    num_prompts: int = 32  # fresh problems, generated with a seed the SFT data did not use
-    samples_per_prompt: int = 4
-    temperature: float = 1.0
-    max_new_tokens: int = 96
-    exit_threshold: float = 0.6  # Q-exit threshold q for the adaptive rollouts
-    num_actors: int = 2
-    seed: int = 1234
+    sft_overrides: list[str] = field(default_factory=lambda: [
+        *RL_TASK, "data.task.skip_reduction=0.5", "objective.kind=stage1", "objective.beta=0.05",
+        "training.max_steps=900", "training.save_steps=0", "sample.num_prompts=0",
+    ])
+    grpo_config: str = str(CONFIG_DIR / "grpo_tiny.yaml")
+    grpo_overrides: list[str] = field(default_factory=list)
+    gate_config: str = str(CONFIG_DIR / "gate_tiny.yaml")
+    gate_overrides: list[str] = field(default_factory=lambda: [
+        *RL_TASK, "data.train_rows=1024", "data.eval_rows=128", "training.max_steps=100",
+        "eval.q_grid=[0.2,0.4,0.6,0.8,0.9]", "eval.hidden_eps_grid=[0.05,0.2]", "eval.kv_modes=[full,last]",
+        "training.progress_bar=false",
+    ])
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
-    from rollout import DepthConfig, PoolConfig, RolloutPool, SamplingConfig, check_parity
+    from gate_tuning.recipe import GateRecipeConfig, run_gate
+    from posttrain.grpo import GRPORecipeConfig, run_grpo
+    from posttrain.sft import SFTRecipeConfig, run_sft
 
     out = Path(config.output_dir)
+    if config.fresh and out.exists():
+        shutil.rmtree(out)
     save_config(config, out / "demo_config.yaml")
-    print("== 1. reasoning SFT (Stage-I objective: LM and exit gate together)")
-    sft_overrides = [*config.sft_overrides, f"training.output_dir={out / 'sft'}"]
-    sft = run_sft(load_config(SFTRecipeConfig, config.sft_config, sft_overrides))
-    model_dir = out / "sft"
+    sft_dir, grpo_dir, gate_dir = out / "sft", out / "grpo", out / "gate"
+    seconds: dict[str, float] = {}
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    problems = arithmetic_traces(config.num_prompts, seed=config.seed)
-    prompts = [row["prompt"] for row in problems]
-    truths = [row["ground_truth"] for row in problems for _ in range(config.samples_per_prompt)]
-    sampling = SamplingConfig(
-        n=config.samples_per_prompt, temperature=config.temperature, max_new_tokens=config.max_new_tokens,
-        seed=config.seed, stop_token_ids=[tokenizer.eos_token_id],
-    )
-    policies = {
-        "fixed (T loops)": DepthConfig(policy="fixed"),
-        f"adaptive (q={config.exit_threshold})": DepthConfig(policy="adaptive", exit_threshold=config.exit_threshold),
-    }
-    trainer_view = LoopLMForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    print(f"\n== 2-4. rollouts in {config.num_actors} Ray actors, rewards, and parity with the training forward")
-    report: dict[str, Any] = {"sft": {k: sft.get(k) for k in ("eval_before", "eval_after", "sample")}}
-    with RolloutPool(model_dir, PoolConfig(num_actors=config.num_actors), tokenizer=tokenizer) as pool:
-        for name, depth in policies.items():
-            records = pool.generate(prompts, sampling, depth)
-            texts = [tokenizer.decode(r.completion_ids, skip_special_tokens=True) for r in records]
-            gaps = check_parity(trainer_view, records, sampling).stats()
-            report[name] = {
-                "completions": len(records),
-                "reward_accuracy": sum(dapo_score(t, gt) > 0 for t, gt in zip(texts, truths, strict=True)) / len(texts),
-                "well_formed": sum(is_well_formed(t, r.finish_reason) for t, r in zip(texts, records, strict=True))
-                / len(texts),
-                "mean_loops_per_token": mean_loops_per_token(records),
-                "parity": gaps.to_dict(),
-                "example": texts[0],
-            }
-    _print_report(report)
+    sft_cfg = load_config(SFTRecipeConfig, config.sft_config, [*config.sft_overrides, f"training.output_dir={sft_dir}"])
+    sft = _stage("1/3 reasoning SFT (Stage-I objective)", sft_dir / "sft_results.json", seconds,
+                 lambda: run_sft(sft_cfg))
+    grpo_cfg = load_config(GRPORecipeConfig, config.grpo_config, [
+        *config.grpo_overrides, f"model.path={sft_dir}", f"training.output_dir={grpo_dir}",
+    ])
+    grpo = _stage("2/3 GRPO through Ray rollout actors, exit replay", grpo_dir / "results.json", seconds,
+                  lambda: run_grpo(grpo_cfg))
+    gate_cfg = load_config(GateRecipeConfig, config.gate_config, [
+        *config.gate_overrides, f"model.path={grpo_dir / 'model'}", f"training.output_dir={gate_dir}",
+    ])
+    gate = _stage("3/3 Stage-II gate tuning and the frontier", gate_dir / "results.json", seconds,
+                  lambda: run_gate(gate_cfg))
+
+    metrics = [json.loads(line) for line in (grpo_dir / "metrics.jsonl").read_text().splitlines()]
+    report = build_report(sft, grpo, gate, metrics, seconds)
+    plot_rl_curve(metrics, out / "rl_curve.png")
     (out / "demo_results.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    text = render_report(report, gate_dir)
+    (out / "report.md").write_text(text)
+    print(text)
     return report
 
 
-def _last_loop_ce(metrics: dict[str, float]) -> float:
-    """`eval_loss` under Stage I includes -beta * H; the last loop's cross-entropy is comparable."""
-    loops = [int(k.removeprefix("eval_ce_loop")) for k in metrics if k.startswith("eval_ce_loop")]
-    return float(metrics[f"eval_ce_loop{max(loops)}"]) if loops else float("nan")
+def _stage(title: str, results_file: Path, seconds: dict[str, float], run) -> dict[str, Any]:
+    """Run a stage unless its results file says it finished before (then read them back)."""
+    name = title.split(" ", 1)[1]
+    if results_file.exists():
+        logger.info("%s: reusing %s (fresh=true reruns it)", name, results_file.parent)
+        seconds[name] = float("nan")
+        return json.loads(results_file.read_text())
+    print(f"== {title}", flush=True)
+    start = time.perf_counter()
+    results = run()
+    seconds[name] = time.perf_counter() - start
+    return results
 
 
-def _print_report(report: dict[str, Any]) -> None:
-    before, after = report["sft"].get("eval_before") or {}, report["sft"].get("eval_after") or {}
-    print(f"\nheld-out cross-entropy at the last loop: {_last_loop_ce(before):.3f} -> {_last_loop_ce(after):.3f}")
-    print(f"{'depth policy':<22} {'reward acc':>10} {'well-formed':>11} {'loops/token':>11} {'max|dlogp|':>11} {'mean|dlogp|':>11}  tokens")
-    for name, row in report.items():
-        if name == "sft":
-            continue
-        p = row["parity"]
-        print(
-            f"{name:<22} {row['reward_accuracy']:>10.2f} {row['well_formed']:>11.2f} {row['mean_loops_per_token']:>11.2f}"
-            f" {p['max_abs_gap']:>11.2e} {p['mean_abs_gap']:>11.2e}  {p['tokens']}"
-        )
-    print("(fp32: the gaps are rounding, which trained weights amplify; in fp64 the replay is exact,"
-          " tests/looplm/test_model.py::test_cached_decoding_is_the_same_function_in_float64)")
-    first = next(row for name, row in report.items() if name != "sft")
-    print(f"\nexample completion:\n{first['example']}")
+def build_report(sft, grpo, gate, metrics: list[dict], seconds: dict[str, float]) -> dict[str, Any]:
+    before, after = grpo.get("before", {}), grpo.get("after", {})
+    chosen = gate.get("chosen_point", {})
+    return {
+        "accuracy": {
+            "after SFT": _acc(before),
+            "after RL": _acc(after),
+            "after gate tuning": {"greedy": chosen.get("accuracy"), "avg_loops": chosen.get("avg_loops"),
+                                  "q": chosen.get("param")},
+            "static 4 loops (gate's held-out set)": {"greedy": gate.get("static_T", {}).get("accuracy"),
+                                                     "avg_loops": gate.get("static_T", {}).get("avg_loops")},
+        },
+        "parity": {
+            "max_abs (max over steps)": max(m["parity_max_abs"] for m in metrics),
+            "mean_abs (max over steps)": max(m["parity_mean_abs"] for m in metrics),
+            "steps": len(metrics),
+        },
+        "mean_exit_loop_during_rl": sum(m["mean_exit_loop"] for m in metrics) / len(metrics),
+        "seconds": seconds,
+        "sft_eval_ce": {k: v for k, v in (sft.get("eval_after") or {}).items() if k.startswith("eval_ce_loop")},
+    }
+
+
+def _acc(block: dict) -> dict[str, Any]:
+    greedy, sampled = block.get("greedy", {}), block.get("sampled", {})
+    return {"greedy": greedy.get("accuracy"), "sampled": sampled.get("accuracy"),
+            "avg_loops": greedy.get("mean_loops_per_token")}
+
+
+def render_report(report: dict[str, Any], gate_dir: Path) -> str:
+    rows = ["| stage | greedy accuracy | sampled accuracy | avg loops per token |", "|---|---:|---:|---:|"]
+    for stage, acc in report["accuracy"].items():
+        rows.append(f"| {stage} | {_fmt(acc.get('greedy'))} | {_fmt(acc.get('sampled'))} | {_fmt(acc.get('avg_loops'))} |")
+    p = report["parity"]
+    lines = [
+        "# LoopRL demo report", "",
+        "Held-out accuracy on 200 problems (adaptive depth, Q-exit q = 0.6, for SFT and RL; the gate row is the "
+        "Stage-II gate at the q it picked, on its own held-out set):", "", *rows, "",
+        f"Rollout/trainer gap over {p['steps']} RL steps (fp32): max |dlogp| {p['max_abs (max over steps)']:.2e}, "
+        f"mean {p['mean_abs (max over steps)']:.2e}; mean exit loop during RL "
+        f"{report['mean_exit_loop_during_rl']:.2f} of 4.", "",
+        "Time per stage (s): " + ", ".join(f"{k} {_fmt(v, '.0f')}" for k, v in report["seconds"].items()), "",
+        "Plots: rl_curve.png (reward and parity gap per step), gate/frontier.png (accuracy and loss vs loops).", "",
+    ]
+    frontier = gate_dir / "frontier.md"
+    if frontier.exists():
+        lines += ["## Depth/accuracy frontier", "", frontier.read_text()]
+    return "\n".join(lines)
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    return "-" if value is None or value != value else format(value, spec)
+
+
+def plot_rl_curve(metrics: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [m["step"] for m in metrics]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    top.plot(steps, [m["reward_mean"] for m in metrics], marker=".")
+    top.set_ylabel("reward (DAPO, +1/-1)")
+    top.set_title("GRPO on the CPU task: reward and rollout/trainer gap per step")
+    top.grid(alpha=0.3)
+    bottom.semilogy(steps, [m["parity_max_abs"] for m in metrics], marker=".", label="max |dlogp|")
+    bottom.semilogy(steps, [max(m["parity_mean_abs"], 1e-12) for m in metrics], marker=".", label="mean |dlogp|")
+    bottom.set_xlabel("optimizer step")
+    bottom.set_ylabel("rollout vs update log-prob gap")
+    bottom.legend()
+    bottom.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+__all__ = ["DemoConfig", "run_demo"]
