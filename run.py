@@ -22,6 +22,7 @@ from configs import ConfigError, load_config, to_dict
 # (Ray, TRL, vLLM) cost nothing to the others.
 RECIPES: dict[str, tuple[str, str, str]] = {
     "demo": ("posttrain.demo", "DemoConfig", "run_demo"),
+    "init": ("rollout.cli", "InitConfig", "run_init"),
     "sft": ("posttrain.sft", "SFTRecipeConfig", "run_sft"),
     "grpo": ("posttrain.grpo", "GRPORecipeConfig", "run_grpo"),
     "rollout": ("rollout.cli", "RolloutRecipeConfig", "run_rollout"),
@@ -51,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run.py {args.recipe}: {err}", file=sys.stderr)
         return 2
     print(f"# run.py {args.recipe}: resolved config\n{yaml.safe_dump(to_dict(config), sort_keys=False)}")
-    getattr(module, function_name)(config)
+    try:
+        getattr(module, function_name)(config)
+    except ConfigError as err:  # a recipe's up-front checks of paths in its config (before any model work)
+        print(f"run.py {args.recipe}: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

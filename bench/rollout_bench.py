@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from looplm import KV_MODES, LoopKVCache, LoopLMForCausalLM
-from rollout.cli import RandomModelConfig, ensure_model
+from rollout.cli import InitConfig, ensure_model
 from rollout.engine import DepthConfig, SamplingConfig, mean_loops_per_token
 from rollout.torch_engine import TorchEngine
 
@@ -34,12 +34,7 @@ from rollout.torch_engine import TorchEngine
 @dataclass
 class RolloutBenchConfig:
     model: str = "runs/looplm-random-10m"  # created from `init_random` if missing
-    init_random: RandomModelConfig = field(
-        default_factory=lambda: RandomModelConfig(
-            vocab_size=8192, hidden_size=320, intermediate_size=864, num_hidden_layers=4, num_attention_heads=5,
-            total_ut_steps=4, max_position_embeddings=1024, gate_std=0.1,
-        )
-    )
+    init_random: InitConfig = field(default_factory=lambda: InitConfig(size="10m", gate_std=0.1))
     # torch threads for the in-process comparisons. One, so that their CPU-time throughput (reported beside the
     # wall-clock one) stays meaningful on a machine shared with other jobs; the pool part uses `pool_threads`.
     threads: int = 1

@@ -1,13 +1,18 @@
-"""`run.py rollout` (model folder + prompts file -> JSONL of records) and `run.py parity` (generate, replay with
-the training forward, print the log-prob gap and KL overall and per depth policy).
+"""`run.py init` (a random LoopLM folder of a `looplm.tiny` size), `run.py rollout` (model folder + prompts file
+-> JSONL of records) and `run.py parity` (generate, replay with the training forward, print the log-prob gap
+and KL overall and per depth policy).
 
-Both take a model folder. With `init_random` set and no folder there yet, a randomly initialised LoopLM of
-those sizes is saved there first (seeded), so the commands run on a fresh checkout with no checkpoint.
+rollout and parity take an existing model folder only: a mistyped path is an error, never a new random
+model. Creating one is the explicit `run.py init --config configs/init_tiny.yaml` (seeded, refuses to
+overwrite a model folder unless `overwrite=true`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,27 +21,40 @@ from typing import Any, Literal
 
 import torch
 
-from configs import save_config
+from configs import ConfigError, save_config
 from looplm import LoopLMConfig, LoopLMForCausalLM
+from looplm.tiny import TINY_SIZES, tiny_model
 
 from .engine import DepthConfig, Prompt, RolloutEngine, RolloutRecord, SamplingConfig, mean_loops_per_token
 from .parity import TokenGaps, check_parity
 from .pool import PoolConfig
+from .vllm_engine import check_vllm_depth
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
-class RandomModelConfig:
-    """Sizes of a random LoopLM to create when the model folder does not exist."""
+class InitConfig:
+    """A random LoopLM of one of `looplm.tiny.TINY_SIZES`, saved as a model folder."""
 
-    vocab_size: int = 512
-    hidden_size: int = 64
-    intermediate_size: int = 176
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    total_ut_steps: int = 4
-    max_position_embeddings: int = 1024
+    output: str = "runs/looplm-random-tiny"
+    size: str = "demo"
+    overrides: dict[str, Any] = field(default_factory=dict)  # LoopLMConfig fields, e.g. {total_ut_steps: 6}
     seed: int = 0
-    gate_std: float = 1.0  # exit-gate weight std: the default init keeps every lambda near 0.5
+    gate_std: float | None = 1.0  # exit-gate weight std (None: transformers' init, every lambda near 0.5)
+    overwrite: bool = False  # replace a model folder already at `output`
+
+    def check(self) -> None:
+        if self.size not in TINY_SIZES:
+            raise ValueError(f"size must be one of {sorted(TINY_SIZES)}, got {self.size!r}")
+        known = set(LoopLMConfig().to_dict())
+        for key in self.overrides:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=3)
+                hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+                raise ValueError(f"overrides.{key} is not a LoopLMConfig field{hint}")
+        if self.gate_std is not None and self.gate_std < 0:
+            raise ValueError(f"gate_std must be >= 0, got {self.gate_std}")
 
 
 @dataclass
@@ -50,11 +68,18 @@ class PromptsConfig:
     max_len: int = 64
     seed: int = 0
 
+    def check(self) -> None:
+        if self.file is not None:
+            return
+        if self.count < 1:
+            raise ValueError(f"prompts.count must be >= 1, got {self.count}")
+        if not 1 <= self.min_len <= self.max_len:
+            raise ValueError(f"prompts needs 1 <= min_len <= max_len, got min_len={self.min_len}, max_len={self.max_len}")
+
 
 @dataclass
 class RolloutRecipeConfig:
-    model: str = "runs/looplm-random-tiny"  # model folder
-    init_random: RandomModelConfig | None = None  # create a random model there if the folder is missing
+    model: str = "runs/looplm-random-tiny"  # an existing model folder (run.py init creates a random one)
     tokenizer: str | None = None  # tokenizer folder (default: the model folder's, if it has one)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -63,11 +88,17 @@ class RolloutRecipeConfig:
     pool: PoolConfig = field(default_factory=PoolConfig)
     output: str = "runs/rollouts.jsonl"
 
+    def check(self) -> None:
+        if self.engine == "vllm":
+            try:
+                check_vllm_depth(self.depth)
+            except ValueError as err:
+                raise ValueError(f"engine 'vllm' with depth {self.depth.label()}: {err}") from None
+
 
 @dataclass
 class ParityRecipeConfig:
-    model: str = "runs/looplm-random-tiny"
-    init_random: RandomModelConfig | None = None
+    model: str = "runs/looplm-random-tiny"  # an existing model folder
     tokenizer: str | None = None
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(seed=0, return_distributions=True))
@@ -80,28 +111,47 @@ class ParityRecipeConfig:
     max_gap: float = 1e-5  # fail (exit 1) when a full-cache policy's max |dlogp| exceeds this
     output: str | None = "runs/parity.json"
 
+    def check(self) -> None:
+        if not self.policies:
+            raise ValueError("policies is empty: give at least one depth policy to compare")
+        if self.replay_batch_size < 1:
+            raise ValueError(f"replay_batch_size must be >= 1, got {self.replay_batch_size}")
+        if self.max_gap < 0:
+            raise ValueError(f"max_gap must be >= 0, got {self.max_gap}")
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Set-up shared by both recipes
 
 
-def ensure_model(path: str, init: RandomModelConfig | None) -> Path:
+def init_model(config: InitConfig) -> Path:
+    """Save a seeded random LoopLM of `config.size` (plus overrides) in `config.output`."""
+    folder = Path(config.output)
+    if (folder / "config.json").exists() and not config.overwrite:
+        raise ConfigError(f"output: {folder} already holds a model (config.json); set overwrite=true to replace it")
+    model = tiny_model(config.size, seed=config.seed, gate_std=config.gate_std, **config.overrides)
+    model.save_pretrained(folder)
+    logger.info("saved a random %s LoopLM (%.2fM parameters) in %s", config.size, _params(model) / 1e6, folder)
+    return folder
+
+
+def ensure_model(path: str, init: InitConfig) -> Path:
+    """The folder at `path`, created from `init` first if it holds no model (for benchmarks that own it)."""
     folder = Path(path)
     if (folder / "config.json").exists():
         return folder
-    if init is None:
-        raise FileNotFoundError(f"model folder {folder} has no config.json (set init_random to create a random one)")
-    torch.manual_seed(init.seed)
-    config = LoopLMConfig(
-        vocab_size=init.vocab_size, hidden_size=init.hidden_size, intermediate_size=init.intermediate_size,
-        num_hidden_layers=init.num_hidden_layers, num_attention_heads=init.num_attention_heads,
-        total_ut_steps=init.total_ut_steps, max_position_embeddings=init.max_position_embeddings,
-    )
-    model = LoopLMForCausalLM(config)
-    with torch.no_grad():
-        model.model.early_exit_gate.weight.normal_(0.0, init.gate_std)
-    model.save_pretrained(folder)
-    print(f"created a random LoopLM ({_params(model) / 1e6:.2f}M parameters) in {folder}")
+    return init_model(dataclasses.replace(init, output=str(folder)))
+
+
+def model_folder(path: str) -> Path:
+    """An existing model folder; a missing one is a config error that says how to create a random model."""
+    folder = Path(path)
+    if not (folder / "config.json").exists():
+        what = "no such folder" if not folder.exists() else "no config.json in it"
+        raise ConfigError(
+            f"model: {folder}: {what} (expected a LoopLM or Ouro checkpoint folder). To create a random tiny "
+            f"model there: python run.py init --config configs/init_tiny.yaml output={folder}"
+        )
     return folder
 
 
@@ -119,21 +169,38 @@ def load_prompts(config: PromptsConfig, vocab_size: int) -> list[Prompt]:
         g = torch.Generator().manual_seed(config.seed)
         lengths = torch.randint(config.min_len, config.max_len + 1, (config.count,), generator=g).tolist()
         return [torch.randint(0, vocab_size, (n,), generator=g).tolist() for n in lengths]
+    path = Path(config.file)
+    if not path.is_file():
+        raise ConfigError(f"prompts.file: {path}: no such file (expected a JSONL file of prompts)")
     prompts = []
-    for number, line in enumerate(Path(config.file).read_text().splitlines(), 1):
+    for number, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
-            prompts.append(_prompt_from_json(json.loads(line), f"{config.file}:{number}"))
+            prompts.append(_prompt_from_json(_json_line(line, f"{path}:{number}"), f"{path}:{number}"))
+    if not prompts:
+        raise ValueError(f"{path}: no prompts in it (expected one JSON prompt per line)")
     return prompts
 
 
+def _json_line(line: str, where: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not JSON ({err.msg}, column {err.colno}); {PROMPT_LINE}") from None
+
+
+PROMPT_LINE = "expected one JSON prompt per line: a list of ids, or an object with prompt_ids / messages / prompt"
+
+
 def _prompt_from_json(item: Any, where: str) -> Prompt:
-    if isinstance(item, list):
-        return item
+    if isinstance(item, list) and item and (
+        all(isinstance(t, int) and not isinstance(t, bool) for t in item) or all(isinstance(m, dict) for m in item)
+    ):
+        return item  # token ids, or chat messages
     if isinstance(item, dict):
         for key in ("prompt_ids", "messages", "prompt"):
             if key in item:
                 return item[key]
-    raise ValueError(f"{where}: expected a list of ids or an object with prompt_ids / messages / prompt")
+    raise ValueError(f"{where}: got {json.dumps(item)[:80]}; {PROMPT_LINE}")
 
 
 def build_engine(kind: str, model: Path, tokenizer: Any, pool: PoolConfig, depth: DepthConfig) -> RolloutEngine:
@@ -161,11 +228,21 @@ def _params(model: torch.nn.Module) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# run.py init
+
+
+def run_init(config: InitConfig) -> Path:
+    folder = init_model(config)
+    print(f"random {config.size} LoopLM saved in {folder}")
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------
 # run.py rollout
 
 
 def run_rollout(config: RolloutRecipeConfig) -> list[RolloutRecord]:
-    folder = ensure_model(config.model, config.init_random)
+    folder = model_folder(config.model)
     tokenizer = load_tokenizer(folder, config.tokenizer)
     prompts = load_prompts(config.prompts, LoopLMConfig.from_pretrained(str(folder)).vocab_size)
     engine = build_engine(config.engine, folder, tokenizer, config.pool, config.depth)
@@ -193,7 +270,7 @@ def run_rollout(config: RolloutRecipeConfig) -> list[RolloutRecord]:
 
 
 def run_parity(config: ParityRecipeConfig) -> dict[str, Any]:
-    folder = ensure_model(config.model, config.init_random)
+    folder = model_folder(config.model)
     tokenizer = load_tokenizer(folder, config.tokenizer)
     trainer_model = LoopLMForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()  # the training forward
     prompts = load_prompts(config.prompts, trainer_model.config.vocab_size)
@@ -246,12 +323,15 @@ def _print_parity(report: dict[str, Any]) -> None:
 
 
 __all__ = [
+    "InitConfig",
     "ParityRecipeConfig",
     "PromptsConfig",
-    "RandomModelConfig",
     "RolloutRecipeConfig",
     "ensure_model",
+    "init_model",
     "load_prompts",
+    "model_folder",
+    "run_init",
     "run_parity",
     "run_rollout",
 ]
