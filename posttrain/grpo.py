@@ -143,8 +143,6 @@ class GRPORecipeConfig:
                 f"training.{bad[0]}: truncated sampling is not supported: TRL's update scores the temperature-only "
                 "distribution, so every token sampled from a truncated one would be off-policy"
             )
-        if self.dynamic_sampling.enabled and t.steps_per_generation and t.steps_per_generation > 1:
-            raise ValueError("dynamic_sampling with training.steps_per_generation > 1 is not supported")
 
 
 # ----------------------------------------------------------------------------------------------------------
