@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
 
 import yaml
@@ -41,8 +43,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)  # overrides may come before or after --config
 
 
+def setup_logging() -> None:
+    """Recipes log through `logging`: show their INFO lines plainly, keep the libraries' chatter down."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "ray"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental in TRL; we pin TRL
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    setup_logging()
 
     module_name, config_name, function_name = RECIPES[args.recipe]
     module = importlib.import_module(module_name)

@@ -364,8 +364,10 @@ def run_gate(config: GateRecipeConfig) -> dict[str, Any]:
         "train_loss": training["train_loss"], "model_dir": str(model_dir), **{k: str(v) for k, v in paths.items()},
     }
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=float) + "\n")
-    print(paths["md"].read_text())
-    print(json.dumps({k: v for k, v in results.items() if k != "points"}, indent=2, default=float))
+    logger.info("frontier (%s):\n%s", paths["md"], paths["md"].read_text())
+    logger.info("chosen q %.3g: %.2f loops per token (%.1f%% fewer than static T), accuracy drop %s",
+                results["chosen_q"], pick.avg_loops, 100 * results["loops_saved_vs_static_T"],
+                results["accuracy_drop_vs_static_T"])
     return results
 
 
@@ -384,7 +386,7 @@ def run_eval(config: EvalRecipeConfig) -> dict[str, Any]:
     save_config(config, out / "eval_config.yaml")
     results = {"points": [asdict(p) for p in points], **{k: str(v) for k, v in paths.items()}}
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=float) + "\n")
-    print(paths["md"].read_text())
+    logger.info("frontier (%s):\n%s", paths["md"], paths["md"].read_text())
     return results
 
 

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
@@ -39,6 +40,7 @@ from configs import save_config
 from looplm import LoopLMConfig, LoopLMForCausalLM, exit_log_pdf
 from looplm.losses import final_loop_loss, mean_loop_loss, per_loop_token_losses, stage1_loss
 from looplm.tokenizer import CHAT_TEMPLATE, THINK_CLOSE, THINK_OPEN, build_tokenizer, fix_ouro_special_tokens
+from posttrain.callbacks import CompactProgress
 from posttrain.data import drop_overlong, load_sft_dataset
 from posttrain.synthetic import ArithmeticTask, to_dataset
 from rewards.dapo import INVALID, extract_answer
@@ -455,7 +457,7 @@ def make_trainer(
     args.assistant_only_loss = "messages" in data.train.column_names
     args.completion_only_loss = None if args.assistant_only_loss else True
     set_gate_trainable(model, cfg.objective)
-    return LoopSFTTrainer(
+    trainer = LoopSFTTrainer(
         model=model,
         args=args,
         train_dataset=data.train,
@@ -465,6 +467,16 @@ def make_trainer(
         callbacks=callbacks,
         objective=cfg.objective,
     )
+    # Readable lines under the progress bar (or nothing) instead of transformers' printed dicts of strings.
+    trainer.remove_callback(PrinterCallback)
+    if cfg.training.progress_bar:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(CompactProgress(PROGRESS_KEYS))
+    return trainer
+
+
+PROGRESS_KEYS = {"loss": "loss", "ce_loop1": "CE loop 1", "ce_loop4": "CE loop 4", "exit_entropy": "exit entropy",
+                 "eval_loss": "eval loss"}
 
 
 def resume_checkpoint(cfg: TrainingSection) -> str | None:
@@ -641,13 +653,13 @@ def print_summary(results: dict[str, Any]) -> None:
     if loops:
         last = loops[-1]
         ce_before, ce_after = before.get(last, math.nan), after[last]
-        print(f"held-out CE at the last loop: before {ce_before:.4f}, after {ce_after:.4f}")
+        logger.info("held-out CE at the last loop: before %.4f, after %.4f", ce_before, ce_after)
     if "sample" in results:
         s = results["sample"]
-        print(f"well-formed completions: {s['well_formed']:.3f}; answer accuracy: {s['answer_accuracy']}")
+        logger.info("well-formed completions: %.3f; answer accuracy: %s", s["well_formed"], s["answer_accuracy"])
     for row in results["exit_history"]:
         step, entropy, p_last = row["step"], row["exit_entropy"], row["p_last"]
-        print(f"step {step:>5}: exit entropy {entropy:.4f}, p(last loop) {p_last:.4f}")
+        logger.info("step %5d: exit entropy %.4f, p(last loop) %.4f", step, entropy, p_last)
 
 
 def quiet_progress_bars() -> None:
