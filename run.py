@@ -15,6 +15,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 
 import yaml
 
@@ -49,6 +50,8 @@ def setup_logging() -> None:
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "ray"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental in TRL; we pin TRL
+    # transformers 5.23 renamed gradient_checkpointing; its own trainers still call the old names.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 

@@ -657,7 +657,7 @@ def print_summary(results: dict[str, Any]) -> None:
     if "sample" in results:
         s = results["sample"]
         logger.info("well-formed completions: %.3f; answer accuracy: %s", s["well_formed"], s["answer_accuracy"])
-    for row in results["exit_history"]:
+    for row in results["exit_history"][-1:]:  # the whole history is in the results file
         step, entropy, p_last = row["step"], row["exit_entropy"], row["p_last"]
         logger.info("step %5d: exit entropy %.4f, p(last loop) %.4f", step, entropy, p_last)
 
