@@ -2,7 +2,9 @@
 
 All loading goes through `datasets` (local .jsonl/.json/.parquet file, local folder, or hub name); the code
 here only checks and normalises schemas, so a malformed row fails at load time, before any training, with
-the source, the row index (0-based, as in `dataset[i]`) and what was expected.
+the source, the row index (0-based, as in `dataset[i]`) and what was expected. Every loader takes
+`skipped`: pass a list and malformed rows are dropped instead, one message per row appended to it (and
+their count logged). A load that leaves no rows is an error, never a silent zero-step run.
 
 Output schemas:
 - `load_sft_dataset`: inputs with `messages` or ShareGPT `conversations` -> one column `messages` (list of
@@ -19,18 +21,24 @@ the answer alone on the last line (see `format_trace`).
 
 from __future__ import annotations
 
+import json
+import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from datasets import Dataset, load_dataset
+from datasets import Dataset, Features, List, Value, load_dataset
 from datasets.table import InMemoryTable
 
+logger = logging.getLogger(__name__)
+
 Message = dict[str, str]
+MESSAGES = List({"role": Value("string"), "content": Value("string")})
+ERROR = "_malformed"  # the column a skipping load carries each row's problem in, dropped before returning
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -74,13 +82,32 @@ def _load_raw(source: str, split: str) -> Dataset:
             raise ValueError(f"{source}: unsupported file type {path.suffix!r}; expected one of {sorted(FILE_BUILDERS)}")
         try:
             return load_dataset(builder, data_files={"train": str(path)}, split="train")
-        except Exception as error:  # arrow cannot build one table: mixed types across rows
-            raise ValueError(f"{source}: could not be read as one table ({error})") from error
+        except Exception as error:  # not JSON, or arrow cannot build one table from the rows
+            raise ValueError(_unreadable(path, error)) from error
     if path.is_dir():
         return load_dataset(str(path), split=split)
     if path.suffix.lower() in FILE_BUILDERS or source.startswith((".", "/")):
         raise FileNotFoundError(f"{source}: no such file or folder")
     return load_dataset(source, split=split)
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    """Why `datasets` could not read a local file, naming the first line that is not a JSON object."""
+    if path.stat().st_size == 0:
+        return f"{path}: the file is empty (no rows)"
+    if path.suffix.lower() == ".jsonl":
+        with path.open() as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    return f"{path} line {number}: not JSON ({err.msg}, column {err.colno}); expected one JSON object per line"
+                if not isinstance(row, dict):
+                    return f"{path} line {number}: expected a JSON object (one row), got {line.strip()[:60]!r}"
+    cause = error.__cause__ or error.__context__ or error
+    return f"{path}: could not be read as one table ({cause})"
 
 
 def _head(dataset: Dataset, max_rows: int | None) -> Dataset:
@@ -151,21 +178,72 @@ def _sft_schema(columns: list[str], name: str) -> str:
     raise ValueError(f"{name}: unknown SFT schema; columns found: {columns}; accepted: {ACCEPTED_SFT_SCHEMAS}")
 
 
-def load_sft_dataset(source: str, split: str = "train", max_rows: int | None = None) -> Dataset:
+def load_sft_dataset(
+    source: str, split: str = "train", max_rows: int | None = None, skipped: list[str] | None = None
+) -> Dataset:
     """Load a reasoning-SFT dataset and normalise it to TRL's conversational format (see module docstring).
 
-    Raises ValueError naming the source and row for a malformed row, or listing the columns found for an
-    unknown schema.
+    Raises ValueError naming the source and row for a malformed row (or, with `skipped`, drops it and appends
+    the message), listing the columns found for an unknown schema, and when no rows are left.
     """
     dataset = _head(_load_raw(source, split), max_rows)
     schema = _sft_schema(dataset.column_names, source)
-    input_columns = ["prompt", "completion"] if schema == "prompt_completion" else [schema]
+    if schema == "prompt_completion":
+        inputs, outputs = ["prompt", "completion"], {"prompt": MESSAGES, "completion": MESSAGES}
+    else:
+        inputs, outputs = [schema], {"messages": MESSAGES}
+    return _convert_rows(
+        dataset, lambda row, where: _normalise_row(schema, row, where), inputs, outputs, source, skipped
+    )
 
-    def normalise(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
-        rows = [_normalise_row(schema, {c: batch[c][k] for c in input_columns}, f"{source} row {i}") for k, i in enumerate(indices)]
-        return {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
 
-    return dataset.map(normalise, batched=True, with_indices=True, remove_columns=dataset.column_names)
+def _convert_rows(
+    dataset: Dataset,
+    convert: Callable[[dict[str, Any], str], dict[str, Any]],
+    inputs: list[str],
+    outputs: dict[str, Any],
+    source: str,
+    skipped: list[str] | None,
+) -> Dataset:
+    """`convert(row, "source row i")` on every row (batched, cached by `datasets`). A ValueError fails the load,
+    or, with a `skipped` list, marks the row, which is then dropped and its message appended to the list."""
+    skip = skipped is not None
+    features = Features({**outputs, ERROR: Value("string")})
+
+    def convert_batch(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {name: [] for name in features}
+        for k, i in enumerate(indices):
+            try:
+                row, problem = convert({c: batch[c][k] for c in inputs}, f"{source} row {i}"), None
+            except ValueError as err:
+                if not skip:
+                    raise
+                row, problem = dict.fromkeys(outputs), str(err)
+            for name in outputs:
+                out[name].append(row[name])
+            out[ERROR].append(problem)
+        return out
+
+    converted = dataset.map(
+        convert_batch, batched=True, with_indices=True, remove_columns=dataset.column_names, features=features
+    )
+    problems = [p for p in converted[ERROR] if p is not None]
+    if problems:
+        converted = converted.filter(lambda problem: problem is None, input_columns=ERROR)
+        _record_skipped(problems, skipped, source)
+    return _non_empty(converted.remove_columns(ERROR), source, len(dataset), len(problems))
+
+
+def _record_skipped(problems: list[str], skipped: list[str], source: str) -> None:
+    skipped.extend(problems)
+    logger.warning("%s: skipped %d malformed rows (first: %s)", source, len(problems), problems[0])
+
+
+def _non_empty(dataset: Dataset, source: str, read: int, skipped: int) -> Dataset:
+    if len(dataset) == 0:
+        reason = f"all {read} rows read were malformed and skipped" if skipped else f"{read} rows read"
+        raise ValueError(f"{source}: no rows left to train on ({reason})")
+    return dataset
 
 
 def _token_count(tokenizer: Any, messages: list[Message]) -> int:
@@ -328,12 +406,17 @@ def _gsm8k_row(form: str, parts: tuple[str, str, str]) -> dict[str, Any]:
 
 
 def load_gsm8k(
-    source: str, split: str = "train", form: Literal["grpo", "sft"] = "grpo", max_rows: int | None = None
+    source: str,
+    split: str = "train",
+    form: Literal["grpo", "sft"] = "grpo",
+    max_rows: int | None = None,
+    skipped: list[str] | None = None,
 ) -> Dataset:
     """GSM8K (`question`, `answer` ending in `#### N`) as GRPO rows (`prompt`, `ground_truth`) or SFT rows
     (`messages`: the DAPO-style prompt, then the worked steps in a think block and `Answer: N`).
 
     `source` is a .jsonl file, a folder holding train.jsonl/test.jsonl (pick with `split`), or a hub name.
+    Malformed rows fail the load naming the row, or are dropped into `skipped` (see `load_sft_dataset`).
     """
     if form not in ("grpo", "sft"):
         raise ValueError(f"form must be 'grpo' or 'sft', got {form!r}")
@@ -341,15 +424,15 @@ def load_gsm8k(
     missing = {"question", "answer"} - set(dataset.column_names)
     if missing:
         raise ValueError(f"{source}: not GSM8K; missing {sorted(missing)}; columns found: {dataset.column_names}")
-
-    def convert(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
-        rows = [
-            _gsm8k_row(form, _gsm8k_parts(q, a, f"{source} row {i}"))
-            for q, a, i in zip(batch["question"], batch["answer"], indices, strict=True)
-        ]
-        return {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
-
-    return dataset.map(convert, batched=True, with_indices=True, remove_columns=dataset.column_names)
+    outputs = {"prompt": MESSAGES, "ground_truth": Value("string")} if form == "grpo" else {"messages": MESSAGES}
+    return _convert_rows(
+        dataset,
+        lambda row, where: _gsm8k_row(form, _gsm8k_parts(row["question"], row["answer"], where)),
+        ["question", "answer"],
+        outputs,
+        source,
+        skipped,
+    )
 
 
 __all__ = [

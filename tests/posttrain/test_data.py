@@ -259,3 +259,30 @@ def test_gsm8k_answer_without_marker_names_row(tmp_path: Path) -> None:
 
 def test_format_trace() -> None:
     assert format_trace("1+1=2\n", "2") == "<think>\n1+1=2\n</think>\nAnswer: 2"
+
+
+# ---------------------------------------------------------------- skipping malformed rows, empty loads
+
+
+def test_malformed_rows_skipped_and_counted_when_asked(tmp_path: Path) -> None:
+    rows = [{"messages": [USER, ASSISTANT]}, {"messages": [USER]}, {"messages": [USER, ASSISTANT]}]
+    skipped: list[str] = []
+    dataset = load_sft_dataset(write_jsonl(tmp_path / "mixed.jsonl", rows), skipped=skipped)
+    assert len(dataset) == 2 and dataset.column_names == ["messages"]
+    assert len(skipped) == 1 and "mixed.jsonl row 1: 'messages' has no assistant message" in skipped[0]
+
+
+def test_all_rows_skipped_is_an_error(tmp_path: Path) -> None:
+    rows = [{"question": "q", "answer": "no marker"}] * 3
+    with pytest.raises(ValueError, match=r"gsm\.jsonl: no rows left to train on \(all 3 rows read were malformed"):
+        load_gsm8k(write_jsonl(tmp_path / "gsm.jsonl", rows), skipped=[])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("", "the file is empty"), ('{"messages": []}\nnot json\n', r"bad\.jsonl line 2: not JSON")],
+)
+def test_unreadable_jsonl_names_file_and_line(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "bad.jsonl").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_sft_dataset(str(tmp_path / "bad.jsonl"))
