@@ -271,6 +271,24 @@ def _first_true(mask: pa.Array | pa.ChunkedArray) -> int | None:
     return int(hits[0]) if hits.size else None
 
 
+def _first_row(column: pa.ChunkedArray, bad: Callable[[Any], bool]) -> int:
+    """The first row whose value fails the schema, found in Python (only on the error path): arrow reads a
+    column whose rows disagree in shape as JSON text, so the row that breaks the schema is found row by row."""
+    for i, value in enumerate(column.to_pylist()):
+        if bad(_decoded(value)):
+            return i
+    return 0  # every row fits on its own; the column's type as a whole is what is wrong
+
+
+def _decoded(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _chunks(column: pa.ChunkedArray) -> list[tuple[int, pa.Array]]:
     """(offset of the chunk's first row, chunk) pairs."""
     starts = np.cumsum([0] + [len(chunk) for chunk in column.chunks])
@@ -296,7 +314,10 @@ def _struct_field(table: pa.Table, column: str, key: str, name: str, expected: s
         raise ValueError(f"{name}: no '{column}' column (expected {expected}); columns found: {table.column_names}")
     values = table.column(column)
     if not pa.types.is_struct(values.type) or values.type.get_field_index(key) < 0:
-        raise ValueError(f"{name} row 0: {column} has no '{key}' (expected {expected}; type {values.type})")
+        row = _first_row(values, lambda v: not isinstance(v, dict) or v.get(key) is None)
+        raise ValueError(
+            f"{name} row {row}: {column} has no '{key}' (expected {expected}; the column reads as {values.type})"
+        )
     field = pc.struct_field(values, key)
     bad = _first_true(pc.or_(pc.is_null(values), pc.is_null(field)))
     if bad is not None:
@@ -315,7 +336,13 @@ def _check_prompts(table: pa.Table, name: str) -> pa.ChunkedArray:
     prompts = table.column("prompt")
     item = prompts.type.value_type if pa.types.is_list(prompts.type) or pa.types.is_large_list(prompts.type) else None
     if item is None or not pa.types.is_struct(item) or {"role", "content"} - {f.name for f in item}:
-        raise ValueError(f"{name}: 'prompt' must be a list of {{role, content}} messages, found type {prompts.type}")
+        row = _first_row(prompts, lambda v: not (
+            isinstance(v, list) and v and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in v)
+        ))
+        raise ValueError(
+            f"{name} row {row}: 'prompt' must be a non-empty list of {{role, content}} messages "
+            f"(the column reads as {prompts.type})"
+        )
     for offset, chunk in _chunks(prompts):
         _check_prompt_chunk(chunk, offset, name)
     return prompts

@@ -286,3 +286,26 @@ def test_unreadable_jsonl_names_file_and_line(tmp_path: Path, text: str, message
     (tmp_path / "bad.jsonl").write_text(text)
     with pytest.raises(ValueError, match=message):
         load_sft_dataset(str(tmp_path / "bad.jsonl"))
+
+
+def _dapo_row(i: int, **change) -> dict:
+    row = {"data_source": "x", "prompt": [{"role": "user", "content": f"What is {i}+1?"}], "ability": "MATH",
+           "reward_model": {"ground_truth": str(i + 1), "style": "rule"}, "extra_info": {"index": i}}
+    return row | change
+
+
+@pytest.mark.parametrize(
+    ("bad_row", "message"),
+    [
+        (_dapo_row(1, reward_model={"style": "rule"}), r"row 1: reward_model has no 'ground_truth'"),
+        (_dapo_row(1, prompt="What is 1+1?"), r"row 1: 'prompt' must be a non-empty list of \{role, content\}"),
+        (_dapo_row(1, reward_model="2"), r"row 1: reward_model has no 'ground_truth'"),
+    ],
+    ids=["missing ground truth", "prompt not a message list", "reward_model not a dict"],
+)
+def test_dapo_rows_of_the_wrong_shape_are_named(tmp_path: Path, bad_row: dict, message: str) -> None:
+    """Rows whose shape differs make arrow read the whole column as JSON text: the bad row is still named."""
+    path = tmp_path / "dapo.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [_dapo_row(0), bad_row, _dapo_row(2)]))
+    with pytest.raises(ValueError, match=message):
+        load_dapo_math(str(path))
