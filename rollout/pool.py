@@ -94,19 +94,12 @@ class RolloutWorker:
         return version
 
     def generate_shard(
-        self,
-        prompt_ids: list[list[int]],
-        sampling: SamplingConfig,
-        depth: DepthConfig,
-        first_prompt: int,
-        crash_after_batches: int | None = None,
+        self, prompt_ids: list[list[int]], sampling: SamplingConfig, depth: DepthConfig, first_prompt: int
     ) -> list[RolloutRecord]:
-        if crash_after_batches is not None:  # test hook: die for real, mid-shard, after some work
-            self.engine.generate_ids(prompt_ids, sampling, depth, first_prompt, stop_after_batches=crash_after_batches)
-            os._exit(1)
         return self.engine.generate_ids(prompt_ids, sampling, depth, first_prompt)
 
     def ping(self) -> int:
+        """The actor's process id (operators and tests signal a stuck or misbehaving actor by it)."""
         return os.getpid()
 
 
@@ -145,7 +138,6 @@ class RolloutPool(RolloutEngine):
         self.policy_version = policy_version
         self.actors = [self._new_actor() for _ in range(self.config.num_actors)]
         ray.get([a.ping.remote() for a in self.actors])  # fail here, not in the first generate
-        self._crash_shards: dict[int, int] = {}  # test hook: shard index -> batches done before its actor dies
         self.replacements = 0  # actors replaced over the pool's life
 
     def _new_actor(self):
@@ -198,8 +190,7 @@ class RolloutPool(RolloutEngine):
 
     def _submit(self, i: int, shard: tuple[int, int], prompt_ids, sampling, depth):
         start, end = shard
-        crash = self._crash_shards.pop(i, None)
-        return self.actors[i].generate_shard.remote(prompt_ids[start:end], sampling, depth, start, crash)
+        return self.actors[i].generate_shard.remote(prompt_ids[start:end], sampling, depth, start)
 
     def _replace(self, i: int) -> None:
         try:

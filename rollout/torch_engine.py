@@ -79,21 +79,17 @@ class TorchEngine(RolloutEngine):
         sampling: SamplingConfig,
         depth: DepthConfig,
         first_prompt: int = 0,
-        stop_after_batches: int | None = None,
     ) -> list[RolloutRecord]:
         """Already checked and resolved request (see `prepare_request`).
 
         `first_prompt`: global index of prompt 0, so that a shard draws the same noise as the whole call.
-        `stop_after_batches`: return early after that many batches (the pool's fault-injection hook).
         """
         n = sampling.n
         requests = [(p, j) for p in range(len(prompt_ids)) for j in range(n)]
         # Longest prompts first so batches hold similar lengths; stable, so a prompt's samples stay together.
         order = sorted(range(len(requests)), key=lambda r: -len(prompt_ids[requests[r][0]]))
         records: list[RolloutRecord | None] = [None] * len(requests)
-        for b, start in enumerate(range(0, len(order), self.max_batch_size)):
-            if stop_after_batches is not None and b >= stop_after_batches:
-                break
+        for start in range(0, len(order), self.max_batch_size):
             chunk = order[start : start + self.max_batch_size]
             prompts = [requests[r][0] for r in chunk]
             request_ids = [(first_prompt + p) * n + j for p, j in (requests[r] for r in chunk)]

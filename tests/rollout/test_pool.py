@@ -6,6 +6,11 @@ slow part.
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
+
 import pytest
 import ray
 import torch
@@ -58,13 +63,26 @@ def test_pool_returns_what_one_engine_returns_in_prompt_order(pool, model):
     assert [(r.completion_ids, r.exit_steps) for r in pooled] == [(r.completion_ids, r.exit_steps) for r in local]
 
 
+def kill_actor(pool, index: int) -> None:
+    """SIGKILL an actor's process from outside, as an OOM killer or a lost node would."""
+    os.kill(ray.get(pool.actors[index].ping.remote()), signal.SIGKILL)
+
+
 def test_an_actor_killed_mid_shard_is_replaced_and_every_completion_comes_back_once(pool):
-    sampling = SamplingConfig(n=2, max_new_tokens=10, seed=9)
+    sampling = SamplingConfig(n=2, max_new_tokens=160, seed=9, ignore_eos=True)
     expected = pool.generate(PROMPTS, sampling)
     before = pool.replacements
-    pool._crash_shards = {1: 1}  # the actor of shard 1 exits (os._exit) after one of its batches
-    records = pool.generate(PROMPTS, sampling)
+    pid = ray.get(pool.actors[1].ping.remote())
+    result: dict = {}
+    call = threading.Thread(target=lambda: result.setdefault("records", pool.generate(PROMPTS, sampling)))
+    call.start()
+    time.sleep(0.5)  # the shards are under way (each takes seconds)
+    assert call.is_alive(), "the call finished before the kill: the workload is too small to test a kill mid-shard"
+    os.kill(pid, signal.SIGKILL)
+    call.join(timeout=300)
+    records = result["records"]
     assert pool.replacements == before + 1
+    assert {r.policy_version for r in records} == {pool.policy_version}
     assert len(records) == len(PROMPTS) * 2
     assert [r.prompt_ids for r in records] == [p for p in PROMPTS for _ in range(2)]
     assert [r.completion_ids for r in records] == [r.completion_ids for r in expected]
@@ -75,7 +93,7 @@ def test_weights_ship_once_per_version_and_a_replacement_actor_gets_the_latest(p
     sampling = SamplingConfig(max_new_tokens=8, seed=2)
     try:
         pool.load_weights(other.state_dict(), version=5)
-        pool._crash_shards = {0: 1}
+        kill_actor(pool, 0)  # its replacement must come up with version 5's weights, not the first ones
         records = pool.generate(PROMPTS, sampling)
         assert {r.policy_version for r in records} == {5}
         local = TorchEngine(other).generate(PROMPTS, sampling)
