@@ -11,7 +11,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import signal
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +40,8 @@ from .engine import (
 )
 from .torch_engine import TorchEngine
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class PoolConfig:
@@ -44,7 +50,10 @@ class PoolConfig:
     ray_address: str | None = None  # None: start a local Ray; "auto" or "host:port": join a running cluster
     num_cpus: int | None = None  # CPUs of a local Ray (None: all); ignored when joining
     max_batch_size: int = 32  # rows decoded together inside one actor
-    max_replacements: int = 3  # dead actors replaced within one generate call before giving up
+    max_replacements: int = 3  # dead or hung actors replaced within one generate call before giving up
+    # A shard that has not come back after this many seconds means a hung actor (alive, not answering): it is
+    # killed, replaced, and the shard redone. None: wait forever.
+    actor_timeout_s: float | None = 600.0
 
     def check(self) -> None:
         for name in ("num_actors", "threads_per_actor", "max_batch_size"):
@@ -52,6 +61,8 @@ class PoolConfig:
                 raise ValueError(f"pool.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_replacements < 0:
             raise ValueError(f"pool.max_replacements must be >= 0, got {self.max_replacements}")
+        if self.actor_timeout_s is not None and self.actor_timeout_s <= 0:
+            raise ValueError(f"pool.actor_timeout_s must be > 0 or null, got {self.actor_timeout_s}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -102,6 +113,10 @@ class RolloutWorker:
         """The actor's process id (operators and tests signal a stuck or misbehaving actor by it)."""
         return os.getpid()
 
+    def identity(self) -> tuple[str, int]:
+        """(node id, pid): the pool SIGKILLs a hung actor itself only when it runs on the driver's node."""
+        return ray.get_runtime_context().get_node_id(), os.getpid()
+
 
 class RolloutPool(RolloutEngine):
     """`generate` over N Ray actors; drop-in for a `TorchEngine` (same arguments, same records, same order).
@@ -138,6 +153,8 @@ class RolloutPool(RolloutEngine):
         self.policy_version = policy_version
         self.actors = [self._new_actor() for _ in range(self.config.num_actors)]
         ray.get([a.ping.remote() for a in self.actors])  # fail here, not in the first generate
+        # Asked of every actor as it starts, so that a hung one can be killed even though it answers nothing.
+        self._identities = [a.identity.remote() for a in self.actors]
         self.replacements = 0  # actors replaced over the pool's life
 
     def _new_actor(self):
@@ -165,23 +182,34 @@ class RolloutPool(RolloutEngine):
             prompts, sampling, depth or self.depth, self.limits, self.tokenizer
         )
         shards = _split(len(prompt_ids), len(self.actors))
-        pending = {self._submit(i, shards[i], prompt_ids, sampling, depth): i for i in range(len(shards))}
+        submit = lambda i: self._submit(i, shards[i], prompt_ids, sampling, depth)  # noqa: E731
+        pending = {submit(i): (i, time.monotonic()) for i in range(len(shards))}
         results: dict[int, list[RolloutRecord]] = {}
         replaced = 0
         while pending:
-            (ready,), _ = ray.wait(list(pending), num_returns=1)
-            i = pending.pop(ready)
-            try:
-                results[i] = ray.get(ready)
-            except RayActorError as err:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=self._wait_s(pending))
+            failed: list[tuple[int, str]] = []
+            if ready:
+                i, _ = pending.pop(ready[0])
+                try:
+                    results[i] = ray.get(ready[0])
+                except RayActorError as err:
+                    failed.append((i, f"died: {err}"))
+            else:  # nothing came back in time: every shard past its deadline belongs to a hung actor
+                for ref, (i, started) in list(pending.items()):
+                    if time.monotonic() - started >= self.config.actor_timeout_s:
+                        del pending[ref]
+                        failed.append((i, f"no answer in {self.config.actor_timeout_s:g} s"))
+            for i, why in failed:
                 replaced += 1
                 if replaced > self.config.max_replacements:
                     raise RuntimeError(
-                        f"rollout actors died {replaced} times in one call (pool.max_replacements="
-                        f"{self.config.max_replacements}); last error: {err}"
-                    ) from err
+                        f"rollout actors failed {replaced} times in one call (pool.max_replacements="
+                        f"{self.config.max_replacements}); last: actor {i} {why}"
+                    )
+                logger.warning("rollout actor %d %s: replacing it and redoing its shard", i, why)
                 self._replace(i)
-                pending[self._submit(i, shards[i], prompt_ids, sampling, depth)] = i
+                pending[submit(i)] = (i, time.monotonic())
         records = [r for i in range(len(shards)) for r in results[i]]
         expected = len(prompt_ids) * sampling.n
         if len(records) != expected:  # a shard is all-or-nothing; this would be a bug, never a silent loss
@@ -192,13 +220,36 @@ class RolloutPool(RolloutEngine):
         start, end = shard
         return self.actors[i].generate_shard.remote(prompt_ids[start:end], sampling, depth, start)
 
+    def _wait_s(self, pending: dict) -> float | None:
+        """Seconds until the oldest pending shard reaches the actor timeout (None: no timeout)."""
+        if self.config.actor_timeout_s is None:
+            return None
+        oldest = min(started for _, started in pending.values())
+        return max(self.config.actor_timeout_s - (time.monotonic() - oldest), 0.0)
+
     def _replace(self, i: int) -> None:
-        try:
+        """Kill actor i for sure (a stopped or hung process answers no kill request, so SIGKILL its pid when it is
+        on this node), then start a replacement that loads the current weights before anything else."""
+        pid = self._local_pid(i)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(Exception):  # already gone is fine
             ray.kill(self.actors[i], no_restart=True)
-        except Exception:  # noqa: BLE001 - already gone is fine
-            pass
         self.actors[i] = self._new_actor()
+        self._identities[i] = self.actors[i].identity.remote()
         self.replacements += 1
+
+    def _local_pid(self, i: int) -> int | None:
+        """Actor i's pid if it reported one and runs on this node (never signal a pid from another machine)."""
+        ready, _ = ray.wait([self._identities[i]], timeout=0)
+        if not ready:
+            return None
+        try:
+            node, pid = ray.get(ready[0])
+        except Exception:  # noqa: BLE001 - the actor died before answering: nothing to kill
+            return None
+        return pid if node == ray.get_runtime_context().get_node_id() else None
 
     def close(self) -> None:
         """Kill the actors (and stop Ray if this pool started it)."""

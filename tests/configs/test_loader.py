@@ -89,15 +89,14 @@ def test_every_config_in_the_repo_loads():
     and its saved form loads back to the same config."""
     import importlib
     import re
-    import typing
-
-    from transformers import TrainingArguments
     import tempfile
+    import typing
     from pathlib import Path
 
-    from run import RECIPES
-
     import torch
+    from transformers import TrainingArguments
+
+    from run import RECIPES
 
     shipped = sorted(CONFIG_DIR.glob("*.yaml"))
     assert shipped

@@ -122,3 +122,33 @@ def test_state_dict_packing_round_trips_bfloat16():
     state = {"a": torch.randn(3, 2).bfloat16(), "b": torch.randn(4)}
     back = unpack_state_dict(pack_state_dict(state))
     assert back["a"].dtype == torch.bfloat16 and torch.equal(back["a"], state["a"]) and torch.equal(back["b"], state["b"])
+
+
+def test_a_hung_actor_is_timed_out_replaced_and_its_shard_redone(pool):
+    """An actor stopped mid-call (SIGSTOP: alive, answering nothing) is killed after `actor_timeout_s`, replaced,
+    and its shard regenerated: the same completions as without the hang, each exactly once."""
+    sampling = SamplingConfig(n=2, max_new_tokens=100, seed=9, ignore_eos=True)
+    expected = pool.generate(PROMPTS, sampling)
+    before, timeout = pool.replacements, pool.config.actor_timeout_s
+    pool.config.actor_timeout_s = 12.0  # covers a replacement's start-up (a few seconds) plus its shard
+    try:
+        pid = ray.get(pool.actors[0].ping.remote())
+        result: dict = {}
+        call = threading.Thread(target=lambda: result.setdefault("records", pool.generate(PROMPTS, sampling)))
+        call.start()
+        time.sleep(0.5)
+        assert call.is_alive(), "the call finished before the hang: the workload is too small"
+        os.kill(pid, signal.SIGSTOP)
+        call.join(timeout=120)
+        assert not call.is_alive(), "the pool did not recover from a hung actor"
+    finally:
+        pool.config.actor_timeout_s = timeout
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # the stopped process was killed, not left behind
+    assert pool.replacements == before + 1
+    assert [r.completion_ids for r in result["records"]] == [r.completion_ids for r in expected]
+
+
+def test_actor_timeout_is_checked_at_load_time():
+    with pytest.raises(ValueError, match="actor_timeout_s"):
+        PoolConfig(actor_timeout_s=0).check()
