@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import looplm
 from looplm import LoopKVCache
-from tests.conftest import tiny_config, tiny_model
+from tests.conftest import tiny_model
 
 
 def decode_incrementally(model, ids, prompt_len, exit_steps=None, mode="full", num_loops=None, attention_mask=None):
@@ -194,12 +194,18 @@ def test_shared_kv_modes_hold_one_plane_per_layer_and_differ_from_full():
         torch.testing.assert_close(decode_incrementally(one, ids, 5, mode=mode)[0], base, rtol=0, atol=1e-5)
 
 
-def test_kv_bytes_per_token():
-    config = tiny_config()
-    per_plane = 2 * config.num_key_value_heads * config.head_dim * 4  # K and V, fp32
-    assert LoopKVCache.bytes_per_token(config, "full") == 4 * 2 * per_plane
-    for mode in ("last", "average", "first"):
-        assert LoopKVCache.bytes_per_token(config, mode) == 2 * per_plane
+def test_kv_bytes_per_token_is_what_the_cache_holds():
+    """The formula against the bytes of the K/V tensors a decode actually leaves in the cache."""
+    model = tiny_model()
+    config = model.config
+    ids = torch.randint(3, 99, (2, 20))
+    for mode in ("full", "last", "average", "first"):
+        _, cache = decode_incrementally(model, ids, prompt_len=5, mode=mode)
+        held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+        assert LoopKVCache.bytes_per_token(config, mode) == held / ids.numel(), mode
+    assert LoopKVCache.bytes_per_token(config, "full") == 4 * LoopKVCache.bytes_per_token(config, "last")
+    with pytest.raises(ValueError, match="unknown KV cache mode"):
+        LoopKVCache(config, mode="half")
     with pytest.raises(ValueError, match="unknown KV cache mode"):
         LoopKVCache(config, mode="half")
 
@@ -212,9 +218,21 @@ def test_generate_greedy_matches_a_manual_greedy_loop(model):
     for _ in range(12):
         manual = torch.cat([manual, model(manual, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(generated, manual)
-    # Adaptive depth through generate(): prefill full depth, then Q-exit per decoded token.
+    # Adaptive depth through generate(): prefill at full depth, then Q-exit per decoded token. The same greedy
+    # loop without a cache: each fed-back token's depth is Q-exit on its own gate logits (loops before its exit
+    # do not depend on where it exits), then its logits are read at that depth.
     adaptive = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, exit_threshold=0.5)
-    assert adaptive.shape == generated.shape
+    T = model.config.total_ut_steps
+    manual, steps = ids, torch.full_like(ids, T)
+    for i in range(12):
+        if i > 0:
+            gates = model(manual, use_cache=False, exit_steps=steps).gate_logits[:, -1]  # last token run to T
+            steps[:, -1] = looplm.q_exit_step(gates, 0.5)
+        logits = model(manual, use_cache=False, exit_steps=steps).logits
+        manual = torch.cat([manual, logits[:, -1:].argmax(-1)], dim=1)
+        steps = torch.cat([steps, torch.full_like(steps[:, :1], T)], dim=1)
+    assert torch.equal(adaptive, manual)
+    assert not torch.equal(adaptive, generated)  # depth changed what was generated
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
