@@ -368,3 +368,25 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(model_dir, tmp_pat
         assert a["grad_norm"] > 0
         for key in ("reward_mean", "loss", "grad_norm", "parity_max_abs", "mean_exit_loop", "completions/mean_length"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
+
+
+def test_lora_policy_reaches_the_engine_merged(model_dir, tmp_path):
+    """With LoRA, the engine gets base + adapter merged under the checkpoint's names: step 2's rollouts come from
+    the adapted policy, so parity holds there too (an unmerged engine would sample from the base model)."""
+    from posttrain.grpo import lora_config
+    from posttrain.sft import LoraSection
+
+    cfg = GRPORecipeConfig(model=GRPOModelSection(path=str(model_dir)), data=GRPODataSection(synthetic_rows=64,
+                           eval_rows=8), training=grpo_args(tmp_path, max_steps=3, learning_rate=5e-2))
+    train, _ = load_grpo_data(cfg.data)
+    model, tokenizer = load_policy(cfg.model)
+    trainer = LoopGRPOTrainer(
+        model=model, reward_funcs=[length_reward], args=cfg.training, train_dataset=train, processing_class=tokenizer,
+        peft_config=lora_config(LoraSection(enabled=True, r=4, alpha=8)),
+        engine=build_engine(RolloutSection(engine="torch"), model, str(model_dir), tokenizer), depth=ADAPTIVE,
+    )
+    base = {k: v.clone() for k, v in trainer.engine.model.state_dict().items()}
+    trainer.train()
+    assert max(logged(trainer, "parity/max_abs")) <= PARITY_MAX
+    moved = [k for k, v in trainer.engine.model.state_dict().items() if not torch.equal(v, base[k])]
+    assert any("q_proj" in k for k in moved)  # the engine holds merged, adapted weights
