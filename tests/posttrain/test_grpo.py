@@ -44,14 +44,6 @@ ADAPTIVE = DepthConfig(policy="adaptive", exit_threshold=0.6)
 PARITY_MAX, PARITY_MEAN = 1e-4, 1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A random "test"-size LoopLM (spread-out gate: adaptive depth exits at every loop) and its tokenizer."""

@@ -53,16 +53,6 @@ SHRINK = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Hidden-32 models gain nothing from intra-op threads, and on a busy 2-core machine two threads make
-    these tests about 10x slower (OpenMP threads waiting on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_cfg(tmp_path: Path, *overrides: str) -> SFTRecipeConfig:
     return load_config(
         SFTRecipeConfig, TINY_YAML, [*SHRINK, f"training.output_dir={tmp_path / 'out'}", *overrides]
