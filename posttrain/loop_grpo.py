@@ -256,14 +256,13 @@ class LoopGRPOTrainer(GRPOTrainer):
         return records
 
     def _rollout_func(self, prompts: list, trainer: GRPOTrainer) -> dict[str, list]:
-        """TRL's `rollout_func`: prompts arrive repeated, each `num_generations` times in a row."""
-        groups = len(prompts) // self.num_generations
-        unique = [prompts[g * self.num_generations] for g in range(groups)]
+        """TRL's `rollout_func`: prompts arrive repeated, each `num_generations` (`num_generations_eval` in
+        evaluation) times in a row."""
         if self._stash is not None:
             records, self._stash = self._stash, None
         else:
             n = self.num_generations if self.model.training else self.num_generations_eval
-            records = self.generate_groups(unique, n)
+            records = self.generate_groups(prompts[::n], n)
         if len(records) != len(prompts):
             raise RuntimeError(f"{len(records)} completions for {len(prompts)} prompt slots")
         self._records = records
