@@ -210,7 +210,7 @@ class LoopGRPOTrainer(GRPOTrainer):
         self._replay: torch.Tensor | None = None  # (B, P+C) exit steps of the batch being scored
         self._phase_s: dict[str, float] = {}
         self._update_tokens = 0.0
-        self._rollout_calls = 0
+        self._weights_synced = False  # the engine starts from its own copy: sync before the first rollout
         self._calls_at_step = (-1, 0)
         self.completions_generated = 0
 
@@ -223,8 +223,9 @@ class LoopGRPOTrainer(GRPOTrainer):
 
     def _sync_weights(self) -> int:
         version = self.state.global_step
-        if self.engine.policy_version != version or self._rollout_calls == 0:
+        if self.engine.policy_version != version or not self._weights_synced:
             self.engine.load_weights(policy_state_dict(self.accelerator.unwrap_model(self.model)), version)
+            self._weights_synced = True
         return version
 
     def _sampling(self, n: int) -> SamplingConfig:
@@ -244,7 +245,6 @@ class LoopGRPOTrainer(GRPOTrainer):
         start = time.perf_counter()
         version = self._sync_weights()
         records = self.engine.generate(list(prompts), self._sampling(n), self.depth)
-        self._rollout_calls += 1
         stale = {r.policy_version for r in records} - {version}
         if stale:
             raise RuntimeError(f"rollout records carry policy versions {sorted(stale)}, expected {version}")
@@ -303,11 +303,14 @@ class LoopGRPOTrainer(GRPOTrainer):
         mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
         width = output["completion_ids"].shape[1]
         batch = self.args.per_device_train_batch_size
+        old = output.get("old_per_token_logps")  # TRL computes them when generation and steps are misaligned
+        last_loop = self.loop.loop_credit == "last"
         with self.replaying(output["exit_steps"]):
-            trainer_logps = self._token_logps(self.model, ids, mask, width, batch)
-            if "old_per_token_logps" not in output:  # TRL skipped them: these are the pre-update log-probs
+            # With last-loop credit TRL's old log-probs are already the exit loop's: no second forward.
+            trainer_logps = old if old is not None and last_loop else self._token_logps(self.model, ids, mask, width, batch)
+            if old is None:  # TRL skipped them: these are the pre-update log-probs
                 output["old_per_token_logps"] = (
-                    trainer_logps if self.loop.loop_credit == "last"
+                    trainer_logps if last_loop
                     else self._get_per_token_logps_and_entropies(self.model, ids, mask, width, batch)[0]
                 )
         rollout_logps = output["sampling_per_token_logps"]
@@ -403,7 +406,7 @@ class LoopGRPOTrainer(GRPOTrainer):
             targets = ids[:, -logits_to_keep:]
             # Position p predicts token p + 1: the completion's predictors are the positions before each token.
             per_loop = torch.stack([
-                _token_logps(lm_head(h[:, -logits_to_keep - 1 : -1]), targets, self.temperature)
+                _sampled_logps(lm_head(h[:, -logits_to_keep - 1 : -1]), targets, self.temperature)
                 for h in out.loop_hidden_states
             ], dim=-1)  # (b, C, T)
             predictor_steps = steps[:, -logits_to_keep - 1 : -1]
@@ -539,7 +542,7 @@ def _is_chat(prompt: Any) -> bool:
     return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
 
 
-def _token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+def _sampled_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
     """(b, C, V) logits, (b, C) ids -> (b, C) log-probs under softmax(logits / temperature)."""
     logits = logits.float() / temperature
     return logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)

@@ -382,3 +382,12 @@ def test_lora_policy_reaches_the_engine_merged(model_dir, tmp_path):
     assert max(logged(trainer, "parity/max_abs")) <= PARITY_MAX
     moved = [k for k, v in trainer.engine.model.state_dict().items() if not torch.equal(v, base[k])]
     assert any("q_proj" in k for k in moved)  # the engine holds merged, adapted weights
+
+
+def test_parity_reuses_trls_old_logprobs_when_generation_spans_steps(model_dir, tmp_path):
+    """steps_per_generation=2: TRL computes the old log-probs itself (through our replay), and the parity check
+    reads them; the gap stays at rounding and training proceeds over both steps of the generation."""
+    trainer = make_trainer(model_dir, tmp_path, steps_per_generation=2, max_steps=2)
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert max(logged(trainer, "parity/max_abs")) <= PARITY_MAX
