@@ -1,4 +1,4 @@
-"""`python run.py bench [benchmarks=[rollout]] [rollout.key=value ...]`: run benchmarks by name.
+"""`python run.py bench [benchmarks=[rollout,loss_memory,...]] [<name>.key=value ...]`: run benchmarks by name.
 
 Each benchmark compares against its baseline inside the same run and returns its results, which are saved
 as JSON under `output_dir` (one file per benchmark) and printed as the Markdown tables of BENCHMARKS.md.
@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.loss_memory import LossMemoryBenchConfig
 from bench.rollout_bench import RolloutBenchConfig
 
 # name -> (module, function taking this benchmark's section of BenchConfig)
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "rollout": ("bench.rollout_bench", "run_rollout_bench"),
+    "loss_memory": ("bench.loss_memory", "run_loss_memory_bench"),
 }
 
 
@@ -24,6 +26,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
 class BenchConfig:
     benchmarks: list[str] = field(default_factory=lambda: ["rollout"])
     rollout: RolloutBenchConfig = field(default_factory=RolloutBenchConfig)
+    loss_memory: LossMemoryBenchConfig = field(default_factory=LossMemoryBenchConfig)
     output_dir: str = "runs/bench"
 
     def __post_init__(self) -> None:

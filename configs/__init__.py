@@ -254,12 +254,20 @@ def _training_args(cls: type[Any], section: Any, origin: Origin, key: str) -> An
     if not isinstance(section, dict):
         raise ConfigError(f"{origin(key)}: key '{key}': expected a mapping of {cls.__name__} options, got {section!r:.80}")
     _reject_unknown(section, [f.name for f in dataclasses.fields(cls) if f.init], cls.__name__, origin, key + ".")
+    section = _yaml_no_as_string(cls, section)
     try:
         with warnings.catch_warnings():  # TRL's own defaults trip transformers' deprecation warnings
             warnings.simplefilter("ignore", FutureWarning)
             return cls(**section)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{origin(key)}: section '{key}' ({cls.__name__}): {err}") from err
+
+
+def _yaml_no_as_string(cls: type[Any], section: dict[str, Any]) -> dict[str, Any]:
+    """YAML 1.1 (and so an unquoted `save_strategy=no` override) reads `no` as false: give a string-valued
+    option (a strategy such as save_strategy, eval_strategy) the string it meant."""
+    text_fields = {f.name for f in dataclasses.fields(cls) if isinstance(_declared_default(f), (str, enum.Enum))}
+    return {k: "no" if v is False and k in text_fields else v for k, v in section.items()}
 
 
 def _training_args_diff(args: Any) -> dict[str, Any]:

@@ -12,24 +12,61 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .exit_gate import exit_log_pdf
 
 IGNORE_INDEX = -100
+# Label positions per chunk of the per-loop cross-entropy: 1,024 x 49,152 fp32 logits = 201 MB at a time.
+DEFAULT_CHUNK_TOKENS = 1024
 
 
 def per_loop_token_losses(
-    loop_hidden_states: Sequence[torch.Tensor], lm_head: nn.Module, labels: torch.Tensor
+    loop_hidden_states: Sequence[torch.Tensor],
+    lm_head: nn.Module,
+    labels: torch.Tensor,
+    chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (ce (T, B, S-1), mask (B, S-1)). One loop's logits at a time, so (T, B, S, V) never exists at once."""
+    """-> (ce (T, B, S-1), mask (B, S-1)), computed `chunk_tokens` label positions at a time.
+
+    Autograd would keep each loop's (B, S-1, V) log-softmax for the backward: at Ouro's vocabulary (49,152)
+    and T = 4 that is 4 x 196 KB per token. Each chunk's logits are instead recomputed in the backward
+    (activation checkpointing), so only one chunk's (chunk_tokens, V) logits exist at a time, forward or
+    backward; the values and gradients are those of the unchunked loss. `chunk_tokens=None`: no chunking.
+    """
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
     safe_targets = targets.clamp(min=0)
     ce = []
     for h in loop_hidden_states:
-        logits = lm_head(h[:, :-1]).float()  # (B, S-1, V)
-        ce.append(F.cross_entropy(logits.transpose(1, 2), safe_targets, reduction="none") * mask)
-    return torch.stack(ce), mask
+        hidden = h[:, :-1]  # (B, S-1, H)
+        if chunk_tokens is None or not torch.is_grad_enabled():
+            ce.append(_token_ce(hidden, safe_targets, lm_head))  # no backward: nothing is kept anyway
+        else:
+            ce.append(_chunked_token_ce(hidden, safe_targets, lm_head, chunk_tokens))
+    return torch.stack(ce) * mask, mask
+
+
+def _token_ce(hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+    """hidden (B, N, H), targets (B, N) -> cross-entropy (B, N) in fp32."""
+    logits = lm_head(hidden).float()  # (B, N, V)
+    return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+
+
+def _chunked_token_ce(
+    hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module, chunk_tokens: int
+) -> torch.Tensor:
+    """`_token_ce` over the flattened (B * N) positions in chunks, each recomputed in the backward."""
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1 or None, got {chunk_tokens}")
+    batch, n, width = hidden.shape
+    flat_h, flat_t = hidden.reshape(1, batch * n, width), targets.reshape(1, batch * n)
+    pieces = [
+        checkpoint(_token_ce, flat_h[:, i : i + chunk_tokens], flat_t[:, i : i + chunk_tokens], lm_head,
+                   use_reentrant=False)
+        for i in range(0, batch * n, chunk_tokens)
+    ]
+    return torch.cat(pieces, dim=1).reshape(batch, n)
 
 
 def _token_mean(per_token: torch.Tensor, mask: torch.Tensor, normalizer=None) -> torch.Tensor:
@@ -69,4 +106,4 @@ def stage1_loss(
     return loss, stats
 
 
-__all__ = ["IGNORE_INDEX", "final_loop_loss", "mean_loop_loss", "per_loop_token_losses", "stage1_loss"]
+__all__ = ["DEFAULT_CHUNK_TOKENS", "IGNORE_INDEX", "final_loop_loss", "mean_loop_loss", "per_loop_token_losses", "stage1_loss"]

@@ -25,14 +25,21 @@ import json
 import logging
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset, Features, List, Value, load_dataset
 from datasets.table import InMemoryTable
+
+from rewards.dapo import INVALID, extract_answer
+
+if TYPE_CHECKING:  # only for type hints: the synthetic task builds its traces with `format_trace` (here)
+    from posttrain.sft import DataSection
+    from posttrain.synthetic import ArithmeticTask
 
 logger = logging.getLogger(__name__)
 
@@ -263,6 +270,85 @@ def drop_overlong(dataset: Dataset, tokenizer: Any, max_length: int) -> tuple[Da
     return kept, len(dataset) - len(kept)
 
 
+# ---------------------------------------------------------------- the SFT recipe's train/eval rows
+
+
+@dataclass
+class SFTData:
+    train: Dataset  # only the columns TRL reads: `messages`, or `prompt` + `completion`
+    eval: Dataset | None
+    dropped: dict[str, int] = field(default_factory=lambda: {"train": 0, "eval": 0})  # over-length rows
+
+    def eval_prompts(self, n: int) -> tuple[list[list[Message]], list[str | None]]:
+        """Up to `n` held-out prompts (chat messages) and their reference answers (text after "Answer:")."""
+        rows = self.eval.select(range(min(n, len(self.eval)))) if self.eval is not None else []
+        pairs = [split_prompt(row) for row in rows]
+        return [p for p, _ in pairs], [a for _, a in pairs]
+
+
+def load_rows(
+    source: str,
+    split: str = "train",
+    max_rows: int | None = None,
+    synthetic_rows: int = 1024,
+    seed: int = 0,
+    task: ArithmeticTask | None = None,
+) -> Dataset:
+    """SFT rows from `source`: "synthetic" (arithmetic traces generated in code, no download) or anything
+    `load_sft_dataset` reads; normalised to `messages`, or `prompt` + `completion` (message lists)."""
+    if source == "synthetic":
+        from posttrain.synthetic import ArithmeticTask, to_dataset  # it imports this module (format_trace)
+
+        n = synthetic_rows if max_rows is None else min(max_rows, synthetic_rows)
+        return to_dataset((task or ArithmeticTask()).rows(n, seed), columns=["messages"])
+    return load_sft_dataset(source, split=split, max_rows=max_rows)
+
+
+def load_sft_data(cfg: DataSection) -> SFTData:
+    """Train and eval rows of the SFT recipe's `data:` section; without `data.eval` the first `eval_rows`
+    training rows are held out."""
+    train = load_rows(cfg.train, cfg.split, cfg.max_rows, cfg.synthetic_rows, cfg.synthetic_seed, cfg.task)
+    if cfg.eval is not None:
+        evals = load_rows(cfg.eval, cfg.eval_split, cfg.eval_rows, cfg.eval_rows, cfg.synthetic_seed + 1, cfg.task)
+        return SFTData(train, evals)
+    held = min(cfg.eval_rows, len(train) // 2)
+    return SFTData(train.select(range(held, len(train))), train.select(range(held)) if held else None)
+
+
+def drop_long_rows(data: SFTData, tokenizer: Any, max_length: int) -> SFTData:
+    """`drop_overlong` on both splits; the counts are logged and kept in `SFTData.dropped`."""
+    train, n_train = drop_overlong(data.train, tokenizer, max_length)
+    evals, n_eval = drop_overlong(data.eval, tokenizer, max_length) if data.eval is not None else (None, 0)
+    if n_train or n_eval:
+        logger.warning("dropped rows longer than max_length=%d tokens: train %d, eval %d", max_length, n_train, n_eval)
+    if len(train) == 0:
+        raise ValueError(f"no training rows left: all {n_train} are longer than training.max_length={max_length}")
+    return SFTData(train, evals, {"train": n_train, "eval": n_eval})
+
+
+def split_prompt(row: dict[str, Any]) -> tuple[list[Message], str | None]:
+    """-> (the messages before the last assistant turn, the reference answer after "Answer:" if any)."""
+    if "messages" in row:
+        messages = list(row["messages"])
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompt, target = messages[:last], messages[last]["content"]
+    else:
+        prompt, target = list(row["prompt"]), row["completion"][-1]["content"]
+    return prompt, parse_answer(target)
+
+
+def parse_answer(text: str) -> str | None:
+    """The normalised last `Answer:` (DAPO's scorer, the one the rewards use), or None when there is none."""
+    answer = extract_answer(text)
+    return None if answer == INVALID else answer
+
+
+def corpus_of(dataset: Dataset) -> list[str]:
+    """Every message text (to train the tiny model's BPE on)."""
+    columns = ["messages"] if "messages" in dataset.column_names else ["prompt", "completion"]
+    return [m["content"] for row in dataset.select_columns(columns) for c in columns for m in row[c]]
+
+
 # ---------------------------------------------------------------- DAPO-Math (vectorised: 1.79M rows on the hub)
 
 
@@ -463,6 +549,7 @@ def load_gsm8k(
 
 
 __all__ = [
-    "DAPO_PREFIX", "DAPO_SUFFIX", "dapo_prompt", "drop_overlong", "format_trace", "load_dapo_math", "load_gsm8k",
-    "load_sft_dataset",
+    "DAPO_PREFIX", "DAPO_SUFFIX", "SFTData", "corpus_of", "dapo_prompt", "drop_long_rows", "drop_overlong",
+    "format_trace", "load_dapo_math", "load_gsm8k", "load_rows", "load_sft_data", "load_sft_dataset", "parse_answer",
+    "split_prompt",
 ]

@@ -37,7 +37,7 @@ class DemoConfig:
     sft_config: str = str(CONFIG_DIR / "sft_tiny.yaml")
     sft_overrides: list[str] = field(default_factory=lambda: [
         *RL_TASK, "data.task.skip_reduction=0.5", "objective.kind=stage1", "objective.beta=0.05",
-        "training.max_steps=900", "training.save_steps=0", "sample.num_prompts=0", "training.progress_bar=true",
+        "training.max_steps=900", "training.save_strategy=no", "sample.num_prompts=0", "training.disable_tqdm=false",
     ])
     grpo_config: str = str(CONFIG_DIR / "grpo_tiny.yaml")
     grpo_overrides: list[str] = field(default_factory=list)

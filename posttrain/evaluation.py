@@ -1,16 +1,21 @@
-"""Task accuracy of a LoopLM: sample held-out prompts through a rollout engine and score the answers.
+"""Sampling checks of a LoopLM through a rollout engine: the completions come from the same engine (and depth
+policy) that RL samples from, so what is measured is the policy's own behaviour.
 
-One function, used by the RL recipe (before/after), the demo and the gate frontier: the completions come from
-the same engine (and depth policy) that RL samples from, so an accuracy is the policy's own.
+- `task_accuracy`: held-out accuracy (the RL recipe before/after, the demo, the gate frontier);
+- `sample_check`: the SFT recipe's after-training check of a saved folder: the fraction of well-formed
+  completions (`is_well_formed`: `rewards.shaping`'s format check, and a stop rather than a cut-off) and the
+  accuracy where a reference answer is known.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from rewards.dapo import dapo_score
+from rewards.shaping import format_reward
 from rollout.engine import DepthConfig, RolloutEngine, SamplingConfig, mean_loops_per_token
 
 
@@ -52,4 +57,38 @@ def task_accuracy(
     )
 
 
-__all__ = ["TaskAccuracy", "task_accuracy"]
+def is_well_formed(completion: str, finish_reason: str, prompt: str | None = None) -> bool:
+    """The completion stopped by itself and has the think-then-answer form of `rewards.shaping.format_reward`
+    (one closed think block, opened by the prompt or by the completion, then a final answer)."""
+    return finish_reason == "stop" and format_reward([prompt], [completion])[0] == 1.0
+
+
+def sample_check(
+    folder: str | Path,
+    prompts: Sequence[Any],
+    answers: Sequence[str | None],
+    sampling: SamplingConfig,
+    examples: int = 3,
+) -> dict[str, Any]:
+    """Load a saved model folder into our rollout engine, sample `prompts`, score the completions' format and,
+    where `answers` has one, their final answer (DAPO's scorer)."""
+    from transformers import AutoTokenizer
+
+    from rollout.torch_engine import TorchEngine
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    engine = TorchEngine.from_pretrained(folder, tokenizer=tokenizer)
+    records = engine.generate(list(prompts), sampling)
+    texts = tokenizer.batch_decode([r.completion_ids for r in records], skip_special_tokens=True)
+    prompt_texts = tokenizer.batch_decode([r.prompt_ids for r in records])
+    formed = [is_well_formed(t, r.finish_reason, p) for t, r, p in zip(texts, records, prompt_texts, strict=True)]
+    scored = [dapo_score(t, a) > 0 for t, a in zip(texts, answers, strict=True) if a is not None]
+    return {
+        "num_prompts": len(records),
+        "well_formed": sum(formed) / max(len(formed), 1),
+        "answer_accuracy": sum(scored) / len(scored) if scored else None,
+        "examples": [{"prompt": p, "completion": t} for p, t in zip(prompt_texts[:examples], texts, strict=False)],
+    }
+
+
+__all__ = ["TaskAccuracy", "is_well_formed", "sample_check", "task_accuracy"]

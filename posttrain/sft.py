@@ -3,6 +3,11 @@
     python run.py sft --config configs/sft_tiny.yaml
     python run.py sft objective.kind=stage1 objective.beta=0.1 --config configs/sft_tiny.yaml
 
+The `training:` section is TRL's own `SFTConfig` (its field names, defaults and help; checkpoints go to
+`training.output_dir/checkpoint-N`, the final model to `training.output_dir`); our options sit in `model`,
+`data`, `objective`, `lora` and `sample`. Data helpers live in `posttrain.data`, the sampling check in
+`posttrain.evaluation`, the losses in `looplm.losses`: this file wires them to `SFTTrainer`.
+
 Phases of `run_sft`: data (load, hold out, drop over-length rows) -> model and tokenizer (chat template that
 opens `<think>`, Ouro's bos/eos fix) -> trainer (loop-aware loss, optional LoRA) -> evaluate before ->
 train (resumable) -> evaluate after -> save (merged model, tokenizer, generation config, recipe config) ->
@@ -19,6 +24,7 @@ The last two need every loop's state, so `LoopSFTTrainer.compute_loss` runs the 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -29,7 +35,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
@@ -41,15 +46,15 @@ from looplm import LoopLMConfig, LoopLMForCausalLM, exit_log_pdf
 from looplm.losses import final_loop_loss, mean_loop_loss, per_loop_token_losses, stage1_loss
 from looplm.tokenizer import CHAT_TEMPLATE, THINK_CLOSE, THINK_OPEN, build_tokenizer, fix_ouro_special_tokens
 from posttrain.callbacks import CompactProgress
-from posttrain.data import drop_overlong, load_sft_dataset
-from posttrain.synthetic import ArithmeticTask, to_dataset
-from rewards.dapo import INVALID, extract_answer
+from posttrain.data import SFTData, corpus_of, drop_long_rows, load_rows, load_sft_data, split_prompt
+from posttrain.evaluation import sample_check
+from posttrain.synthetic import ArithmeticTask
+from rollout.engine import SamplingConfig
 
 logger = logging.getLogger(__name__)
 
 RECIPE_CONFIG_FILE = "sft_config.yaml"
 RESULTS_FILE = "sft_results.json"
-CHECKPOINTS_DIR = "checkpoints"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # ----------------------------------------------------------------------------------------------------------
@@ -91,7 +96,7 @@ class DataSection:
     synthetic_seed: int = 0
     task: ArithmeticTask = field(default_factory=ArithmeticTask)  # the synthetic problems (train: synthetic)
     # Rows longer than training.max_length: "drop" them before training (counted in the results), or
-    # "truncate" them to their first max_length tokens (TRL's keep_start).
+    # "truncate" them to their first max_length tokens (TRL's truncation).
     overlong: Literal["drop", "truncate"] = "drop"
 
 
@@ -118,37 +123,12 @@ class LoraSection:
     target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
 
 
-@dataclass
-class TrainingSection:
-    # The loadable model folder; the trainer's checkpoints go to <output_dir>/checkpoints.
-    output_dir: str = "outputs/sft"
-    max_steps: int = 200  # -1: run `epochs` epochs
-    epochs: float = 1.0
-    lr: float = 1e-3
-    lr_scheduler: str = "cosine"
-    warmup: float = 0.0  # warm-up steps (int), or a fraction of all steps (float in [0, 1))
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    max_grad_norm: float = 1.0
-    batch_size: int = 16  # per device
-    grad_accum: int = 1
-    eval_batch_size: int = 32
-    max_length: int = 256
-    # TRL's BFD packing: padding-free rows whose position ids restart per sequence; the model then masks
-    # attention per sequence.
-    packing: bool = False
-    gradient_checkpointing: bool = False
-    bf16: bool = False  # ignored on CPU
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
-    logging_steps: int = 10
-    save_steps: int = 100  # 0: no intermediate checkpoints
-    save_total_limit: int | None = 2
-    eval_steps: int = 0  # 0: evaluate only before and after training
-    # true: continue from the latest checkpoint under output_dir (fresh start when there is none); or a path
-    resume: bool | str = False
-    progress_bar: bool = False
+def _cpu_sft_defaults() -> SFTConfig:
+    """The `training:` section when a config gives none: TRL's defaults, but fp32 and no activation
+    checkpointing off a GPU (TRL defaults both on: bf16 autocast is slow and inexact on CPU)."""
+    on_gpu = torch.cuda.is_available()
+    return SFTConfig(output_dir="outputs/sft", use_cpu=not on_gpu, bf16=on_gpu, activation_checkpointing=on_gpu,
+                     report_to="none")
 
 
 @dataclass
@@ -160,6 +140,9 @@ class SampleSection:
     temperature: float = 0.0  # greedy
     seed: int = 0
 
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(temperature=self.temperature, max_new_tokens=self.max_new_tokens, seed=self.seed)
+
 
 @dataclass
 class SFTRecipeConfig:
@@ -167,86 +150,10 @@ class SFTRecipeConfig:
     data: DataSection = field(default_factory=DataSection)
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
     lora: LoraSection = field(default_factory=LoraSection)
-    training: TrainingSection = field(default_factory=TrainingSection)
     sample: SampleSection = field(default_factory=SampleSection)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Data
-
-
-@dataclass
-class SFTData:
-    train: Dataset  # only the columns TRL reads: `messages`, or `prompt` + `completion`
-    eval: Dataset | None
-    dropped: dict[str, int] = field(default_factory=lambda: {"train": 0, "eval": 0})  # over-length rows
-
-    def eval_prompts(self, n: int) -> tuple[list[list[dict[str, str]]], list[str | None]]:
-        """Up to `n` held-out prompts (chat messages) and their reference answers (text after "Answer:")."""
-        pairs = (
-            [split_prompt(row) for row in self.eval.select(range(min(n, len(self.eval))))]
-            if self.eval
-            else []
-        )
-        return [p for p, _ in pairs], [a for _, a in pairs]
-
-
-def load_rows(
-    source: str, split: str, max_rows: int | None, synthetic_rows: int, seed: int, task: ArithmeticTask | None = None
-) -> Dataset:
-    """A dataset normalised by posttrain.data: `messages`, or `prompt` + `completion` (message lists)."""
-    if source == "synthetic":
-        n = synthetic_rows if max_rows is None else min(max_rows, synthetic_rows)
-        return to_dataset((task or ArithmeticTask()).rows(n, seed), columns=["messages"])  # generated: no download
-    return load_sft_dataset(source, split=split, max_rows=max_rows)
-
-
-def split_prompt(row: dict[str, Any]) -> tuple[list[dict[str, str]], str | None]:
-    """-> (the messages before the last assistant turn, the reference answer after "Answer:" if any)."""
-    if "messages" in row:
-        messages = list(row["messages"])
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        prompt, target = messages[:last], messages[last]["content"]
-    else:
-        prompt, target = list(row["prompt"]), row["completion"][-1]["content"]
-    return prompt, parse_answer(target)
-
-
-def parse_answer(text: str) -> str | None:
-    """The normalised last `Answer:` (DAPO's scorer, the one the rewards use), or None when there is none."""
-    answer = extract_answer(text)
-    return None if answer == INVALID else answer
-
-
-def load_sft_data(cfg: DataSection) -> SFTData:
-    """Train and eval rows; without `data.eval` the first `eval_rows` rows are held out."""
-    train = load_rows(cfg.train, cfg.split, cfg.max_rows, cfg.synthetic_rows, cfg.synthetic_seed, cfg.task)
-    if cfg.eval is not None:
-        evals = load_rows(cfg.eval, cfg.eval_split, cfg.eval_rows, cfg.eval_rows, cfg.synthetic_seed + 1, cfg.task)
-        return SFTData(train, evals)
-    held = min(cfg.eval_rows, len(train) // 2)
-    return SFTData(train.select(range(held, len(train))), train.select(range(held)) if held else None)
-
-
-def drop_long_rows(data: SFTData, tokenizer: PreTrainedTokenizerBase, max_length: int) -> SFTData:
-    """Rows whose templated length exceeds `max_length` tokens are dropped, counted and reported."""
-    train, n_train = drop_overlong(data.train, tokenizer, max_length)
-    evals, n_eval = drop_overlong(data.eval, tokenizer, max_length) if data.eval is not None else (None, 0)
-    if n_train or n_eval:
-        logger.warning(
-            "dropped rows longer than max_length=%d tokens: train %d, eval %d", max_length, n_train, n_eval
-        )
-    if len(train) == 0:
-        raise ValueError(
-            f"no training rows left: all {n_train} are longer than training.max_length={max_length}"
-        )
-    return SFTData(train, evals, {"train": n_train, "eval": n_eval})
-
-
-def corpus_of(dataset: Dataset) -> list[str]:
-    """Every message text, to train the tiny model's BPE on."""
-    columns = ["messages"] if "messages" in dataset.column_names else ["prompt", "completion"]
-    return [m["content"] for row in dataset.select_columns(columns) for c in columns for m in row[c]]
+    # TRL's SFTConfig. Set by the recipe whatever the file says: assistant_only_loss / completion_only_loss
+    # (from the data's schema: loss on the assistant's tokens only) and prediction_loss_only (no logits kept).
+    training: SFTConfig = field(default_factory=_cpu_sft_defaults)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -405,44 +312,14 @@ def loop_metrics(ce: torch.Tensor, mask: torch.Tensor, gate_logits: torch.Tensor
     return metrics
 
 
-def sft_args(cfg: SFTRecipeConfig, has_eval: bool) -> SFTConfig:
-    t = cfg.training
-    use_cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())
-    return SFTConfig(
-        output_dir=str(Path(t.output_dir) / CHECKPOINTS_DIR),
-        max_steps=t.max_steps,
-        num_train_epochs=t.epochs,
-        learning_rate=t.lr,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup,
-        weight_decay=t.weight_decay,
-        adam_beta1=t.adam_beta1,
-        adam_beta2=t.adam_beta2,
-        max_grad_norm=t.max_grad_norm,
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.eval_batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        max_length=t.max_length,
-        packing=t.packing,
-        # TRL defaults these two on; on CPU bf16 autocast is slow and inexact, checkpointing only costs time.
-        # (transformers 5.23 renamed gradient_checkpointing to activation_checkpointing; the old name warns.)
-        activation_checkpointing=t.gradient_checkpointing,
-        bf16=t.bf16 and not use_cpu,
-        use_cpu=use_cpu,
-        seed=t.seed,
-        data_seed=t.seed,
-        logging_steps=t.logging_steps,
-        save_strategy="steps" if t.save_steps > 0 else "no",
-        save_steps=max(t.save_steps, 1),
-        save_total_limit=t.save_total_limit,
-        eval_strategy="steps" if has_eval and t.eval_steps > 0 else "no",
-        eval_steps=t.eval_steps if t.eval_steps > 0 else None,
-        prediction_loss_only=True,
-        assistant_only_loss=False,  # set per dataset in make_trainer
-        report_to="none",
-        dataloader_num_workers=0,
-        disable_tqdm=not t.progress_bar,
-    )
+def trainer_args(cfg: SFTRecipeConfig, data: SFTData) -> SFTConfig:
+    """`training` with the options the recipe decides from the data (a copy: the config is saved as given)."""
+    args = copy.copy(cfg.training)
+    # Loss on assistant tokens only (the template's {% generation %} span) or on the completion only.
+    args.assistant_only_loss = "messages" in data.train.column_names
+    args.completion_only_loss = None if args.assistant_only_loss else True
+    args.prediction_loss_only = True  # evaluation logs losses and loop metrics, never logits
+    return args
 
 
 def make_trainer(
@@ -452,14 +329,10 @@ def make_trainer(
     data: SFTData,
     callbacks: list[TrainerCallback] | None = None,
 ) -> LoopSFTTrainer:
-    args = sft_args(cfg, data.eval is not None)
-    # Loss on assistant tokens only (the template's {% generation %} span) or on the completion only.
-    args.assistant_only_loss = "messages" in data.train.column_names
-    args.completion_only_loss = None if args.assistant_only_loss else True
     set_gate_trainable(model, cfg.objective)
     trainer = LoopSFTTrainer(
         model=model,
-        args=args,
+        args=trainer_args(cfg, data),
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
@@ -469,7 +342,7 @@ def make_trainer(
     )
     # Readable lines under the progress bar (or nothing) instead of transformers' printed dicts of strings.
     trainer.remove_callback(PrinterCallback)
-    if cfg.training.progress_bar:
+    if not cfg.training.disable_tqdm:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(CompactProgress(PROGRESS_KEYS))
     return trainer
@@ -479,18 +352,18 @@ PROGRESS_KEYS = {"loss": "loss", "ce_loop1": "CE loop 1", "ce_loop4": "CE loop 4
                  "eval_loss": "eval loss"}
 
 
-def resume_checkpoint(cfg: TrainingSection) -> str | None:
-    if cfg.resume is False:
-        return None
-    if cfg.resume is True:
-        folder = Path(cfg.output_dir) / CHECKPOINTS_DIR
-        found = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+def resume_checkpoint(args: SFTConfig) -> str | None:
+    """TRL's `resume_from_checkpoint`: a folder, or "latest" for the newest `checkpoint-N` under output_dir
+    (None when there is none yet: a fresh start, so the same command starts and resumes a run)."""
+    value = args.resume_from_checkpoint
+    if isinstance(value, str) and value.lower() in ("latest", "true"):
+        found = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
         if found is None:
-            logger.warning("training.resume: no checkpoint under %s, starting fresh", cfg.output_dir)
+            logger.info("training.resume_from_checkpoint=%s: no checkpoint in %s, fresh start", value, args.output_dir)
         return found
-    if not Path(cfg.resume).is_dir():
-        raise FileNotFoundError(f"training.resume: no checkpoint folder {cfg.resume}")
-    return cfg.resume
+    if value is not None and not Path(value).is_dir():
+        raise FileNotFoundError(f"training.resume_from_checkpoint: no checkpoint folder {value}")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -520,54 +393,13 @@ def save_output(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Sampling check
-
-
-def is_well_formed(completion: str, finish_reason: str) -> bool:
-    """The prompt opened `<think>`: the completion reasons, closes the block once, answers, and stops."""
-    if finish_reason != "stop" or THINK_OPEN in completion or completion.count(THINK_CLOSE) != 1:
-        return False
-    thought, answer = completion.split(THINK_CLOSE)
-    return bool(thought.strip()) and parse_answer(answer) is not None
-
-
-def sample_check(
-    out_dir: str | Path, prompts: list, answers: list[str | None], cfg: SampleSection
-) -> dict[str, Any]:
-    """Load the saved folder into our rollout engine, sample the prompts, score the completions' format."""
-    from rollout.engine import SamplingConfig
-    from rollout.torch_engine import TorchEngine
-
-    tokenizer = AutoTokenizer.from_pretrained(str(out_dir))
-    engine = TorchEngine.from_pretrained(out_dir, tokenizer=tokenizer)
-    sampling = SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    records = engine.generate(prompts, sampling)
-    texts = [tokenizer.decode(r.completion_ids, skip_special_tokens=True) for r in records]
-    formed = [is_well_formed(t, r.finish_reason) for t, r in zip(texts, records, strict=True)]
-    known = [
-        (parse_answer(t.split(THINK_CLOSE)[-1]), a)
-        for t, a in zip(texts, answers, strict=True)
-        if a is not None
-    ]
-    return {
-        "num_prompts": len(records),
-        "well_formed": sum(formed) / max(len(formed), 1),
-        "answer_accuracy": sum(got == want for got, want in known) / len(known) if known else None,
-        "examples": [
-            {"prompt": tokenizer.decode(r.prompt_ids), "completion": t}
-            for r, t in zip(records[:3], texts, strict=False)
-        ],
-    }
-
-
-# ----------------------------------------------------------------------------------------------------------
 # The recipe
 
 
 def run_sft(config: SFTRecipeConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
     """Train, save a loadable folder, check it; -> results (also written to <output_dir>/sft_results.json)."""
     seed_everything(config.training.seed)
-    if not config.training.progress_bar:
+    if config.training.disable_tqdm:
         quiet_progress_bars()
     data, model, tokenizer = setup(config)
     trainer = make_trainer(config, model, tokenizer, data, callbacks)
@@ -593,7 +425,7 @@ def run_sft(config: SFTRecipeConfig, callbacks: list[TrainerCallback] | None = N
         results["lora_merge_max_abs_diff"] = (merged_logits - adapter_logits).abs().max().item()
     prompts, answers = data.eval_prompts(config.sample.num_prompts)
     if prompts:
-        results["sample"] = sample_check(out, prompts, answers, config.sample)
+        results["sample"] = sample_check(out, prompts, answers, config.sample.sampling())
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=float) + "\n")
     print_summary(results)
     return results
@@ -681,18 +513,18 @@ __all__ = [
     "LoraSection",
     "ModelSection",
     "ObjectiveSection",
-    "SFTData",
     "SFTRecipeConfig",
     "SampleSection",
-    "TrainingSection",
     "build_model_and_tokenizer",
-    "is_well_formed",
-    "load_sft_data",
     "loop_metrics",
     "make_trainer",
     "objective_loss",
     "run_sft",
     "save_output",
+    "setup",
+    # Moved to posttrain.data; gate_tuning.data still imports them from here.
+    "load_rows",
+    "split_prompt",
 ]
 
 _ = looplm  # `import looplm` registers the Auto classes the saved folder is loaded through

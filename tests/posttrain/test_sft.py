@@ -15,18 +15,18 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, TrainerCallback
+from trl import SFTConfig
 
 import looplm
 from configs import ConfigError, load_config
 from looplm.losses import stage1_loss
+from posttrain.data import drop_long_rows, load_sft_data
+from posttrain.evaluation import is_well_formed
 from posttrain.sft import (
     ModelSection,
     ObjectiveSection,
     SFTRecipeConfig,
     build_model_and_tokenizer,
-    drop_long_rows,
-    is_well_formed,
-    load_sft_data,
     make_trainer,
     objective_loss,
     run_sft,
@@ -42,12 +42,12 @@ SHRINK = [
     "model.tokenizer_vocab_size=300",
     "data.synthetic_rows=80",
     "data.eval_rows=16",
-    "training.batch_size=8",
-    "training.eval_batch_size=16",
+    "training.per_device_train_batch_size=8",
+    "training.per_device_eval_batch_size=16",
     "training.max_length=96",
     "training.logging_steps=1",
-    "training.save_steps=0",
-    "training.warmup=0",
+    "training.save_strategy=no",
+    "training.warmup_steps=0",
     "training.max_steps=4",
     "sample.num_prompts=0",
 ]
@@ -72,19 +72,24 @@ def first_batch(trainer) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------- configs
 
 
+ON_CPU = ["training.bf16=false", "training.use_cpu=true"]  # the Ouro config assumes a GPU (bf16)
+
+
 @pytest.mark.parametrize("name", ["sft_tiny.yaml", "sft_ouro_1.4b.yaml"])
 def test_every_sft_config_loads_and_starts_with_its_command(name):
     path = REPO_ROOT / "configs" / name
-    cfg = load_config(SFTRecipeConfig, path)
+    cfg = load_config(SFTRecipeConfig, path, None if torch.cuda.is_available() else ON_CPU)
+    assert isinstance(cfg.training, SFTConfig)  # TRL's own class, not a copy of its fields
     assert path.read_text().splitlines()[0] == f"# python run.py sft --config configs/{name}"
     assert cfg.objective.kind in ("final", "stage1", "mean")
 
 
 def test_ouro_config_follows_the_paper():
-    cfg = load_config(SFTRecipeConfig, REPO_ROOT / "configs" / "sft_ouro_1.4b.yaml")
-    t = cfg.training
-    assert (t.lr, t.adam_beta1, t.adam_beta2, t.lr_scheduler) == (2e-5, 0.9, 0.95, "cosine")
-    assert t.bf16 and t.max_length == 32768 and t.gradient_checkpointing and t.epochs == 2
+    path = REPO_ROOT / "configs" / "sft_ouro_1.4b.yaml"
+    t = load_config(SFTRecipeConfig, path, None if torch.cuda.is_available() else ON_CPU).training
+    assert (t.learning_rate, t.adam_beta1, t.adam_beta2, t.lr_scheduler_type) == (2e-5, 0.9, 0.95, "cosine")
+    assert t.max_length == 32768 and t.activation_checkpointing and t.num_train_epochs == 2
+    assert "  bf16: true" in path.read_text()
 
 
 def test_bad_keys_fail_at_load_time(tmp_path):
@@ -92,6 +97,8 @@ def test_bad_keys_fail_at_load_time(tmp_path):
         tiny_cfg(tmp_path, "objective.kind=stage2")
     with pytest.raises(ConfigError, match="unknown key"):
         tiny_cfg(tmp_path, "training.lr_warmup=3")
+    with pytest.raises(ConfigError, match="did you mean 'learning_rate'"):
+        tiny_cfg(tmp_path, "training.learnig_rate=3")
 
 
 # ---------------------------------------------------------------------------------------------- objectives
@@ -276,12 +283,14 @@ def test_an_ouro_checkpoint_gets_the_template_the_think_tokens_and_the_bos_eos_f
 
 
 def test_well_formed_completions():
-    assert is_well_formed("3+4=7\n</think>\nAnswer: 7", "stop")
-    assert not is_well_formed("3+4=7\n</think>\nAnswer: 7", "length")  # never stopped
-    assert not is_well_formed("3+4=7\nAnswer: 7", "stop")  # never closed the think block
-    assert not is_well_formed("\n</think>\nAnswer: 7", "stop")  # no reasoning
-    assert not is_well_formed("3+4=7\n</think>\n", "stop")  # no answer
-    assert not is_well_formed("<think>\n3+4=7\n</think>\nAnswer: 7", "stop")  # a second opening
+    opened, plain = "<|im_start|>assistant\n<think>\n", "<|im_start|>assistant\n"
+    assert is_well_formed("3+4=7\n</think>\nAnswer: 7", "stop", opened)
+    assert is_well_formed("<think>\n3+4=7\n</think>\nAnswer: 7", "stop", plain)  # the completion opens it
+    assert not is_well_formed("3+4=7\n</think>\nAnswer: 7", "length", opened)  # never stopped
+    assert not is_well_formed("3+4=7\n</think>\nAnswer: 7", "stop", plain)  # closes a block never opened
+    assert not is_well_formed("3+4=7\nAnswer: 7", "stop", opened)  # never closed the think block
+    assert not is_well_formed("3+4=7\n</think>\n", "stop", opened)  # no answer
+    assert not is_well_formed("3\n</think>\n4\n</think>\nAnswer: 7", "stop", opened)  # two closings
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -291,7 +300,7 @@ def test_run_lowers_held_out_loss_and_saves_a_loadable_folder(tmp_path):
     cfg = tiny_cfg(
         tmp_path,
         "training.max_steps=12",
-        "training.lr=0.01",
+        "training.learning_rate=0.01",
         "sample.num_prompts=2",
         "sample.max_new_tokens=6",
     )
@@ -318,7 +327,7 @@ def test_run_lowers_held_out_loss_and_saves_a_loadable_folder(tmp_path):
 
 
 def test_lora_merged_model_matches_the_adapter_model(tmp_path):
-    cfg = tiny_cfg(tmp_path, "lora.enabled=true", "lora.r=4", "training.lr=0.05", "training.max_steps=3")
+    cfg = tiny_cfg(tmp_path, "lora.enabled=true", "lora.r=4", "training.learning_rate=0.05", "training.max_steps=3")
     results = run_sft(cfg)
     assert results["lora_adapter_max_abs_effect"] > 1e-2  # the adapter learned something to merge
     # Merged, saved and reloaded through AutoModelForCausalLM: equal up to fp32 rounding.
@@ -340,18 +349,19 @@ class StopAt(TrainerCallback):
 
 
 def step_losses(output_dir: Path) -> dict[int, float]:
-    state = json.loads(next(output_dir.glob("checkpoints/checkpoint-*/trainer_state.json")).read_text())
+    state = json.loads(next(output_dir.glob("checkpoint-*/trainer_state.json")).read_text())
     return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
 
 
 def test_resume_continues_the_step_counter_and_the_data_order(tmp_path):
-    common = ["training.max_steps=6", "training.save_steps=6", "training.save_total_limit=1", "data.eval_rows=4"]
+    common = ["training.max_steps=6", "training.save_strategy=steps", "training.save_steps=6",
+              "training.save_total_limit=1", "data.eval_rows=4"]
     whole = run_sft(tiny_cfg(tmp_path / "a", *common))
     interrupted = tiny_cfg(tmp_path / "b", *common)
     run_sft(interrupted, callbacks=[StopAt(3)])
-    checkpoints = (Path(interrupted.training.output_dir) / "checkpoints").glob("checkpoint-*")
+    checkpoints = Path(interrupted.training.output_dir).glob("checkpoint-*")
     assert [p.name for p in checkpoints] == ["checkpoint-3"]
-    resumed = run_sft(tiny_cfg(tmp_path / "b", *common, "training.resume=true"))
+    resumed = run_sft(tiny_cfg(tmp_path / "b", *common, "training.resume_from_checkpoint=latest"))
     assert whole["global_step"] == resumed["global_step"] == 6
     reference = step_losses(Path(tiny_cfg(tmp_path / "a").training.output_dir))
     continued = step_losses(Path(interrupted.training.output_dir))
@@ -382,7 +392,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
     grads = []
     for flag in ("false", "true"):
         trainer, _ = trainer_for(
-            tmp_path / flag, f"training.gradient_checkpointing={flag}", "objective.kind=stage1"
+            tmp_path / flag, f"training.activation_checkpointing={flag}", "objective.kind=stage1"
         )
         trainer.model.train()
         if flag == "true":  # what Trainer.train does with the flag
