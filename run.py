@@ -2,6 +2,7 @@
 
     python run.py                                   # the small CPU end-to-end demo
     python run.py <recipe> [--config FILE] [key=value ...]
+    python run.py [<recipe>] --help                 # the recipes' keys, types and defaults
 
 Each recipe is a `*Config` dataclass and a function taking it; the YAML file and the overrides only change
 the dataclass defaults (unknown keys fail with the key named). The resolved config is printed, and recipes
@@ -11,7 +12,10 @@ that write outputs save it beside them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import importlib
+import json
 import logging
 import os
 import sys
@@ -19,29 +23,91 @@ import warnings
 
 import yaml
 
-from configs import ConfigError, load_config, to_dict
+from configs import ConfigError, describe, describe_training_args, load_config, to_dict
+
+logger = logging.getLogger("run")
 
 # recipe name -> (module, config class, function); imported lazily so that one recipe's imports
 # (Ray, TRL, vLLM) cost nothing to the others.
 RECIPES: dict[str, tuple[str, str, str]] = {
-    "demo": ("posttrain.demo", "DemoConfig", "run_demo"),
-    "init": ("rollout.cli", "InitConfig", "run_init"),
+    "demo": ("cli.demo", "DemoConfig", "run_demo"),
+    "init": ("cli.rollout", "InitConfig", "run_init"),
     "sft": ("posttrain.sft", "SFTRecipeConfig", "run_sft"),
     "grpo": ("posttrain.grpo", "GRPORecipeConfig", "run_grpo"),
-    "rollout": ("rollout.cli", "RolloutRecipeConfig", "run_rollout"),
-    "parity": ("rollout.cli", "ParityRecipeConfig", "run_parity"),
+    "rollout": ("cli.rollout", "RolloutRecipeConfig", "run_rollout"),
+    "parity": ("cli.rollout", "ParityRecipeConfig", "run_parity"),
     "bench": ("bench.run", "BenchConfig", "run_bench"),
     "gate": ("gate_tuning.recipe", "GateRecipeConfig", "run_gate"),
     "eval": ("gate_tuning.recipe", "EvalRecipeConfig", "run_eval"),
 }
 
+SUMMARIES = {
+    "demo": "SFT -> GRPO through Ray actors -> Stage-II gate on a tiny LoopLM, on CPU, with a report",
+    "init": "a random LoopLM of a looplm.tiny size, saved as a model folder",
+    "sft": "reasoning SFT (TRL's SFTTrainer) with a loop-aware objective (final, Stage I, mean over loops)",
+    "grpo": "RLVR (GRPO/DAPO, TRL's GRPOTrainer) with rollouts the update replays exactly",
+    "rollout": "a model folder + prompts -> JSONL of rollout records (our engine, the Ray pool or vLLM)",
+    "parity": "generate, replay with the training forward, report the log-prob gap and KL per depth policy",
+    "bench": "benchmarks by name, each against its baseline in the same run (BENCHMARKS.md)",
+    "gate": "Stage-II exit-gate tuning with the LM frozen, and the depth/accuracy frontier",
+    "eval": "the depth/accuracy frontier of a model folder, without training",
+}
+
+
+class UsageError(ValueError):
+    """A recipe name or option that run.py does not know."""
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="run.py", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("recipe", nargs="?", default="demo", choices=sorted(RECIPES))
-    parser.add_argument("--config", default=None, help="YAML file with overrides of the recipe's config defaults")
-    parser.add_argument("overrides", nargs="*", help="key=value (dotted keys for nested sections)")
-    return parser.parse_intermixed_args(argv)  # overrides may come before or after --config
+    """-> recipe (default demo), config, overrides, help. The first word is the recipe unless it is a key=value."""
+    parser = argparse.ArgumentParser(prog="run.py", add_help=False)
+    parser.add_argument("--config", default=None)
+    parser.add_argument("-h", "--help", action="store_true")
+    parser.add_argument("words", nargs="*")
+    try:
+        args = parser.parse_intermixed_args(argv)  # overrides may come before or after --config
+    except SystemExit:  # argparse has printed the problem (an unknown --option)
+        raise UsageError("run.py --help lists the recipes and their keys") from None
+    words = list(args.words)
+    recipe = words.pop(0) if words and "=" not in words[0] else "demo"
+    if recipe not in RECIPES:
+        close = difflib.get_close_matches(recipe, list(RECIPES), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UsageError(f"unknown recipe {recipe!r}{hint}; recipes: {', '.join(RECIPES)}")
+    return argparse.Namespace(recipe=recipe, config=args.config, overrides=words, help=args.help)
+
+
+def config_class(recipe: str) -> type:
+    module_name, config_name, _ = RECIPES[recipe]
+    return getattr(importlib.import_module(module_name), config_name)
+
+
+def recipe_help(recipe: str, full: bool = True) -> str:
+    """The recipe's summary and its keys (type = default), from its config dataclass. `full`: also every
+    option of a TRL section (else one line naming its class)."""
+    cls = config_class(recipe)
+    lines = [f"{recipe}: {SUMMARIES[recipe]}", f"  python run.py {recipe} [--config FILE] [key=value ...]"]
+    for key, type_text, default in describe(cls):
+        if default is dataclasses.MISSING:  # a TrainingArguments section: TRL's own options
+            lines.append(f"  {key}.*: every option of {type_text} (TRL's names and defaults)")
+            if full:
+                section = getattr(cls(), key)
+                lines += [f"    {key}.{k}: {t} = {_show(d)}" for k, t, d in describe_training_args(type(section), section)]
+            continue
+        lines.append(f"  {key}: {type_text} = {_show(default)}")
+    return "\n".join(lines)
+
+
+def overview() -> str:
+    parts = [__doc__.strip(), "", "Recipes and their keys (`run.py <recipe> --help` also lists TRL's options):"]
+    for recipe in RECIPES:
+        parts += ["", recipe_help(recipe, full=False)]
+    return "\n".join(parts)
+
+
+def _show(value: object) -> str:
+    text = repr(value) if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def setup_logging() -> None:
@@ -56,23 +122,35 @@ def setup_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except UsageError as err:
+        print(f"run.py: {err}", file=sys.stderr)
+        return 2
     setup_logging()
+    if args.help:
+        print(recipe_help(args.recipe) if args.recipe != "demo" or argv_names_recipe(argv) else overview())
+        return 0
 
     module_name, config_name, function_name = RECIPES[args.recipe]
     module = importlib.import_module(module_name)
     try:
         config = load_config(getattr(module, config_name), args.config, args.overrides)
     except ConfigError as err:
-        print(f"run.py {args.recipe}: {err}", file=sys.stderr)
+        print(f"run.py {args.recipe}: {err}\n(`run.py {args.recipe} --help` lists its keys)", file=sys.stderr)
         return 2
-    print(f"# run.py {args.recipe}: resolved config\n{yaml.safe_dump(to_dict(config), sort_keys=False)}")
+    logger.info("# run.py %s: resolved config\n%s", args.recipe, yaml.safe_dump(to_dict(config), sort_keys=False))
     try:
         getattr(module, function_name)(config)
     except ConfigError as err:  # a recipe's up-front checks of paths in its config (before any model work)
         print(f"run.py {args.recipe}: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def argv_names_recipe(argv: list[str] | None) -> bool:
+    words = [w for w in (sys.argv[1:] if argv is None else argv) if not w.startswith("-")]
+    return bool(words) and words[0] in RECIPES
 
 
 if __name__ == "__main__":

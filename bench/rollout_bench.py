@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
+from cli.rollout import InitConfig, ensure_model
 from looplm import KV_MODES, LoopKVCache, LoopLMForCausalLM
-from rollout.cli import InitConfig, ensure_model
 from rollout.engine import DepthConfig, SamplingConfig, mean_loops_per_token
 from rollout.torch_engine import TorchEngine
 

@@ -309,6 +309,54 @@ def _declared_default(f: dataclasses.Field) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Help text
+
+
+def describe(cls: type[Any], prefix: str = "") -> list[tuple[str, str, Any]]:
+    """Every key of dataclass `cls` as (dotted key, type, default), nested sections expanded; a
+    TrainingArguments section is one entry (its class), whose own keys `describe_training_args` lists."""
+    hints = typing.get_type_hints(cls)
+    rows: list[tuple[str, str, Any]] = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp, default = hints[f.name], _declared_default(f)
+        if _is_training_args(tp):
+            rows.append((prefix + f.name, f"{tp.__module__.split('.')[0]}.{tp.__name__}", dataclasses.MISSING))
+        elif dataclasses.is_dataclass(tp):
+            rows.extend(describe(tp, prefix + f.name + "."))
+        else:
+            rows.append((prefix + f.name, _type_text(tp), _plain(default)))
+    return rows
+
+
+def describe_training_args(cls: type[Any], defaults: Any = None) -> list[tuple[str, str, Any]]:
+    """A TrainingArguments subclass's keys as (key, type, default); `defaults`, an instance, supplies the
+    recipe's own defaults where they differ from the class's."""
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name.startswith("_"):
+            continue
+        default = _plain(getattr(defaults, f.name)) if defaults is not None else _plain(_declared_default(f))
+        rows.append((f.name, _type_text(hints.get(f.name, Any)), default))
+    return rows
+
+
+def _type_text(tp: Any) -> str:
+    origin_type, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin_type in (typing.Union, types.UnionType):
+        return " | ".join(_type_text(a) for a in args)
+    if origin_type is typing.Literal:
+        return "{" + ", ".join(map(str, args)) + "}"
+    if origin_type in (list, tuple, dict):
+        return f"{origin_type.__name__}[{', '.join(_type_text(a) for a in args)}]" if args else origin_type.__name__
+    if tp is type(None):
+        return "None"
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Plain data for saving
 
 
@@ -326,4 +374,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-__all__ = ["CONFIG_DIR", "ConfigError", "from_dict", "load_config", "save_config", "to_dict"]
+__all__ = [
+    "CONFIG_DIR", "ConfigError", "describe", "describe_training_args", "from_dict", "load_config", "save_config",
+    "to_dict",
+]

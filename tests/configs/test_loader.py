@@ -128,7 +128,8 @@ def test_exponent_floats_and_overrides_after_the_config_flag(tmp_path):
     args = parse_args(["sft", "--config", "x.yaml", "a=1", "b.c=2"])
     assert (args.recipe, args.config, args.overrides) == ("sft", "x.yaml", ["a=1", "b.c=2"])
     assert parse_args([]).recipe == "demo"
-    with pytest.raises(SystemExit):  # argparse: unknown recipe
+    assert parse_args(["fresh=true"]).recipe == "demo"  # a key=value first: the demo's override
+    with pytest.raises(ValueError, match="unknown recipe 'nope'"):
         parse_args(["nope"])
 
 

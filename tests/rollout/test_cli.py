@@ -9,9 +9,9 @@ import pytest
 
 from bench.rollout_bench import RolloutBenchConfig
 from bench.run import BenchConfig, run_bench
+from cli.rollout import InitConfig, init_model
 from looplm import LoopLMConfig
 from looplm.tiny import tiny_config
-from rollout.cli import InitConfig, init_model
 from run import main
 
 

@@ -24,11 +24,17 @@ import torch
 from configs import ConfigError, save_config
 from looplm import LoopLMConfig, LoopLMForCausalLM
 from looplm.tiny import TINY_SIZES, tiny_model
-
-from .engine import DepthConfig, Prompt, RolloutEngine, RolloutRecord, SamplingConfig, mean_loops_per_token
-from .parity import TokenGaps, check_parity
-from .pool import PoolConfig
-from .vllm_engine import check_vllm_depth
+from rollout.engine import (
+    DepthConfig,
+    Prompt,
+    RolloutEngine,
+    RolloutRecord,
+    SamplingConfig,
+    mean_loops_per_token,
+)
+from rollout.parity import TokenGaps, check_parity
+from rollout.pool import PoolConfig
+from rollout.vllm_engine import check_vllm_depth
 
 logger = logging.getLogger(__name__)
 
@@ -205,14 +211,14 @@ def _prompt_from_json(item: Any, where: str) -> Prompt:
 
 def build_engine(kind: str, model: Path, tokenizer: Any, pool: PoolConfig, depth: DepthConfig) -> RolloutEngine:
     if kind == "pool":
-        from .pool import RolloutPool
+        from rollout.pool import RolloutPool
 
         return RolloutPool(str(model), pool, tokenizer=tokenizer, depth=depth)
     if kind == "vllm":
-        from .vllm_engine import VLLMEngine
+        from rollout.vllm_engine import VLLMEngine
 
         return VLLMEngine(model, tokenizer=tokenizer, depth=depth)
-    from .torch_engine import TorchEngine
+    from rollout.torch_engine import TorchEngine
 
     return TorchEngine.from_pretrained(model, tokenizer=tokenizer, depth=depth, max_batch_size=pool.max_batch_size)
 

@@ -1,0 +1,64 @@
+"""`run.py --help` and `run.py <recipe> --help` list the recipes' keys from their dataclasses; a bad recipe or key
+is an error that names it and what is valid. Also: every real-scale config states the hardware it assumes."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+
+from configs import CONFIG_DIR, describe
+from run import RECIPES, main
+
+
+@dataclasses.dataclass
+class Inner:
+    mode: Literal["a", "b"] = "a"
+
+
+@dataclasses.dataclass
+class Outer:
+    steps: int = 3
+    name: str | None = None
+    inner: Inner = dataclasses.field(default_factory=Inner)
+
+
+def test_describe_lists_nested_keys_with_types_and_defaults():
+    assert describe(Outer) == [("steps", "int", 3), ("name", "str | None", None), ("inner.mode", "{a, b}", "a")]
+
+
+def test_help_lists_every_recipe_and_its_keys(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for recipe in RECIPES:
+        assert f"\n{recipe}: " in out
+    assert "  objective.kind: {final, stage1, mean} = 'final'" in out  # sft, from ObjectiveSection
+    assert "  training.*: every option of trl.SFTConfig" in out and "  training.*: every option of trl.GRPOConfig" in out
+    assert "  rollout.depth.policy: " in out  # grpo's nested DepthConfig
+
+
+def test_recipe_help_lists_its_trl_options_with_the_recipes_defaults(capsys):
+    assert main(["sft", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("sft: ") and "\ngrpo: " not in out
+    assert "    training.learning_rate: float = " in out
+    assert f"    training.activation_checkpointing: bool | None = {str(torch.cuda.is_available()).lower()}" in out
+
+
+def test_unknown_recipe_and_key_are_named_with_the_valid_ones(capsys):
+    assert main(["sfft"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown recipe 'sfft' (did you mean 'sft'?)" in err and "grpo" in err
+    assert main(["sft", "--config", str(CONFIG_DIR / "sft_tiny.yaml"), "training.learnig_rate=1"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'learning_rate'" in err and "run.py sft --help" in err
+
+
+def test_real_scale_configs_state_their_hardware():
+    shipped = sorted(CONFIG_DIR.glob("*_ouro_1.4b*.yaml"))
+    recipes = {path.read_text().split()[3] for path in shipped}  # "# python run.py <recipe> ..."
+    assert recipes >= {"sft", "grpo", "gate"}
+    for path in shipped:
+        header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+        assert any(line.startswith("# Hardware assumed:") for line in header), path.name
