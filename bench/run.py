@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.loss_memory import LossMemoryBenchConfig
+from bench.ouro_cpu import OuroCPUBenchConfig
 from bench.rollout_bench import RolloutBenchConfig
 
 # name -> (module, function taking this benchmark's section of BenchConfig)
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "rollout": ("bench.rollout_bench", "run_rollout_bench"),
     "loss_memory": ("bench.loss_memory", "run_loss_memory_bench"),
+    "ouro_cpu": ("bench.ouro_cpu", "run_ouro_cpu_bench"),
 }
 
 
@@ -27,6 +29,7 @@ class BenchConfig:
     benchmarks: list[str] = field(default_factory=lambda: ["rollout"])
     rollout: RolloutBenchConfig = field(default_factory=RolloutBenchConfig)
     loss_memory: LossMemoryBenchConfig = field(default_factory=LossMemoryBenchConfig)
+    ouro_cpu: OuroCPUBenchConfig = field(default_factory=OuroCPUBenchConfig)
     output_dir: str = "runs/bench"
 
     def __post_init__(self) -> None:

@@ -54,6 +54,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     from posttrain.grpo import GRPORecipeConfig, run_grpo
     from posttrain.sft import SFTRecipeConfig, run_sft
 
+    quiet_terminal()
     out = Path(config.output_dir)
     if config.fresh and out.exists():
         shutil.rmtree(out)
@@ -83,6 +84,15 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     (out / "report.md").write_text(text)
     print(text)
     return report
+
+
+def quiet_terminal() -> None:
+    """One progress bar per stage (the trainer's): none for dataset maps or weight loading."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def _stage(title: str, results_file: Path, seconds: dict[str, float], run) -> dict[str, Any]:

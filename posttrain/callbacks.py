@@ -48,7 +48,8 @@ class NonFiniteGuard(TrainerCallback):
 
 
 class CompactProgress(ProgressCallback):
-    """transformers' progress bar, with one readable line per log instead of a printed dict of strings.
+    """transformers' progress bar, with one readable line per log instead of a printed dict of strings, and no
+    bar of its own for evaluation batches.
 
     `keys` maps a logged metric to its label; metrics not logged this time are left out.
     """
@@ -64,6 +65,9 @@ class CompactProgress(ProgressCallback):
             return
         parts = [f"{label} {logs[k]:.3g}" for k, label in self.keys.items() if isinstance(logs.get(k), (int, float))]
         self.training_bar.write(f"step {state.global_step:>4}: " + ", ".join(parts))
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        """No second bar for evaluation batches: the training bar is the stage's one bar."""
 
 
 __all__ = ["CompactProgress", "NonFiniteGuard"]
