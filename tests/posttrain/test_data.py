@@ -12,7 +12,17 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from posttrain.data import drop_overlong, format_trace, load_dapo_math, load_gsm8k, load_sft_dataset
+from posttrain.data import (
+    SFTData,
+    drop_overlong,
+    format_trace,
+    load_dapo_math,
+    load_gsm8k,
+    load_rows,
+    load_sft_dataset,
+    split_prompt,
+)
+from posttrain.synthetic import ArithmeticTask
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 AIME = SHARED_DATA / "dapo" / "aime-2024.parquet"
@@ -309,3 +319,24 @@ def test_dapo_rows_of_the_wrong_shape_are_named(tmp_path: Path, bad_row: dict, m
     path.write_text("".join(json.dumps(r) + "\n" for r in [_dapo_row(0), bad_row, _dapo_row(2)]))
     with pytest.raises(ValueError, match=message):
         load_dapo_math(str(path))
+
+
+# ---------------------------------------------------------------- the SFT recipe's rows
+
+
+def test_split_prompt_takes_the_turns_before_the_last_answer_and_its_reference():
+    messages = {"messages": [SYSTEM, USER, {"role": "assistant", "content": format_trace("2+2=4", "4")}]}
+    assert split_prompt(messages) == ([SYSTEM, USER], "4")
+    pair = {"prompt": [USER], "completion": [{"role": "assistant", "content": "no final line"}]}
+    assert split_prompt(pair) == ([USER], None)
+
+
+def test_synthetic_rows_are_seeded_and_held_out_prompts_carry_their_answers(tmp_path):
+    task = ArithmeticTask(operators="+", modulus=10)
+    rows = load_rows("synthetic", synthetic_rows=12, seed=3, task=task)
+    assert rows["messages"] == load_rows("synthetic", synthetic_rows=12, seed=3, task=task)["messages"]
+    assert rows["messages"] != load_rows("synthetic", synthetic_rows=12, seed=4, task=task)["messages"]
+    assert len(load_rows("synthetic", max_rows=5, synthetic_rows=12, seed=3, task=task)) == 5
+    prompts, answers = SFTData(rows, rows.select(range(4))).eval_prompts(10)
+    assert len(prompts) == len(answers) == 4 and all(p[-1]["role"] == "user" for p in prompts)
+    assert all(a is not None and 0 <= int(a) < 10 for a in answers)  # mod 10
