@@ -22,7 +22,7 @@ class LossMemoryBenchConfig:
     tokens: int = 4096  # label positions (batch 2 x 2,048)
     # Ouro's is 2048; the peak of the logits does not depend on it, the matmuls' time does (2 shared cores).
     hidden_size: int = 512
-    chunk_tokens: int = 1024  # looplm.losses.DEFAULT_CHUNK_TOKENS
+    chunk_tokens: int = 1024  # looplm.losses.DEFAULT_CHUNK_LOGITS at vocab 49,152
     repeats: int = 2  # interleaved subprocess runs per variant; the peak reported is the largest
     threads: int = 2
 
@@ -72,7 +72,8 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     labels = torch.randint(0, vocab, (2, n // 2 + 1))
     base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    ce, mask = per_loop_token_losses(states, head, labels, chunk_tokens=spec["chunk"])
+    chunk_logits = None if spec["chunk"] is None else spec["chunk"] * vocab
+    ce, mask = per_loop_token_losses(states, head, labels, chunk_logits=chunk_logits)
     loss = stage1_loss(ce, gates, mask, beta=0.05)[0]
     loss.backward()
     seconds = time.perf_counter() - start

@@ -17,31 +17,37 @@ from torch.utils.checkpoint import checkpoint
 from .exit_gate import exit_log_pdf
 
 IGNORE_INDEX = -100
-# Label positions per chunk of the per-loop cross-entropy: 1,024 x 49,152 fp32 logits = 201 MB at a time.
-DEFAULT_CHUNK_TOKENS = 1024
+# Logits per chunk of the per-loop cross-entropy: 1,024 tokens at Ouro's vocabulary (49,152), 201 MB in fp32.
+# A budget in logits, not tokens, so that a small vocabulary (the CPU models) runs in one chunk.
+DEFAULT_CHUNK_LOGITS = 1024 * 49152
 
 
 def per_loop_token_losses(
     loop_hidden_states: Sequence[torch.Tensor],
     lm_head: nn.Module,
     labels: torch.Tensor,
-    chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
+    chunk_logits: int | None = DEFAULT_CHUNK_LOGITS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (ce (T, B, S-1), mask (B, S-1)), computed `chunk_tokens` label positions at a time.
+    """-> (ce (T, B, S-1), mask (B, S-1)), computed about `chunk_logits` logits (tokens x V) at a time.
 
     Autograd would keep each loop's (B, S-1, V) log-softmax for the backward: at Ouro's vocabulary (49,152)
     and T = 4 that is 4 x 196 KB per token. Each chunk's logits are instead recomputed in the backward
-    (activation checkpointing), so only one chunk's (chunk_tokens, V) logits exist at a time, forward or
-    backward; the values and gradients are those of the unchunked loss. `chunk_tokens=None`: no chunking.
+    (activation checkpointing), so only one chunk's (chunk_logits / V tokens, V) logits exist at a time,
+    forward or backward; the values and gradients are those of the unchunked loss. `chunk_logits=None`: no
+    chunking.
     """
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
     safe_targets = targets.clamp(min=0)
+    if chunk_logits is not None and chunk_logits < 1:
+        raise ValueError(f"chunk_logits must be >= 1 or None, got {chunk_logits}")
+    chunk_tokens = None if chunk_logits is None else max(1, chunk_logits // lm_head.weight.shape[0])
     ce = []
     for h in loop_hidden_states:
         hidden = h[:, :-1]  # (B, S-1, H)
-        if chunk_tokens is None or not torch.is_grad_enabled():
-            ce.append(_token_ce(hidden, safe_targets, lm_head))  # no backward: nothing is kept anyway
+        if chunk_tokens is None or not torch.is_grad_enabled() or hidden.shape[0] * hidden.shape[1] <= chunk_tokens:
+            # No backward (nothing is kept), or one chunk: at most T chunks' logits, the unchunked computation.
+            ce.append(_token_ce(hidden, safe_targets, lm_head))
         else:
             ce.append(_chunked_token_ce(hidden, safe_targets, lm_head, chunk_tokens))
     return torch.stack(ce) * mask, mask
@@ -57,8 +63,6 @@ def _chunked_token_ce(
     hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module, chunk_tokens: int
 ) -> torch.Tensor:
     """`_token_ce` over the flattened (B * N) positions in chunks, each recomputed in the backward."""
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1 or None, got {chunk_tokens}")
     batch, n, width = hidden.shape
     flat_h, flat_t = hidden.reshape(1, batch * n, width), targets.reshape(1, batch * n)
     pieces = [
@@ -106,4 +110,4 @@ def stage1_loss(
     return loss, stats
 
 
-__all__ = ["DEFAULT_CHUNK_TOKENS", "IGNORE_INDEX", "final_loop_loss", "mean_loop_loss", "per_loop_token_losses", "stage1_loss"]
+__all__ = ["DEFAULT_CHUNK_LOGITS", "IGNORE_INDEX", "final_loop_loss", "mean_loop_loss", "per_loop_token_losses", "stage1_loss"]

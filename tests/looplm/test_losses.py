@@ -18,7 +18,8 @@ def _stage1(chunk_tokens: int | None, seed: int = 0) -> tuple[torch.Tensor, list
     labels = torch.randint(0, vocab, (batch, seq))
     labels[0, :4] = IGNORE_INDEX  # a masked prompt
     labels[2, -3:] = IGNORE_INDEX  # padding
-    ce, mask = per_loop_token_losses(states, head, labels, chunk_tokens=chunk_tokens)
+    chunk_logits = None if chunk_tokens is None else chunk_tokens * vocab
+    ce, mask = per_loop_token_losses(states, head, labels, chunk_logits=chunk_logits)
     loss = stage1_loss(ce, gates, mask, beta=0.05)[0]
     grads = torch.autograd.grad(loss, [*states, head.weight, gates])
     return loss.detach(), [g.detach() for g in grads]
@@ -39,8 +40,19 @@ def test_masked_positions_have_zero_loss_and_chunk_size_is_checked():
     torch.manual_seed(0)
     head = nn.Linear(8, 13, bias=False)
     labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 4]])
-    ce, mask = per_loop_token_losses([torch.randn(1, 4, 8, requires_grad=True)], head, labels, chunk_tokens=2)
+    ce, mask = per_loop_token_losses([torch.randn(1, 4, 8, requires_grad=True)], head, labels, chunk_logits=2 * 13)
     assert mask.tolist() == [[False, True, True]]
     assert ce[0, 0, 0] == 0 and (ce[0, 0, 1:] > 0).all()
-    with pytest.raises(ValueError, match="chunk_tokens"):
-        per_loop_token_losses([torch.randn(1, 4, 8, requires_grad=True)], head, labels, chunk_tokens=0)
+    with pytest.raises(ValueError, match="chunk_logits"):
+        per_loop_token_losses([torch.randn(1, 4, 8, requires_grad=True)], head, labels, chunk_logits=0)
+
+
+def test_the_chunk_budget_is_in_logits():
+    """At Ouro's vocabulary the default is 1,024 tokens a chunk; a small vocabulary fits in one chunk."""
+    from looplm.losses import DEFAULT_CHUNK_LOGITS
+
+    assert DEFAULT_CHUNK_LOGITS // 49152 == 1024 and DEFAULT_CHUNK_LOGITS // 384 > 100_000
+    # One chunk is the unchunked computation itself: bitwise the same loss and gradients.
+    loss, grads = _stage1(DEFAULT_CHUNK_LOGITS // 97)
+    ref_loss, ref_grads = _stage1(None)
+    assert torch.equal(loss, ref_loss) and all(torch.equal(a, b) for a, b in zip(grads, ref_grads, strict=True))
