@@ -115,7 +115,10 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "ray"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # Ray 2.60 warns at every local ray.init that token auth is on by default (the pool keeps that default).
+    # Ray sets its "ray" logger back to INFO when imported; levels on its child loggers stay. Hidden: the
+    # "Started a local Ray instance" line, and the warning at every local ray.init that token auth is on by
+    # default (the pool keeps that default).
+    logging.getLogger("ray._private.worker").setLevel(logging.WARNING)
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental in TRL; we pin TRL
     # transformers 5.23 renamed gradient_checkpointing; its own trainers still call the old names.
