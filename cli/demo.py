@@ -87,12 +87,14 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 
 
 def quiet_terminal() -> None:
-    """One progress bar per stage (the trainer's): none for dataset maps or weight loading."""
+    """Progress bars for the stages' work only (none for dataset maps or weight loading), and no per-point
+    lines from the frontier (the report holds its table)."""
     import datasets
     import transformers
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("gate_tuning.frontier").setLevel(logging.WARNING)
 
 
 def _stage(title: str, results_file: Path, seconds: dict[str, float], run) -> dict[str, Any]:
