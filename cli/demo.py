@@ -15,6 +15,7 @@ then a report: accuracy after each stage, the per-step parity gap, average loops
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -74,7 +75,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         *config.gate_overrides, f"model.path={grpo_dir / 'model'}", f"training.output_dir={gate_dir}",
     ])
     gate = _stage("3/3 Stage-II gate tuning and the frontier", gate_dir / "results.json", seconds,
-                  lambda: run_gate(gate_cfg))
+                  lambda: _printing_into(gate_dir / "trainer_log.txt", lambda: run_gate(gate_cfg)))
 
     metrics = [json.loads(line) for line in (grpo_dir / "metrics.jsonl").read_text().splitlines()]
     report = build_report(sft, grpo, gate, metrics, seconds)
@@ -95,6 +96,13 @@ def quiet_terminal() -> None:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("gate_tuning.frontier").setLevel(logging.WARNING)
+
+
+def _printing_into(path: Path, run):
+    """Run with stdout going to `path`: the gate recipe's trainer prints transformers' log dicts there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as sink, contextlib.redirect_stdout(sink):
+        return run()
 
 
 def _stage(title: str, results_file: Path, seconds: dict[str, float], run) -> dict[str, Any]:
