@@ -1,7 +1,7 @@
 """Ouro-1.4B at its real size on this CPU: 2 LoRA SFT steps and 1 LoRA GRPO step, time and peak memory.
 
 The model is built with random weights from Ouro-1.4B's config (24 layers, hidden 2048, FFN 5632, 16 heads,
-vocab 49,152, T = 4; docs: looplm-facts.md), in fp32 (~5.8 GB). Nothing is downloaded: the tokenizer is the tiny
+vocab 49,152, T = 4; docs: looplm-facts.md): 1.44B parameters, 5.8 GB in fp32. Nothing is downloaded: the tokenizer is the tiny
 recipes' byte-level BPE (its ids fit the 49,152-row embedding), the data the synthetic arithmetic task, so the
 sequences are short. Each stage runs in its own subprocess through the recipes' own pieces
 (`posttrain.sft.make_trainer`; `posttrain.grpo`'s data, engine and LoRA builders with `LoopGRPOTrainer`), with
@@ -15,7 +15,7 @@ import json
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from configs import CONFIG_DIR
 
@@ -29,6 +29,11 @@ class OuroCPUBenchConfig:
     seed: int = 0
     # LoopLMConfig fields changed from Ouro-1.4B's (e.g. {num_hidden_layers: 1} for a quick check of the script)
     model_overrides: dict[str, Any] = field(default_factory=dict)
+    # Weights' dtype per stage. GRPO holds the policy, the engine's copy and the merged weights synced to it
+    # (three copies of 1.4B parameters): 17+ GB in fp32, more than a 24 GB machine shared with other jobs had
+    # free; bf16 halves it (the LoRA adapters stay fp32).
+    sft_dtype: Literal["float32", "bfloat16"] = "float32"
+    grpo_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     sft_overrides: list[str] = field(default_factory=lambda: [
         "lora.enabled=true", "lora.r=8", "lora.alpha=16", "training.max_steps=2",
         "training.per_device_train_batch_size=2", "training.max_length=64", "training.logging_steps=1",
@@ -68,8 +73,8 @@ def _peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
-def _build_model(config: OuroCPUBenchConfig):
-    """-> (the random Ouro-1.4B LoopLM in fp32, seconds to build it)."""
+def _build_model(config: OuroCPUBenchConfig, dtype: str):
+    """-> (the random Ouro-1.4B LoopLM in `dtype`, seconds to build it)."""
     import time
 
     import torch
@@ -78,7 +83,7 @@ def _build_model(config: OuroCPUBenchConfig):
 
     start = time.perf_counter()
     torch.manual_seed(config.seed)
-    model = LoopLMForCausalLM(LoopLMConfig(**{**OURO_1_4B, **config.model_overrides}))
+    model = LoopLMForCausalLM(LoopLMConfig(**{**OURO_1_4B, **config.model_overrides})).to(getattr(torch, dtype))
     return model, time.perf_counter() - start
 
 
@@ -94,7 +99,7 @@ def _sft_stage(config: OuroCPUBenchConfig) -> dict[str, Any]:
                       [*config.sft_overrides, "training.output_dir=runs/bench/ouro_cpu_sft"])
     data = load_sft_data(cfg.data)
     tokenizer = build_tokenizer(corpus_of(data.train), vocab_size=cfg.model.tokenizer_vocab_size)
-    model, build_s = _build_model(config)
+    model, build_s = _build_model(config, config.sft_dtype)
     fix_ouro_special_tokens(tokenizer, model)
     trainer = make_trainer(cfg, model, tokenizer, data)
     start = time.perf_counter()
@@ -124,7 +129,7 @@ def _grpo_stage(config: OuroCPUBenchConfig) -> dict[str, Any]:
               for m in row]
     tokenizer = build_tokenizer(corpus)
     tokenizer.chat_template = tokenizer.chat_template or CHAT_TEMPLATE
-    model, build_s = _build_model(config)
+    model, build_s = _build_model(config, config.grpo_dtype)
     fix_ouro_special_tokens(tokenizer, model)
     model.model.early_exit_gate.requires_grad_(False)
     engine = build_engine(cfg.rollout, model, "", tokenizer)
@@ -145,12 +150,14 @@ def _grpo_stage(config: OuroCPUBenchConfig) -> dict[str, Any]:
 
 
 def print_markdown(results: dict[str, Any]) -> None:
-    print("\n| stage | steps | seconds (training) | seconds per step | peak RSS (GB) |\n|---|---:|---:|---:|---:|")
+    c = results["config"]
+    print("\n| stage | weights | steps | seconds (training) | seconds per step | peak RSS (GB) |\n"
+          "|---|---|---:|---:|---:|---:|")
     for stage in ("sft", "grpo"):
         r = results.get(stage)
         if r:
-            print(f"| {stage} (LoRA) | {r['steps']} | {r['train_s']:.0f} | {r['train_s'] / r['steps']:.0f} | "
-                  f"{r['peak_rss_gb']:.1f} |")
+            print(f"| {stage} (LoRA) | {c[stage + '_dtype']} | {r['steps']} | {r['train_s']:.0f} | "
+                  f"{r['train_s'] / r['steps']:.0f} | {r['peak_rss_gb']:.1f} |")
 
 
 if __name__ == "__main__":
