@@ -32,9 +32,10 @@ from posttrain.synthetic import ArithmeticTask
 
 from .data import Example, PadCollator, load_examples, training_features
 from .frontier import (
+    FrontierComparison,
     FrontierPoint,
+    compare_frontiers,
     evaluate_rules,
-    frontier_margin,
     hidden_diff_rules,
     kv_rules,
     pick_threshold,
@@ -365,6 +366,9 @@ def run_gate(config: GateRecipeConfig) -> dict[str, Any]:
     }
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=float) + "\n")
     logger.info("frontier (%s):\n%s", paths["md"], paths["md"].read_text())
+    gap = results["tuned_vs_untuned"]
+    logger.info("tuned vs untuned gate over %s average loops: min gap %.4f (%s) at %.3f loops; tuned below on %s",
+                gap["depth_range"], gap["min_gap"], gap["metric"], gap["at_loops"], gap["below"] or "no interval")
     logger.info("chosen q %.3g: %.2f loops per token (%.1f%% fewer than static T), accuracy drop %s",
                 results["chosen_q"], pick.avg_loops, 100 * results["loops_saved_vs_static_T"],
                 results["accuracy_drop_vs_static_T"])
@@ -401,9 +405,13 @@ def summarize(points: list[FrontierPoint], pick: FrontierPoint, num_loops: int) 
         "static_T": asdict(static_t),
         "loops_saved_vs_static_T": 1.0 - pick.avg_loops / num_loops,
         "accuracy_drop_vs_static_T": None if pick.accuracy is None else static_t.accuracy - pick.accuracy,
-        f"tuned_minus_untuned_{metric}_min_over_depths": frontier_margin(tuned, untuned, metric),
+        "tuned_vs_untuned": comparison_summary(compare_frontiers(tuned, untuned, metric), metric),
         "points": [asdict(p) for p in points],
     }
+
+
+def comparison_summary(comparison: FrontierComparison, metric: str) -> dict[str, Any]:
+    return {"metric": metric, "tuned_at_or_above_untuned": comparison.a_at_or_above_b, **asdict(comparison)}
 
 
 __all__ = [
