@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
+from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainingArguments
 
 import looplm
@@ -43,7 +44,14 @@ from .frontier import (
     static_rules,
     write_frontier,
 )
-from .stage2 import GATE_PREFIX, GateTrainer, check_stage2_args, freeze_lm
+from .stage2 import (
+    GATE_PREFIX,
+    GateTrainer,
+    check_stage2_args,
+    freeze_lm,
+    mean_final_loss,
+    scaled_target_args,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +95,9 @@ class Stage2Section:
     k: float = 50.0  # sharpness of the continue target w = sigmoid(k (I - gamma))
     gamma: float = 0.005  # the loss improvement (nats) at which w = 1/2
     alignment: Literal["same_loop", "next_loop"] = "same_loop"  # see gate_tuning.stage2
+    # nats: k per nat and gamma in nats, as Ouro (for real checkpoints); mean_loss: I and gamma in units of the
+    # model's mean per-token loss at loop T, for models whose losses are far from Ouro's ~1 nat (gate_tuning.stage2)
+    units: Literal["nats", "mean_loss"] = "nats"
 
     def __post_init__(self) -> None:
         if not self.k > 0:
@@ -294,18 +305,26 @@ def tune_gate(
     check_stage2_args(stage2.k, model.config.total_ut_steps)
     require_examples(examples, "data.train")
     freeze_lm(model)
+    features, collator = [training_features(e) for e in examples], PadCollator(pad_id)
+    scale = None
+    if stage2.units == "mean_loss":
+        scale = mean_final_loss(model.eval(), DataLoader(features, batch_size=cfg.batch_size, collate_fn=collator))
+    k, gamma = scaled_target_args(stage2.k, stage2.gamma, stage2.units, scale)
+    logger.info("Stage-II targets: w = sigmoid(%.4g (I - %.4g)) with I in nats (units %s, mean loss at loop T %s)",
+                k, gamma, stage2.units, "not measured" if scale is None else f"{scale:.4g}")
     trainer = GateTrainer(
         model=model,
         args=training_args(cfg, use_cpu=model.device.type == "cpu"),
-        train_dataset=[training_features(e) for e in examples],
-        data_collator=PadCollator(pad_id),
-        k=stage2.k,
-        gamma=stage2.gamma,
+        train_dataset=features,
+        data_collator=collator,
+        k=k,
+        gamma=gamma,
         alignment=stage2.alignment,
     )
     output = trainer.train()
     model.eval()
-    return {"train_loss": output.training_loss, "log_history": trainer.state.log_history}
+    return {"train_loss": output.training_loss, "log_history": trainer.state.log_history,
+            "targets": {"units": stage2.units, "mean_final_loss": scale, "k_per_nat": k, "gamma_nats": gamma}}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -362,7 +381,7 @@ def run_gate(config: GateRecipeConfig) -> dict[str, Any]:
     paths = write_frontier(points, out, title=f"{config.model.path}: Stage-I vs Stage-II gate")
     save_config(config, out / "gate_config.yaml")
     results = summarize(points, pick, num_loops) | {
-        "train_loss": training["train_loss"], "model_dir": str(model_dir), **{k: str(v) for k, v in paths.items()},
+        "train_loss": training["train_loss"], "stage2_targets": training["targets"], "model_dir": str(model_dir), **{k: str(v) for k, v in paths.items()},
     }
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=float) + "\n")
     logger.info("frontier (%s):\n%s", paths["md"], paths["md"].read_text())

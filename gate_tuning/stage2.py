@@ -11,6 +11,13 @@ Which gate g(t) pairs with improvement I_t (`alignment`):
                value, and gate T trains although the exit distribution never reads it.
     next_loop  g(t) = t - 1: lambda_{t-1}, read before loop t runs, learns whether running loop t pays. Trains
                exactly the gates 1..T-1 that Q-exit reads.
+Units of I_t and gamma (`units`, `scaled_target_args`):
+    nats       as Ouro: k = 50 per nat, gamma = 0.005 nats, fit for a model whose per-token losses are ~1 nat.
+    mean_loss  in units of the model's own mean per-token loss s at the last loop (measured once on the training
+               rows, LM frozen): w_t = sigmoid(k * (I_t / s - gamma)). For s ~ 1 nat this is Ouro's target; for a
+               model whose losses are 100x smaller, it keeps the target's logit range, k * I_t / s, as wide as
+               Ouro's instead of squeezing every token's target into sigmoid(k * (0 .. 0.01) - 0.25) ~ 0.44 .. 0.56,
+               which pulls every gate toward 1/2 and erases the Stage-I gate's ranking of tokens.
 Only the gate's parameters get gradients: the LM is frozen by `requires_grad=False` and its states carry no
 graph, so the backward pass is the gate's alone. Shapes follow `looplm.losses`: ce (T, B, S-1), mask (B, S-1),
 gate_logits (B, S, T) (position i's gate decides the depth used to predict token i + 1).
@@ -19,6 +26,7 @@ gate_logits (B, S, T) (position i's gate decides the depth used to predict token
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
@@ -31,6 +39,7 @@ from looplm.losses import per_loop_token_losses
 logger = logging.getLogger(__name__)
 
 Alignment = Literal["same_loop", "next_loop"]
+Units = Literal["nats", "mean_loss"]
 GATE_PREFIX = "model.early_exit_gate."
 
 
@@ -89,6 +98,30 @@ def freeze_lm(model: LoopLMForCausalLM) -> list[str]:
     return trainable
 
 
+@torch.no_grad()
+def mean_final_loss(model: LoopLMForCausalLM, batches: Iterable[dict[str, torch.Tensor]]) -> float:
+    """The mean per-token cross-entropy at the last loop over `batches` (label tokens), LM as it is."""
+    total, count = 0.0, 0
+    for batch in batches:
+        batch = {name: t.to(model.device) for name, t in batch.items()}
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                    output_loop_states=True, logits_to_keep=1)
+        ce, mask = per_loop_token_losses(out.loop_hidden_states[-1:], model.get_output_embeddings(), batch["labels"])
+        total, count = total + ce[-1][mask].double().sum().item(), count + int(mask.sum())
+    if count == 0:
+        raise ValueError("mean_final_loss: no label tokens in the batches")
+    return total / count
+
+
+def scaled_target_args(k: float, gamma: float, units: Units, loss_scale: float | None) -> tuple[float, float]:
+    """(k, gamma) in nats for `continue_targets`: w = sigmoid(k (I / s - gamma)) = sigmoid((k / s) (I - gamma s))."""
+    if units == "nats":
+        return k, gamma
+    if loss_scale is None or not loss_scale > 0:
+        raise ValueError(f"stage2.units = mean_loss needs the model's mean per-token loss > 0, got {loss_scale}")
+    return k / loss_scale, gamma * loss_scale
+
+
 class GateTrainer(Trainer):
     """transformers' Trainer with the Stage-II loss. Overrides only `compute_loss` (public, documented hook).
 
@@ -118,5 +151,7 @@ __all__ = [
     "continue_targets",
     "freeze_lm",
     "loop_improvements",
+    "mean_final_loss",
+    "scaled_target_args",
     "stage2_loss",
 ]
