@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import csv
 import dataclasses
+import itertools
 import logging
 import math
 from collections.abc import Sequence
@@ -273,6 +274,23 @@ def compare_frontiers(
     return FrontierComparison(gaps[i], xs[i], (lo, hi), _negative_intervals(xs, gaps))
 
 
+def frontier_area(points: Sequence[FrontierPoint], num_loops: int, metric: str = "accuracy") -> float:
+    """The curve's mean value over average loops 1..T: its straight-line interpolation integrated over [1, T]
+    (held flat beyond its first and last points) and divided by T - 1. Higher is better; nan when empty."""
+    curve = frontier_curve(points, metric)
+    if not curve:
+        return math.nan
+    if num_loops < 2:
+        raise ValueError(f"frontier_area: needs T >= 2 loops, got {num_loops}")
+    xs = sorted({1.0, float(num_loops), *(x for x, _ in curve if 1.0 <= x <= num_loops)})
+
+    def at(x: float) -> float:
+        return interpolate(curve, min(max(x, curve[0][0]), curve[-1][0]))
+
+    area = sum((x1 - x0) * (at(x0) + at(x1)) / 2 for x0, x1 in itertools.pairwise(xs))
+    return area / (num_loops - 1)
+
+
 def _negative_intervals(xs: Sequence[float], gaps: Sequence[float]) -> list[tuple[float, float]]:
     """Where the piecewise-linear function through (xs, gaps) is below -GAP_TOL, as merged intervals."""
     spans: list[tuple[float, float]] = []
@@ -385,6 +403,7 @@ __all__ = [
     "FrontierPoint",
     "compare_frontiers",
     "evaluate_rules",
+    "frontier_area",
     "frontier_curve",
     "generation_accuracy",
     "hidden_diff_rules",

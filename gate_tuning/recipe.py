@@ -37,6 +37,7 @@ from .frontier import (
     FrontierPoint,
     compare_frontiers,
     evaluate_rules,
+    frontier_area,
     hidden_diff_rules,
     kv_rules,
     pick_threshold,
@@ -46,9 +47,11 @@ from .frontier import (
 )
 from .stage2 import (
     GATE_PREFIX,
+    GateSnapshots,
     GateTrainer,
     check_stage2_args,
     freeze_lm,
+    load_gate_state,
     mean_final_loss,
     scaled_target_args,
 )
@@ -85,6 +88,8 @@ class DataSection:
     eval_split: str = "test"
     train_rows: int = 2048
     eval_rows: int = 128
+    # Rows taken off the end of the training rows for held-out gate selection (training.select_every > 0)
+    val_rows: int = 0
     seed: int = 1  # synthetic: SFT used seed 0, so these problems are new ones
     task: ArithmeticTask = field(default_factory=ArithmeticTask)  # the synthetic problems (train: synthetic)
     max_length: int = 256
@@ -118,6 +123,11 @@ class TrainingSection:
     seed: int = 0
     logging_steps: int = 20
     save_steps: int = 0  # 0: no intermediate checkpoints
+    # Held-out selection: > 0 snapshots the gate every select_every steps; the snapshot with the largest area under
+    # its teacher-forced Q-exit frontier (-loss over average loops 1..T, eval.q_grid plus q = 0 and 1) on the
+    # data.val_rows validation rows is kept. The starting (Stage-I) gate is a candidate: Stage II can then end
+    # where it began. 0: keep the last step's gate.
+    select_every: int = 0
     progress_bar: bool = True
 
 
@@ -163,6 +173,13 @@ class GateRecipeConfig:
     training: TrainingSection = field(default_factory=TrainingSection)
     eval: EvalSection = field(default_factory=EvalSection)
     select: SelectSection = field(default_factory=SelectSection)
+
+    def __post_init__(self) -> None:
+        if self.training.select_every < 0:
+            raise ValueError(f"training.select_every must be >= 0, got {self.training.select_every}")
+        if (self.training.select_every > 0) != (self.data.val_rows > 0):
+            raise ValueError("held-out gate selection needs both training.select_every > 0 and data.val_rows > 0 "
+                             f"(got {self.training.select_every} and {self.data.val_rows})")
 
 
 @dataclass
@@ -299,9 +316,11 @@ def training_args(cfg: TrainingSection, use_cpu: bool) -> TrainingArguments:
 
 
 def tune_gate(
-    model: LoopLMForCausalLM, examples: list[Example], stage2: Stage2Section, cfg: TrainingSection, pad_id: int
+    model: LoopLMForCausalLM, examples: list[Example], stage2: Stage2Section, cfg: TrainingSection, pad_id: int,
+    selection: Selection | None = None,
 ) -> dict[str, Any]:
-    """Stage II in place on `model` (only the gate changes); -> the trainer's log history."""
+    """Stage II in place on `model` (only the gate changes); -> the trainer's log history (and, with `selection`
+    and cfg.select_every > 0, which snapshot was kept)."""
     check_stage2_args(stage2.k, model.config.total_ut_steps)
     require_examples(examples, "data.train")
     freeze_lm(model)
@@ -312,19 +331,53 @@ def tune_gate(
     k, gamma = scaled_target_args(stage2.k, stage2.gamma, stage2.units, scale)
     logger.info("Stage-II targets: w = sigmoid(%.4g (I - %.4g)) with I in nats (units %s, mean loss at loop T %s)",
                 k, gamma, stage2.units, "not measured" if scale is None else f"{scale:.4g}")
+    snapshots = GateSnapshots(model, cfg.select_every) if cfg.select_every > 0 and selection is not None else None
     trainer = GateTrainer(
         model=model,
         args=training_args(cfg, use_cpu=model.device.type == "cpu"),
         train_dataset=features,
         data_collator=collator,
+        callbacks=[snapshots] if snapshots else None,
         k=k,
         gamma=gamma,
         alignment=stage2.alignment,
     )
     output = trainer.train()
     model.eval()
-    return {"train_loss": output.training_loss, "log_history": trainer.state.log_history,
-            "targets": {"units": stage2.units, "mean_final_loss": scale, "k_per_nat": k, "gamma_nats": gamma}}
+    results = {"train_loss": output.training_loss, "log_history": trainer.state.log_history,
+               "targets": {"units": stage2.units, "mean_final_loss": scale, "k_per_nat": k, "gamma_nats": gamma}}
+    if snapshots is not None:
+        results["selection"] = select_gate(model, snapshots.snapshots, selection)
+    return results
+
+
+@dataclass
+class Selection:
+    """What held-out gate selection evaluates on: validation rows (never the test rows) and the q grid."""
+
+    examples: list[Example]
+    tokenizer: PreTrainedTokenizerBase
+    q_grid: list[float]
+    batch_size: int = 32
+
+
+def select_gate(model: LoopLMForCausalLM, snapshots: dict[int, dict[str, torch.Tensor]], sel: Selection) -> dict:
+    """Load into `model` the snapshot whose teacher-forced Q-exit frontier on the validation rows has the largest
+    area (`frontier_area` of -loss over loops 1..T); ties keep the earliest step (the Stage-I gate first)."""
+    grid = sorted({0.0, 1.0, *sel.q_grid})  # q = 0 is static 1 loop, q = 1 static T: every curve spans 1..T
+    num_loops, areas = model.config.total_ut_steps, {}
+    for step, state in snapshots.items():
+        load_gate_state(model, state)
+        points = evaluate_rules(model, sel.tokenizer, sel.examples, q_exit_rules(grid, f"step {step}"),
+                                sel.batch_size, accuracy=False)
+        areas[step] = frontier_area(points, num_loops, metric="loss")
+        logger.info("gate selection: step %d, validation frontier area (-loss over loops 1..%d) %.5f",
+                    step, num_loops, areas[step])
+    best = max(areas, key=lambda step: (areas[step], -step))
+    load_gate_state(model, snapshots[best])
+    logger.info("gate selection: kept the gate of step %d%s", best, " (the starting Stage-I gate)" if best == 0 else "")
+    return {"kept_step": best, "validation_rows": len(sel.examples), "areas": areas,
+            "criterion": "area under the teacher-forced Q-exit frontier (-loss over average loops 1..T)"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -364,6 +417,11 @@ def run_gate(config: GateRecipeConfig) -> dict[str, Any]:
     train, held_out = load_train_examples(config.data, tokenizer), load_eval_examples(config.data, tokenizer)
     require_examples(train, "data.train")
     require_examples(held_out, "held-out data")
+    selection = None
+    if config.data.val_rows > 0:
+        train, val = train[: -config.data.val_rows], train[-config.data.val_rows :]
+        require_examples(train, "data.train (after taking data.val_rows off it)")
+        selection = Selection(val, tokenizer, config.eval.q_grid, config.eval.batch_size)
     model = load_model(config.model, tokenizer)
     num_loops = model.config.total_ut_steps
     check_stage2_args(config.stage2.k, num_loops)
@@ -372,7 +430,7 @@ def run_gate(config: GateRecipeConfig) -> dict[str, Any]:
     before = frontier(model, tokenizer, held_out, base_rules(num_loops, config.eval, UNTUNED), config.eval,
                       config.model.eval_dtype)
     logger.info("Stage II on %d examples", len(train))
-    training = tune_gate(model, train, config.stage2, config.training, tokenizer.pad_token_id)
+    training = tune_gate(model, train, config.stage2, config.training, tokenizer.pad_token_id, selection)
     after = frontier(model, tokenizer, held_out, q_exit_rules(config.eval.q_grid, TUNED), config.eval,
                      config.model.eval_dtype)
     points = [*before, *after]
@@ -381,7 +439,8 @@ def run_gate(config: GateRecipeConfig) -> dict[str, Any]:
     paths = write_frontier(points, out, title=f"{config.model.path}: Stage-I vs Stage-II gate")
     save_config(config, out / "gate_config.yaml")
     results = summarize(points, pick, num_loops) | {
-        "train_loss": training["train_loss"], "stage2_targets": training["targets"], "model_dir": str(model_dir), **{k: str(v) for k, v in paths.items()},
+        "train_loss": training["train_loss"], "stage2_targets": training["targets"],
+        "gate_selection": training.get("selection"), "model_dir": str(model_dir), **{k: str(v) for k, v in paths.items()},
     }
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=float) + "\n")
     logger.info("frontier (%s):\n%s", paths["md"], paths["md"].read_text())

@@ -31,7 +31,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer
+from torch import nn
+from transformers import Trainer, TrainerCallback
 
 from looplm import LoopLMForCausalLM
 from looplm.losses import per_loop_token_losses
@@ -122,6 +123,31 @@ def scaled_target_args(k: float, gamma: float, units: Units, loss_scale: float |
     return k / loss_scale, gamma * loss_scale
 
 
+def gate_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the exit gate's parameters."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith(GATE_PREFIX)}
+
+
+@torch.no_grad()
+def load_gate_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for name, value in state.items():
+        params[name].copy_(value)
+
+
+class GateSnapshots(TrainerCallback):
+    """Copies of the gate during Stage II: the starting (Stage-I) gate as step 0, then every `every` steps and the
+    last step, for held-out selection (`gate_tuning.recipe.select_gate`)."""
+
+    def __init__(self, model: nn.Module, every: int):
+        self.model, self.every = model, every
+        self.snapshots: dict[int, dict[str, torch.Tensor]] = {0: gate_state(model)}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self.snapshots[state.global_step] = gate_state(self.model)
+
+
 class GateTrainer(Trainer):
     """transformers' Trainer with the Stage-II loss. Overrides only `compute_loss` (public, documented hook).
 
@@ -146,10 +172,13 @@ class GateTrainer(Trainer):
 
 __all__ = [
     "GATE_PREFIX",
+    "GateSnapshots",
     "GateTrainer",
     "check_stage2_args",
     "continue_targets",
     "freeze_lm",
+    "gate_state",
+    "load_gate_state",
     "loop_improvements",
     "mean_final_loss",
     "scaled_target_args",

@@ -14,6 +14,7 @@ from gate_tuning.frontier import (
     FrontierPoint,
     compare_frontiers,
     evaluate_rules,
+    frontier_area,
     hidden_diff_rules,
     kv_rules,
     pick_threshold,
@@ -134,6 +135,16 @@ def test_compare_frontiers_interpolates_over_the_common_depth_range():
     lab = compare_frontiers(la, lb, metric="loss")
     assert lab.min_gap == pytest.approx(-0.2) and lab.at_loops == 2.0 and lab.below == [(1.0, 3.0)]
     assert compare_frontiers(lb, la, metric="loss").a_at_or_above_b
+
+
+def test_frontier_area_is_the_mean_over_loops_one_to_t():
+    full = [point("a", 0.0, 1.0, 0.5), point("a", 0.5, 2.0, 0.8), point("a", 1.0, 4.0, 0.9)]
+    assert frontier_area(full, 4) == pytest.approx((0.65 + 2 * 0.85) / 3)
+    partial = [point("b", 0.2, 1.5, 0.6), point("b", 0.8, 3.0, 0.9)]  # held flat beyond its ends
+    assert frontier_area(partial, 4) == pytest.approx((0.5 * 0.6 + 1.5 * 0.75 + 0.9) / 3)
+    loss = [point("c", 0.0, 1.0, None, loss=2.0), point("c", 1.0, 4.0, None, loss=1.0)]
+    assert frontier_area(loss, 4, metric="loss") == pytest.approx(-1.5)
+    assert math.isnan(frontier_area([], 4))
 
 
 def test_compare_frontiers_without_overlap_is_nan():

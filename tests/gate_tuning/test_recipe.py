@@ -46,6 +46,17 @@ def test_gate_recipe_tunes_only_the_gate_and_writes_the_frontier(checkpoint, tmp
         assert (tmp_path / name).is_file(), name
 
 
+def test_held_out_selection_keeps_the_best_validation_snapshot(checkpoint, tmp_path):
+    results = run_gate(gate_cfg(checkpoint, tmp_path, "data.val_rows=6", "training.select_every=2"))
+    selection = results["gate_selection"]
+    areas = selection["areas"]
+    assert sorted(areas) == [0, 2, 4] and selection["validation_rows"] == 6  # step 0: the starting gate
+    assert areas[selection["kept_step"]] == max(areas.values())
+    before, after = (load_file(str(d / "model.safetensors")) for d in (checkpoint, tmp_path / "model"))
+    gate_moved = any(not torch.equal(before[n], after[n]) for n in before if n.startswith(GATE_PREFIX))
+    assert gate_moved == (selection["kept_step"] != 0)
+
+
 def test_eval_recipe_on_the_tuned_folder(checkpoint, tmp_path):
     cfg = load_config(EvalRecipeConfig, CONFIG_DIR / "eval_tiny.yaml", [
         f"model.path={checkpoint}", f"output_dir={tmp_path}", "data.eval_rows=4", "eval.q_grid=[0.5]",
@@ -101,6 +112,8 @@ def test_an_empty_dataset_is_refused(checkpoint, tmp_path, no_compute):
         ("eval.q_grid=[0.5, 1.5]", r"q must be in \[0, 1\], got 1.5"),
         ("eval.q_grid=[-0.1]", r"q must be in \[0, 1\], got -0.1"),
         ("select.target_avg_loops=2.5", "exactly one of max_accuracy_drop and target_avg_loops"),
+        ("training.select_every=5", "needs both training.select_every > 0 and data.val_rows > 0"),
+        ("data.val_rows=5", "needs both training.select_every > 0 and data.val_rows > 0"),
     ],
 )
 def test_bad_settings_fail_at_load_time(checkpoint, tmp_path, override, message):
