@@ -103,6 +103,8 @@ class Stage2Section:
     # nats: k per nat and gamma in nats, as Ouro (for real checkpoints); mean_loss: I and gamma in units of the
     # model's mean per-token loss at loop T, for models whose losses are far from Ouro's ~1 nat (gate_tuning.stage2)
     units: Literal["nats", "mean_loss"] = "nats"
+    # none: every label token alike (Ouro); loss_change: each token's BCE weighted by |L_{t-1} - L_t| (stage2.py)
+    weighting: Literal["none", "loss_change"] = "none"
 
     def __post_init__(self) -> None:
         if not self.k > 0:
@@ -341,6 +343,7 @@ def tune_gate(
         k=k,
         gamma=gamma,
         alignment=stage2.alignment,
+        weighting=stage2.weighting,
     )
     output = trainer.train()
     model.eval()

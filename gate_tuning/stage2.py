@@ -4,7 +4,8 @@ Per token and loop t = 2..T, with L_t the token's cross-entropy read at loop t (
 forward, detached):
     improvement  I_t = max(0, L_{t-1} - L_t)
     target       w_t = sigmoid(k * (I_t - gamma))           the "continue" label; k = 50, gamma = 0.005
-    loss         (1/T) * sum_{t=2..T} BCE(1 - lambda_{g(t)}, w_t), each averaged over label tokens
+    loss         (1/T) * sum_{t=2..T} BCE(1 - lambda_{g(t)}, w_t), each averaged over label tokens (weighted by
+                 `weighting`: none as Ouro, or loss_change |L_{t-1} - L_t|, see `token_weights`)
 Which gate g(t) pairs with improvement I_t (`alignment`):
     same_loop  g(t) = t, as Ouro writes it (looplm-facts.md): lambda_t is read from h_t, the state after loop t,
                and learns whether loop t improved on loop t-1. Gates 2..T train; gate 1 keeps its Stage-I
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 Alignment = Literal["same_loop", "next_loop"]
 Units = Literal["nats", "mean_loss"]
+Weighting = Literal["none", "loss_change"]
 GATE_PREFIX = "model.early_exit_gate."
 
 
@@ -61,6 +63,19 @@ def continue_targets(ce: torch.Tensor, k: float, gamma: float) -> torch.Tensor:
     return torch.sigmoid(k * (loop_improvements(ce.detach().float()) - gamma))
 
 
+def token_weights(ce: torch.Tensor, mask: torch.Tensor, weighting: Weighting) -> torch.Tensor:
+    """(T, B, S-1), (B, S-1) -> (T-1, B, S-1) each token's weight in loop t's BCE (masked; zero off the labels).
+
+    none         every label token alike (Ouro).
+    loss_change  |L_{t-1} - L_t|: what deciding wrongly at loop t costs that token. Most tokens of a trained model
+                 sit at near-zero loss whichever loop they stop at; unweighted, their targets (all ~sigmoid(-k
+                 gamma)) outvote the few tokens whose loss the extra loop actually moves.
+    """
+    if weighting == "none":
+        return mask.float().expand(ce.shape[0] - 1, *mask.shape)
+    return (ce[:-1] - ce[1:]).detach().float().abs() * mask
+
+
 def stage2_loss(
     gate_logits: torch.Tensor,
     ce: torch.Tensor,
@@ -68,6 +83,7 @@ def stage2_loss(
     k: float = 50.0,
     gamma: float = 0.005,
     alignment: Alignment = "same_loop",
+    weighting: Weighting = "none",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """-> (loss, detached stats). gate_logits (B, S, T), ce (T, B, S-1), mask (B, S-1); see the module docstring."""
     num_loops = ce.shape[0]
@@ -78,7 +94,8 @@ def stage2_loss(
     # BCE of the continue probability 1 - lambda = sigmoid(-g) against w, in logit form for stability.
     bce = F.binary_cross_entropy_with_logits(-gates, w, reduction="none")  # (T-1, B, S-1)
     count = mask.sum().clamp(min=1)
-    per_loop = (bce * mask).sum((1, 2)) / count  # (T-1,) token means
+    weights = token_weights(ce, mask, weighting)  # (T-1, B, S-1)
+    per_loop = (bce * weights).sum((1, 2)) / weights.sum((1, 2)).clamp(min=1e-12)  # (T-1,) weighted token means
     loss = per_loop.sum() / num_loops
     stats = {
         "target_continue": ((w * mask).sum((1, 2)) / count).detach(),
@@ -154,9 +171,10 @@ class GateTrainer(Trainer):
     The model must come through `freeze_lm`: the optimizer then holds the gate's parameters alone.
     """
 
-    def __init__(self, *args, k: float = 50.0, gamma: float = 0.005, alignment: Alignment = "same_loop", **kwargs):
+    def __init__(self, *args, k: float = 50.0, gamma: float = 0.005, alignment: Alignment = "same_loop",
+                 weighting: Weighting = "none", **kwargs):
         super().__init__(*args, **kwargs)
-        self.k, self.gamma, self.alignment = k, gamma, alignment
+        self.k, self.gamma, self.alignment, self.weighting = k, gamma, alignment, weighting
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
@@ -166,7 +184,7 @@ class GateTrainer(Trainer):
         with torch.no_grad():
             lm_head = self.accelerator.unwrap_model(model).get_output_embeddings()
             ce, mask = per_loop_token_losses(outputs.loop_hidden_states, lm_head, labels)
-        loss, _ = stage2_loss(outputs.gate_logits, ce, mask, self.k, self.gamma, self.alignment)
+        loss, _ = stage2_loss(outputs.gate_logits, ce, mask, self.k, self.gamma, self.alignment, self.weighting)
         return (loss, outputs) if return_outputs else loss
 
 
@@ -183,4 +201,5 @@ __all__ = [
     "mean_final_loss",
     "scaled_target_args",
     "stage2_loss",
+    "token_weights",
 ]
