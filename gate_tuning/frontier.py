@@ -398,6 +398,7 @@ def _padded_range(values: Sequence[float]) -> tuple[float, float]:
 
 
 __all__ = [
+    "GAP_TOL",
     "ExitRule",
     "FrontierComparison",
     "FrontierPoint",

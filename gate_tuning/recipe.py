@@ -33,6 +33,7 @@ from posttrain.synthetic import ArithmeticTask
 
 from .data import Example, PadCollator, load_examples, training_features
 from .frontier import (
+    GAP_TOL,
     FrontierComparison,
     FrontierPoint,
     compare_frontiers,
@@ -365,22 +366,36 @@ class Selection:
 
 
 def select_gate(model: LoopLMForCausalLM, snapshots: dict[int, dict[str, torch.Tensor]], sel: Selection) -> dict:
-    """Load into `model` the snapshot whose teacher-forced Q-exit frontier on the validation rows has the largest
-    area (`frontier_area` of -loss over loops 1..T); ties keep the earliest step (the Stage-I gate first)."""
+    """Load into `model` the snapshot kept by held-out selection on the validation rows, and say which.
+
+    Each snapshot's teacher-forced Q-exit frontier (-loss against average loops) is measured on the validation
+    rows. Eligible: the snapshots whose frontier is at or above the starting (Stage-I) gate's at every average
+    depth (`compare_frontiers`); the starting gate always is. Kept: the eligible one with the largest
+    `frontier_area` (ties: the earliest step). So Stage II ends at the Stage-I gate when no snapshot beats it.
+    """
     grid = sorted({0.0, 1.0, *sel.q_grid})  # q = 0 is static 1 loop, q = 1 static T: every curve spans 1..T
-    num_loops, areas = model.config.total_ut_steps, {}
+    num_loops, frontiers = model.config.total_ut_steps, {}
     for step, state in snapshots.items():
         load_gate_state(model, state)
-        points = evaluate_rules(model, sel.tokenizer, sel.examples, q_exit_rules(grid, f"step {step}"),
-                                sel.batch_size, accuracy=False)
-        areas[step] = frontier_area(points, num_loops, metric="loss")
-        logger.info("gate selection: step %d, validation frontier area (-loss over loops 1..%d) %.5f",
-                    step, num_loops, areas[step])
-    best = max(areas, key=lambda step: (areas[step], -step))
+        frontiers[step] = evaluate_rules(model, sel.tokenizer, sel.examples, q_exit_rules(grid, f"step {step}"),
+                                         sel.batch_size, accuracy=False)
+    start = min(frontiers)
+    areas = {step: frontier_area(points, num_loops, metric="loss") for step, points in frontiers.items()}
+    gaps = {step: compare_frontiers(points, frontiers[start], metric="loss").min_gap
+            for step, points in frontiers.items()}
+    eligible = [step for step in frontiers if step == start or gaps[step] >= -GAP_TOL]
+    best = max(eligible, key=lambda step: (areas[step], -step))
+    for step in frontiers:
+        logger.info("gate selection: step %d, validation frontier area %.5f, min gap to the starting gate %.5f%s",
+                    step, areas[step], gaps[step], " (kept)" if step == best else "")
     load_gate_state(model, snapshots[best])
-    logger.info("gate selection: kept the gate of step %d%s", best, " (the starting Stage-I gate)" if best == 0 else "")
-    return {"kept_step": best, "validation_rows": len(sel.examples), "areas": areas,
-            "criterion": "area under the teacher-forced Q-exit frontier (-loss over average loops 1..T)"}
+    if best == start:
+        logger.warning("gate selection kept the starting (Stage-I) gate: no Stage-II snapshot was at or above it "
+                       "at every depth with a larger area on the validation rows")
+    return {"kept_step": best, "kept_starting_gate": best == start, "validation_rows": len(sel.examples),
+            "areas": areas, "min_gap_to_start": gaps,
+            "criterion": "largest area under the teacher-forced Q-exit frontier (-loss over average loops 1..T) "
+                         "among snapshots at or above the starting gate's frontier at every depth"}
 
 
 # ----------------------------------------------------------------------------------------------------------

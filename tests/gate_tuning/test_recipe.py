@@ -49,9 +49,12 @@ def test_gate_recipe_tunes_only_the_gate_and_writes_the_frontier(checkpoint, tmp
 def test_held_out_selection_keeps_the_best_validation_snapshot(checkpoint, tmp_path):
     results = run_gate(gate_cfg(checkpoint, tmp_path, "data.val_rows=6", "training.select_every=2"))
     selection = results["gate_selection"]
-    areas = selection["areas"]
+    areas, gaps = selection["areas"], selection["min_gap_to_start"]
     assert sorted(areas) == [0, 2, 4] and selection["validation_rows"] == 6  # step 0: the starting gate
-    assert areas[selection["kept_step"]] == max(areas.values())
+    assert gaps[0] == 0.0
+    eligible = [step for step in areas if gaps[step] >= 0.0]  # at or above the starting gate at every depth
+    assert selection["kept_step"] in eligible
+    assert areas[selection["kept_step"]] == max(areas[step] for step in eligible)
     before, after = (load_file(str(d / "model.safetensors")) for d in (checkpoint, tmp_path / "model"))
     gate_moved = any(not torch.equal(before[n], after[n]) for n in before if n.startswith(GATE_PREFIX))
     assert gate_moved == (selection["kept_step"] != 0)

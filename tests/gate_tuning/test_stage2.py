@@ -54,6 +54,24 @@ def test_stage2_loss_hand_computed(alignment):
     assert stats["gate_continue"].tolist() == pytest.approx(cont, abs=1e-6)
 
 
+def test_loss_change_weighting_hand_computed():
+    # T = 2, two label positions: loop 2 lowers the first token's loss by 0.5 and raises the second's by 0.2.
+    ce = torch.tensor([[[1.0, 0.1]], [[0.5, 0.3]]])  # (T=2, B=1, S-1=2)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    g = torch.tensor([[[0.0, 1.0], [0.0, -2.0], [0.0, 0.0]]])  # (B, S=3, T=2); same_loop reads loop 2's gate
+    k, gamma = 10.0, 0.1
+    w = [sigmoid(k * (0.5 - gamma)), sigmoid(k * (0.0 - gamma))]
+    terms = [bce(1 - sigmoid(1.0), w[0]), bce(1 - sigmoid(-2.0), w[1])]
+    weighted, _ = stage2_loss(g, ce, mask, k=k, gamma=gamma, weighting="loss_change")
+    assert weighted.item() == pytest.approx((0.5 * terms[0] + 0.2 * terms[1]) / 0.7 / 2, abs=1e-6)
+    plain, _ = stage2_loss(g, ce, mask, k=k, gamma=gamma)
+    assert plain.item() == pytest.approx((terms[0] + terms[1]) / 2 / 2, abs=1e-6)
+    # A token whose loss does not move at all carries no weight.
+    still = torch.tensor([[[1.0, 0.1]], [[0.5, 0.1]]])
+    alone, _ = stage2_loss(g, still, mask, k=k, gamma=gamma, weighting="loss_change")
+    assert alone.item() == pytest.approx(terms[0] / 2, abs=1e-6)
+
+
 def test_loss_rejects_bad_k_and_one_loop():
     ce, mask, g = torch.zeros(2, 1, 1), torch.ones(1, 1, dtype=torch.bool), torch.zeros(1, 2, 2)
     with pytest.raises(ValueError, match="k must be > 0"):
