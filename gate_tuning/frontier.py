@@ -312,8 +312,10 @@ def _crossing(x0: float, g0: float, x1: float, g1: float) -> float:
 # Outputs
 
 
-def write_frontier(points: Sequence[FrontierPoint], out_dir: str | Path, title: str = "") -> dict[str, Path]:
-    """frontier.csv, frontier.md and frontier.png under `out_dir`."""
+def write_frontier(
+    points: Sequence[FrontierPoint], out_dir: str | Path, title: str = "", note: str = ""
+) -> dict[str, Path]:
+    """frontier.csv, frontier.md (the table, then `note`) and frontier.png under `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "frontier.csv", "md": out / "frontier.md", "png": out / "frontier.png"}
@@ -322,7 +324,7 @@ def write_frontier(points: Sequence[FrontierPoint], out_dir: str | Path, title: 
         writer = csv.DictWriter(fh, fieldnames=names)
         writer.writeheader()
         writer.writerows(asdict(p) for p in points)
-    paths["md"].write_text(markdown_table(points))
+    paths["md"].write_text(markdown_table(points) + (f"\n{note}\n" if note else ""))
     plot_frontier(points, paths["png"], title)
     return paths
 

@@ -454,7 +454,8 @@ def run_gate(config: GateRecipeConfig) -> dict[str, Any]:
     points = [*before, *after]
     pick = pick_threshold(points, TUNED, num_loops, config.select.target_avg_loops, config.select.max_accuracy_drop)
     model_dir = save_tuned(model, config.model.path, out / MODEL_DIR, float(pick.param))
-    paths = write_frontier(points, out, title=f"{config.model.path}: Stage-I vs Stage-II gate")
+    paths = write_frontier(points, out, title=f"{config.model.path}: Stage-I vs Stage-II gate",
+                           note=selection_note(training.get("selection")))
     save_config(config, out / "gate_config.yaml")
     results = summarize(points, pick, num_loops) | {
         "train_loss": training["train_loss"], "stage2_targets": training["targets"],
@@ -488,6 +489,16 @@ def run_eval(config: EvalRecipeConfig) -> dict[str, Any]:
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=float) + "\n")
     logger.info("frontier (%s):\n%s", paths["md"], paths["md"].read_text())
     return results
+
+
+def selection_note(selection: dict[str, Any] | None) -> str:
+    """What frontier.md says about held-out selection, so that a reader of the table knows which gate it shows."""
+    if selection is None:
+        return ""
+    kept = "the starting Stage-I gate (step 0)" if selection["kept_starting_gate"] else f"step {selection['kept_step']}"
+    return (f"{TUNED}: held-out selection kept {kept}, by the {selection['criterion']}, on "
+            f"{selection['validation_rows']} validation rows taken off the training rows; areas by step: "
+            + ", ".join(f"{step}: {area:.5f}" for step, area in selection["areas"].items()))
 
 
 def summarize(points: list[FrontierPoint], pick: FrontierPoint, num_loops: int) -> dict[str, Any]:

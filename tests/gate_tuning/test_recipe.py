@@ -59,6 +59,7 @@ def test_held_out_selection_keeps_the_best_validation_snapshot(checkpoint, tmp_p
     before, after = (load_file(str(d / "model.safetensors")) for d in (checkpoint, tmp_path / "model"))
     gate_moved = any(not torch.equal(before[n], after[n]) for n in before if n.startswith(GATE_PREFIX))
     assert gate_moved == (selection["kept_step"] != 0)
+    assert "held-out selection kept" in (tmp_path / "frontier.md").read_text()
 
 
 def test_eval_recipe_on_the_tuned_folder(checkpoint, tmp_path):
