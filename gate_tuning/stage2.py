@@ -18,7 +18,8 @@ Units of I_t and gamma (`units`, `scaled_target_args`):
                rows, LM frozen): w_t = sigmoid(k * (I_t / s - gamma)). For s ~ 1 nat this is Ouro's target; for a
                model whose losses are 100x smaller, it keeps the target's logit range, k * I_t / s, as wide as
                Ouro's instead of squeezing every token's target into sigmoid(k * (0 .. 0.01) - 0.25) ~ 0.44 .. 0.56,
-               which pulls every gate toward 1/2 and erases the Stage-I gate's ranking of tokens.
+               which pulls every gate toward 1/2. (On the tiny models of BENCHMARKS.md this alone did not keep the
+               Stage-I gate's frontier; held-out selection, `training.select_every`, keeps it on validation rows.)
 Only the gate's parameters get gradients: the LM is frozen by `requires_grad=False` and its states carry no
 graph, so the backward pass is the gate's alone. Shapes follow `looplm.losses`: ce (T, B, S-1), mask (B, S-1),
 gate_logits (B, S, T) (position i's gate decides the depth used to predict token i + 1).
