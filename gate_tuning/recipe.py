@@ -528,12 +528,15 @@ __all__ = [
     "GateRecipeConfig",
     "ModelSection",
     "SelectSection",
+    "Selection",
     "Stage2Section",
     "TrainingSection",
     "check_checkpoint",
     "run_eval",
     "run_gate",
     "save_tuned",
+    "select_gate",
+    "selection_note",
     "tune_gate",
 ]
 

@@ -11,8 +11,19 @@ from safetensors.torch import load_file, save_file
 
 from configs import CONFIG_DIR, ConfigError, load_config
 from gate_tuning import recipe
-from gate_tuning.recipe import EvalRecipeConfig, GateRecipeConfig, run_eval, run_gate
+from gate_tuning.recipe import (
+    EvalRecipeConfig,
+    GateRecipeConfig,
+    Selection,
+    load_tokenizer,
+    load_train_examples,
+    run_eval,
+    run_gate,
+    selection_note,
+    tune_gate,
+)
 from gate_tuning.stage2 import GATE_PREFIX
+from looplm import LoopLMForCausalLM
 from tests.gate_tuning.conftest import make_checkpoint
 
 SHRINK = [
@@ -48,18 +59,23 @@ def test_gate_recipe_tunes_only_the_gate_and_writes_the_frontier(checkpoint, tmp
 
 
 def test_held_out_selection_keeps_the_best_validation_snapshot(checkpoint, tmp_path):
-    results = run_gate(gate_cfg(checkpoint, tmp_path, "data.val_rows=6", "training.select_every=2"))
-    selection = results["gate_selection"]
-    areas, gaps = selection["areas"], selection["min_gap_to_start"]
-    assert sorted(areas) == [0, 2, 4] and selection["validation_rows"] == 6  # step 0: the starting gate
+    cfg = gate_cfg(checkpoint, tmp_path, "data.val_rows=6", "training.select_every=2")
+    tokenizer = load_tokenizer(cfg.model)
+    examples = load_train_examples(cfg.data, tokenizer)
+    model = LoopLMForCausalLM.from_pretrained(str(checkpoint))
+    start = {n: t.clone() for n, t in model.state_dict().items() if n.startswith(GATE_PREFIX)}
+    selection = Selection(examples[-6:], tokenizer, [0.3, 0.8], batch_size=6)
+    kept = tune_gate(model, examples[:-6], cfg.stage2, cfg.training, tokenizer.pad_token_id, selection)["selection"]
+    areas, gaps = kept["areas"], kept["min_gap_to_start"]
+    assert sorted(areas) == [0, 2, 4] and kept["validation_rows"] == 6  # step 0: the starting gate
     assert gaps[0] == 0.0
     eligible = [step for step in areas if gaps[step] >= 0.0]  # at or above the starting gate at every depth
-    assert selection["kept_step"] in eligible
-    assert areas[selection["kept_step"]] == max(areas[step] for step in eligible)
-    before, after = (load_file(str(d / "model.safetensors")) for d in (checkpoint, tmp_path / "model"))
-    gate_moved = any(not torch.equal(before[n], after[n]) for n in before if n.startswith(GATE_PREFIX))
-    assert gate_moved == (selection["kept_step"] != 0)
-    assert "held-out selection kept" in (tmp_path / "frontier.md").read_text()
+    assert kept["kept_step"] in eligible
+    assert areas[kept["kept_step"]] == max(areas[step] for step in eligible)
+    gate_moved = any(not torch.equal(start[n], t) for n, t in model.state_dict().items() if n in start)
+    assert gate_moved == (kept["kept_step"] != 0)
+    note = selection_note(kept)
+    assert "held-out selection kept" in note and "6 validation rows" in note
 
 
 def test_eval_recipe_on_the_tuned_folder(checkpoint, tmp_path):
