@@ -16,8 +16,10 @@ ran, else teacher-forced); `bytes_per_token`, the K/V cache's bytes per token in
 
 from __future__ import annotations
 
+import bisect
 import csv
 import dataclasses
+import itertools
 import logging
 import math
 from collections.abc import Sequence
@@ -213,32 +215,107 @@ def pick_threshold(
     return max(fit, key=lambda p: (p.accuracy if p.accuracy is not None else -p.loss, -p.loss))
 
 
-def envelope(points: Sequence[FrontierPoint], at_loops: float, metric: str = "accuracy") -> float:
-    """The curve's best accuracy (or negated loss) reachable with at most `at_loops` average loops; -inf if none."""
-    values = [_score(p, metric) for p in points if p.avg_loops <= at_loops + 1e-9]
-    return max(values, default=-math.inf)
+@dataclass
+class FrontierComparison:
+    """How curve A compares with curve B over the depths both span (see `compare_frontiers`)."""
+
+    min_gap: float  # min over the common depth range of A - B (accuracy, or -loss); nan when no overlap
+    at_loops: float  # the average depth where that minimum is
+    depth_range: tuple[float, float]  # the common range of average loops
+    below: list[tuple[float, float]]  # depth intervals where A is below B
+
+    @property
+    def a_at_or_above_b(self) -> bool:
+        return self.min_gap >= -GAP_TOL
 
 
-def _score(p: FrontierPoint, metric: str) -> float:
-    return (p.accuracy if p.accuracy is not None else -math.inf) if metric == "accuracy" else -p.loss
+GAP_TOL = 1e-9  # interpolation rounding: equal accuracies must not read as "below"
 
 
-def frontier_margin(better: Sequence[FrontierPoint], worse: Sequence[FrontierPoint], metric: str = "accuracy") -> float:
-    """min of envelope(better) - envelope(worse) over every depth of either curve where both reach:
-    >= 0 means `better` is at or above `worse` at every average depth; nan when either curve is empty."""
-    depths = sorted({p.avg_loops for p in [*better, *worse]})
-    gaps = [envelope(better, x, metric) - envelope(worse, x, metric) for x in depths]
-    gaps = [g for x, g in zip(depths, gaps, strict=True)
-            if math.isfinite(envelope(better, x, metric)) and math.isfinite(envelope(worse, x, metric))]
-    return min(gaps, default=math.nan)
+def frontier_curve(points: Sequence[FrontierPoint], metric: str = "accuracy") -> list[tuple[float, float]]:
+    """(avg loops, value) sorted by depth, value = accuracy or -loss (higher is better); one value per depth
+    (the best, where two thresholds land on the same depth)."""
+    best: dict[float, float] = {}
+    for p in points:
+        value = p.accuracy if metric == "accuracy" else -p.loss
+        if value is None or not math.isfinite(value):
+            continue
+        best[p.avg_loops] = max(value, best.get(p.avg_loops, -math.inf))
+    return sorted(best.items())
+
+
+def interpolate(curve: Sequence[tuple[float, float]], x: float) -> float:
+    """The piecewise-linear curve at x (x within its depth range)."""
+    xs = [c[0] for c in curve]
+    i = min(max(bisect.bisect_left(xs, x), 1), len(xs) - 1) if len(xs) > 1 else 0
+    (x0, y0), (x1, y1) = curve[max(i - 1, 0)], curve[i]
+    return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+def compare_frontiers(
+    a: Sequence[FrontierPoint], b: Sequence[FrontierPoint], metric: str = "accuracy"
+) -> FrontierComparison:
+    """Is frontier A at or above frontier B at every average depth, and where is it below?
+
+    Each curve is its points joined by straight lines (sorted by average loops); they are compared over the
+    depth range both span. A - B is then piecewise linear with corners at the two curves' depths only, so its
+    minimum over the range is the minimum over those depths, and the intervals where it is negative follow
+    from its zero crossings between them.
+    """
+    ca, cb = frontier_curve(a, metric), frontier_curve(b, metric)
+    if not ca or not cb:
+        return FrontierComparison(math.nan, math.nan, (math.nan, math.nan), [])
+    lo, hi = max(ca[0][0], cb[0][0]), min(ca[-1][0], cb[-1][0])
+    if lo > hi:
+        return FrontierComparison(math.nan, math.nan, (lo, hi), [])
+    xs = sorted({lo, hi, *(x for x, _ in [*ca, *cb] if lo <= x <= hi)})
+    gaps = [interpolate(ca, x) - interpolate(cb, x) for x in xs]
+    i = min(range(len(xs)), key=lambda j: (gaps[j], xs[j]))
+    return FrontierComparison(gaps[i], xs[i], (lo, hi), _negative_intervals(xs, gaps))
+
+
+def frontier_area(points: Sequence[FrontierPoint], num_loops: int, metric: str = "accuracy") -> float:
+    """The curve's mean value over average loops 1..T: its straight-line interpolation integrated over [1, T]
+    (held flat beyond its first and last points) and divided by T - 1. Higher is better; nan when empty."""
+    curve = frontier_curve(points, metric)
+    if not curve:
+        return math.nan
+    if num_loops < 2:
+        raise ValueError(f"frontier_area: needs T >= 2 loops, got {num_loops}")
+    xs = sorted({1.0, float(num_loops), *(x for x, _ in curve if 1.0 <= x <= num_loops)})
+
+    def at(x: float) -> float:
+        return interpolate(curve, min(max(x, curve[0][0]), curve[-1][0]))
+
+    area = sum((x1 - x0) * (at(x0) + at(x1)) / 2 for x0, x1 in itertools.pairwise(xs))
+    return area / (num_loops - 1)
+
+
+def _negative_intervals(xs: Sequence[float], gaps: Sequence[float]) -> list[tuple[float, float]]:
+    """Where the piecewise-linear function through (xs, gaps) is below -GAP_TOL, as merged intervals."""
+    spans: list[tuple[float, float]] = []
+    below = [g < -GAP_TOL for g in gaps]
+    for j, x in enumerate(xs):
+        if below[j] and (j == 0 or not below[j - 1]):  # entering: from the zero crossing before x
+            start = x if j == 0 else _crossing(xs[j - 1], gaps[j - 1], x, gaps[j])
+        if below[j] and (j == len(xs) - 1 or not below[j + 1]):  # leaving: at the zero crossing after x
+            end = x if j == len(xs) - 1 else _crossing(x, gaps[j], xs[j + 1], gaps[j + 1])
+            spans.append((start, end))
+    return spans
+
+
+def _crossing(x0: float, g0: float, x1: float, g1: float) -> float:
+    return x0 if g1 == g0 else x0 + (x1 - x0) * (0.0 - g0) / (g1 - g0)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Outputs
 
 
-def write_frontier(points: Sequence[FrontierPoint], out_dir: str | Path, title: str = "") -> dict[str, Path]:
-    """frontier.csv, frontier.md and frontier.png under `out_dir`."""
+def write_frontier(
+    points: Sequence[FrontierPoint], out_dir: str | Path, title: str = "", note: str = ""
+) -> dict[str, Path]:
+    """frontier.csv, frontier.md (the table, then `note`) and frontier.png under `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "frontier.csv", "md": out / "frontier.md", "png": out / "frontier.png"}
@@ -247,7 +324,7 @@ def write_frontier(points: Sequence[FrontierPoint], out_dir: str | Path, title: 
         writer = csv.DictWriter(fh, fieldnames=names)
         writer.writeheader()
         writer.writerows(asdict(p) for p in points)
-    paths["md"].write_text(markdown_table(points))
+    paths["md"].write_text(markdown_table(points) + (f"\n{note}\n" if note else ""))
     plot_frontier(points, paths["png"], title)
     return paths
 
@@ -323,11 +400,14 @@ def _padded_range(values: Sequence[float]) -> tuple[float, float]:
 
 
 __all__ = [
+    "GAP_TOL",
     "ExitRule",
+    "FrontierComparison",
     "FrontierPoint",
-    "envelope",
+    "compare_frontiers",
     "evaluate_rules",
-    "frontier_margin",
+    "frontier_area",
+    "frontier_curve",
     "generation_accuracy",
     "hidden_diff_rules",
     "kv_rules",

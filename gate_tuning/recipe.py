@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
+from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainingArguments
 
 import looplm
@@ -32,9 +33,12 @@ from posttrain.synthetic import ArithmeticTask
 
 from .data import Example, PadCollator, load_examples, training_features
 from .frontier import (
+    GAP_TOL,
+    FrontierComparison,
     FrontierPoint,
+    compare_frontiers,
     evaluate_rules,
-    frontier_margin,
+    frontier_area,
     hidden_diff_rules,
     kv_rules,
     pick_threshold,
@@ -42,7 +46,16 @@ from .frontier import (
     static_rules,
     write_frontier,
 )
-from .stage2 import GATE_PREFIX, GateTrainer, check_stage2_args, freeze_lm
+from .stage2 import (
+    GATE_PREFIX,
+    GateSnapshots,
+    GateTrainer,
+    check_stage2_args,
+    freeze_lm,
+    load_gate_state,
+    mean_final_loss,
+    scaled_target_args,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +89,8 @@ class DataSection:
     eval_split: str = "test"
     train_rows: int = 2048
     eval_rows: int = 128
+    # Rows taken off the end of the training rows for held-out gate selection (training.select_every > 0)
+    val_rows: int = 0
     seed: int = 1  # synthetic: SFT used seed 0, so these problems are new ones
     task: ArithmeticTask = field(default_factory=ArithmeticTask)  # the synthetic problems (train: synthetic)
     max_length: int = 256
@@ -86,6 +101,11 @@ class Stage2Section:
     k: float = 50.0  # sharpness of the continue target w = sigmoid(k (I - gamma))
     gamma: float = 0.005  # the loss improvement (nats) at which w = 1/2
     alignment: Literal["same_loop", "next_loop"] = "same_loop"  # see gate_tuning.stage2
+    # nats: k per nat and gamma in nats, as Ouro (for real checkpoints); mean_loss: I and gamma in units of the
+    # model's mean per-token loss at loop T, for models whose losses are far from Ouro's ~1 nat (gate_tuning.stage2)
+    units: Literal["nats", "mean_loss"] = "nats"
+    # none: every label token alike (Ouro); loss_change: each token's BCE weighted by |L_{t-1} - L_t| (stage2.py)
+    weighting: Literal["none", "loss_change"] = "none"
 
     def __post_init__(self) -> None:
         if not self.k > 0:
@@ -106,6 +126,11 @@ class TrainingSection:
     seed: int = 0
     logging_steps: int = 20
     save_steps: int = 0  # 0: no intermediate checkpoints
+    # Held-out selection: > 0 snapshots the gate every select_every steps; the snapshot with the largest area under
+    # its teacher-forced Q-exit frontier (-loss over average loops 1..T, eval.q_grid plus q = 0 and 1) on the
+    # data.val_rows validation rows is kept. The starting (Stage-I) gate is a candidate: Stage II can then end
+    # where it began. 0: keep the last step's gate.
+    select_every: int = 0
     progress_bar: bool = True
 
 
@@ -151,6 +176,13 @@ class GateRecipeConfig:
     training: TrainingSection = field(default_factory=TrainingSection)
     eval: EvalSection = field(default_factory=EvalSection)
     select: SelectSection = field(default_factory=SelectSection)
+
+    def __post_init__(self) -> None:
+        if self.training.select_every < 0:
+            raise ValueError(f"training.select_every must be >= 0, got {self.training.select_every}")
+        if (self.training.select_every > 0) != (self.data.val_rows > 0):
+            raise ValueError("held-out gate selection needs both training.select_every > 0 and data.val_rows > 0 "
+                             f"(got {self.training.select_every} and {self.data.val_rows})")
 
 
 @dataclass
@@ -287,24 +319,83 @@ def training_args(cfg: TrainingSection, use_cpu: bool) -> TrainingArguments:
 
 
 def tune_gate(
-    model: LoopLMForCausalLM, examples: list[Example], stage2: Stage2Section, cfg: TrainingSection, pad_id: int
+    model: LoopLMForCausalLM, examples: list[Example], stage2: Stage2Section, cfg: TrainingSection, pad_id: int,
+    selection: Selection | None = None,
 ) -> dict[str, Any]:
-    """Stage II in place on `model` (only the gate changes); -> the trainer's log history."""
+    """Stage II in place on `model` (only the gate changes); -> the trainer's log history (and, with `selection`
+    and cfg.select_every > 0, which snapshot was kept)."""
     check_stage2_args(stage2.k, model.config.total_ut_steps)
     require_examples(examples, "data.train")
     freeze_lm(model)
+    features, collator = [training_features(e) for e in examples], PadCollator(pad_id)
+    scale = None
+    if stage2.units == "mean_loss":
+        scale = mean_final_loss(model.eval(), DataLoader(features, batch_size=cfg.batch_size, collate_fn=collator))
+    k, gamma = scaled_target_args(stage2.k, stage2.gamma, stage2.units, scale)
+    logger.info("Stage-II targets: w = sigmoid(%.4g (I - %.4g)) with I in nats (units %s, mean loss at loop T %s)",
+                k, gamma, stage2.units, "not measured" if scale is None else f"{scale:.4g}")
+    snapshots = GateSnapshots(model, cfg.select_every) if cfg.select_every > 0 and selection is not None else None
     trainer = GateTrainer(
         model=model,
         args=training_args(cfg, use_cpu=model.device.type == "cpu"),
-        train_dataset=[training_features(e) for e in examples],
-        data_collator=PadCollator(pad_id),
-        k=stage2.k,
-        gamma=stage2.gamma,
+        train_dataset=features,
+        data_collator=collator,
+        callbacks=[snapshots] if snapshots else None,
+        k=k,
+        gamma=gamma,
         alignment=stage2.alignment,
+        weighting=stage2.weighting,
     )
     output = trainer.train()
     model.eval()
-    return {"train_loss": output.training_loss, "log_history": trainer.state.log_history}
+    results = {"train_loss": output.training_loss, "log_history": trainer.state.log_history,
+               "targets": {"units": stage2.units, "mean_final_loss": scale, "k_per_nat": k, "gamma_nats": gamma}}
+    if snapshots is not None:
+        results["selection"] = select_gate(model, snapshots.snapshots, selection)
+    return results
+
+
+@dataclass
+class Selection:
+    """What held-out gate selection evaluates on: validation rows (never the test rows) and the q grid."""
+
+    examples: list[Example]
+    tokenizer: PreTrainedTokenizerBase
+    q_grid: list[float]
+    batch_size: int = 32
+
+
+def select_gate(model: LoopLMForCausalLM, snapshots: dict[int, dict[str, torch.Tensor]], sel: Selection) -> dict:
+    """Load into `model` the snapshot kept by held-out selection on the validation rows, and say which.
+
+    Each snapshot's teacher-forced Q-exit frontier (-loss against average loops) is measured on the validation
+    rows. Eligible: the snapshots whose frontier is at or above the starting (Stage-I) gate's at every average
+    depth (`compare_frontiers`); the starting gate always is. Kept: the eligible one with the largest
+    `frontier_area` (ties: the earliest step). So Stage II ends at the Stage-I gate when no snapshot beats it.
+    """
+    grid = sorted({0.0, 1.0, *sel.q_grid})  # q = 0 is static 1 loop, q = 1 static T: every curve spans 1..T
+    num_loops, frontiers = model.config.total_ut_steps, {}
+    for step, state in snapshots.items():
+        load_gate_state(model, state)
+        frontiers[step] = evaluate_rules(model, sel.tokenizer, sel.examples, q_exit_rules(grid, f"step {step}"),
+                                         sel.batch_size, accuracy=False)
+    start = min(frontiers)
+    areas = {step: frontier_area(points, num_loops, metric="loss") for step, points in frontiers.items()}
+    gaps = {step: compare_frontiers(points, frontiers[start], metric="loss").min_gap
+            for step, points in frontiers.items()}
+    eligible = [step for step in frontiers if step == start or gaps[step] >= -GAP_TOL]
+    best = max(eligible, key=lambda step: (areas[step], -step))
+    for step in frontiers:
+        logger.info("gate selection: step %d, validation frontier area %.5f, min gap to the starting gate %.5f%s",
+                    step, areas[step], gaps[step], " (kept)" if step == best else "")
+    load_gate_state(model, snapshots[best])
+    if best == start:
+        logger.warning("gate selection kept the starting (Stage-I) gate: no Stage-II snapshot was at or above it "
+                       "at every depth with a larger area on the validation rows")
+    return {"kept_step": best, "kept_starting_gate": best == start, "validation_rows": len(sel.examples),
+            "areas": areas, "min_gap_to_start": gaps,
+            "criterion": "largest area under the teacher-forced Q-exit frontier (-loss over average loops 1..T) "
+                         "among snapshots at or above the starting gate's frontier at every depth"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -344,6 +435,11 @@ def run_gate(config: GateRecipeConfig) -> dict[str, Any]:
     train, held_out = load_train_examples(config.data, tokenizer), load_eval_examples(config.data, tokenizer)
     require_examples(train, "data.train")
     require_examples(held_out, "held-out data")
+    selection = None
+    if config.data.val_rows > 0:
+        train, val = train[: -config.data.val_rows], train[-config.data.val_rows :]
+        require_examples(train, "data.train (after taking data.val_rows off it)")
+        selection = Selection(val, tokenizer, config.eval.q_grid, config.eval.batch_size)
     model = load_model(config.model, tokenizer)
     num_loops = model.config.total_ut_steps
     check_stage2_args(config.stage2.k, num_loops)
@@ -352,19 +448,24 @@ def run_gate(config: GateRecipeConfig) -> dict[str, Any]:
     before = frontier(model, tokenizer, held_out, base_rules(num_loops, config.eval, UNTUNED), config.eval,
                       config.model.eval_dtype)
     logger.info("Stage II on %d examples", len(train))
-    training = tune_gate(model, train, config.stage2, config.training, tokenizer.pad_token_id)
+    training = tune_gate(model, train, config.stage2, config.training, tokenizer.pad_token_id, selection)
     after = frontier(model, tokenizer, held_out, q_exit_rules(config.eval.q_grid, TUNED), config.eval,
                      config.model.eval_dtype)
     points = [*before, *after]
     pick = pick_threshold(points, TUNED, num_loops, config.select.target_avg_loops, config.select.max_accuracy_drop)
     model_dir = save_tuned(model, config.model.path, out / MODEL_DIR, float(pick.param))
-    paths = write_frontier(points, out, title=f"{config.model.path}: Stage-I vs Stage-II gate")
+    paths = write_frontier(points, out, title=f"{config.model.path}: Stage-I vs Stage-II gate",
+                           note=selection_note(training.get("selection")))
     save_config(config, out / "gate_config.yaml")
     results = summarize(points, pick, num_loops) | {
-        "train_loss": training["train_loss"], "model_dir": str(model_dir), **{k: str(v) for k, v in paths.items()},
+        "train_loss": training["train_loss"], "stage2_targets": training["targets"],
+        "gate_selection": training.get("selection"), "model_dir": str(model_dir), **{k: str(v) for k, v in paths.items()},
     }
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=float) + "\n")
     logger.info("frontier (%s):\n%s", paths["md"], paths["md"].read_text())
+    gap = results["tuned_vs_untuned"]
+    logger.info("tuned vs untuned gate over %s average loops: min gap %.4f (%s) at %.3f loops; tuned below on %s",
+                gap["depth_range"], gap["min_gap"], gap["metric"], gap["at_loops"], gap["below"] or "no interval")
     logger.info("chosen q %.3g: %.2f loops per token (%.1f%% fewer than static T), accuracy drop %s",
                 results["chosen_q"], pick.avg_loops, 100 * results["loops_saved_vs_static_T"],
                 results["accuracy_drop_vs_static_T"])
@@ -390,6 +491,16 @@ def run_eval(config: EvalRecipeConfig) -> dict[str, Any]:
     return results
 
 
+def selection_note(selection: dict[str, Any] | None) -> str:
+    """What frontier.md says about held-out selection, so that a reader of the table knows which gate it shows."""
+    if selection is None:
+        return ""
+    kept = "the starting Stage-I gate (step 0)" if selection["kept_starting_gate"] else f"step {selection['kept_step']}"
+    return (f"{TUNED}: held-out selection kept {kept}, by the {selection['criterion']}, on "
+            f"{selection['validation_rows']} validation rows taken off the training rows; areas by step: "
+            + ", ".join(f"{step}: {area:.5f}" for step, area in selection["areas"].items()))
+
+
 def summarize(points: list[FrontierPoint], pick: FrontierPoint, num_loops: int) -> dict[str, Any]:
     """The chosen q, loops saved against static T, and how the tuned curve compares with the untuned one."""
     static_t = next(p for p in points if p.rule == "static" and p.param == num_loops)
@@ -401,9 +512,13 @@ def summarize(points: list[FrontierPoint], pick: FrontierPoint, num_loops: int) 
         "static_T": asdict(static_t),
         "loops_saved_vs_static_T": 1.0 - pick.avg_loops / num_loops,
         "accuracy_drop_vs_static_T": None if pick.accuracy is None else static_t.accuracy - pick.accuracy,
-        f"tuned_minus_untuned_{metric}_min_over_depths": frontier_margin(tuned, untuned, metric),
+        "tuned_vs_untuned": comparison_summary(compare_frontiers(tuned, untuned, metric), metric),
         "points": [asdict(p) for p in points],
     }
+
+
+def comparison_summary(comparison: FrontierComparison, metric: str) -> dict[str, Any]:
+    return {"metric": metric, "tuned_at_or_above_untuned": comparison.a_at_or_above_b, **asdict(comparison)}
 
 
 __all__ = [
@@ -413,12 +528,15 @@ __all__ = [
     "GateRecipeConfig",
     "ModelSection",
     "SelectSection",
+    "Selection",
     "Stage2Section",
     "TrainingSection",
     "check_checkpoint",
     "run_eval",
     "run_gate",
     "save_tuned",
+    "select_gate",
+    "selection_note",
     "tune_gate",
 ]
 

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from gate_tuning.data import Example, load_examples
 from gate_tuning.frontier import (
     FrontierPoint,
+    compare_frontiers,
     evaluate_rules,
-    frontier_margin,
+    frontier_area,
     hidden_diff_rules,
     kv_rules,
     pick_threshold,
@@ -113,13 +114,43 @@ def test_pick_threshold_for_an_accuracy_drop_or_a_depth():
         pick_threshold(POINTS, "nope", 4, target_avg_loops=2.0)
 
 
-def test_frontier_margin_compares_best_accuracy_at_each_depth():
-    tuned, untuned = [p for p in POINTS if p.rule == "tuned"], [p for p in POINTS if p.rule == "untuned"]
-    # Depths where both reach: 1.5, 2.2, 2.5, 3.0 (at 1.4 only `untuned` has a point). Best accuracy within each
-    # depth: tuned 0.60, 0.795, 0.795, 0.81; untuned 0.50, 0.50, 0.70, 0.70.
-    assert frontier_margin(tuned, untuned) == pytest.approx(0.095)
-    assert frontier_margin(untuned, tuned) == pytest.approx(-0.295)
-    assert math.isnan(frontier_margin([], untuned))
+def test_compare_frontiers_interpolates_over_the_common_depth_range():
+    a = [point("a", 0.1, 1.0, 0.5), point("a", 0.5, 2.0, 0.8), point("a", 0.9, 3.0, 0.9)]
+    b = [point("b", 0.1, 1.5, 0.7), point("b", 0.5, 2.5, 0.8), point("b", 0.9, 4.0, 0.9)]
+    # Common range [1.5, 3.0]. A - B at the corners 1.5, 2.0, 2.5, 3.0: 0.65 - 0.70, 0.80 - 0.75, 0.85 - 0.80,
+    # 0.90 - (0.80 + 0.10 * 0.5 / 1.5). A crosses B halfway between 1.5 and 2.0.
+    ab = compare_frontiers(a, b)
+    assert ab.depth_range == (1.5, 3.0)
+    assert ab.min_gap == pytest.approx(-0.05) and ab.at_loops == 1.5 and not ab.a_at_or_above_b
+    assert ab.below == [(1.5, pytest.approx(1.75))]
+    ba = compare_frontiers(b, a)
+    assert ba.min_gap == pytest.approx(-0.1 / 1.5) and ba.at_loops == 3.0
+    assert ba.below == [(pytest.approx(1.75), 3.0)]
+    # Equal curves are "at or above" (no rounding dip), with nothing below.
+    same = compare_frontiers(a, [point("c", p.param, p.avg_loops, p.accuracy) for p in a])
+    assert same.min_gap == 0.0 and same.a_at_or_above_b and same.below == []
+    # Loss: lower is better. A dips below B only inside the range, between two of B's corners.
+    la = [point("a", 0, 1.0, None, loss=1.0), point("a", 1, 3.0, None, loss=0.2)]
+    lb = [point("b", 0, 1.0, None, loss=1.0), point("b", 1, 2.0, None, loss=0.4), point("b", 2, 3.0, None, loss=0.2)]
+    lab = compare_frontiers(la, lb, metric="loss")
+    assert lab.min_gap == pytest.approx(-0.2) and lab.at_loops == 2.0 and lab.below == [(1.0, 3.0)]
+    assert compare_frontiers(lb, la, metric="loss").a_at_or_above_b
+
+
+def test_frontier_area_is_the_mean_over_loops_one_to_t():
+    full = [point("a", 0.0, 1.0, 0.5), point("a", 0.5, 2.0, 0.8), point("a", 1.0, 4.0, 0.9)]
+    assert frontier_area(full, 4) == pytest.approx((0.65 + 2 * 0.85) / 3)
+    partial = [point("b", 0.2, 1.5, 0.6), point("b", 0.8, 3.0, 0.9)]  # held flat beyond its ends
+    assert frontier_area(partial, 4) == pytest.approx((0.5 * 0.6 + 1.5 * 0.75 + 0.9) / 3)
+    loss = [point("c", 0.0, 1.0, None, loss=2.0), point("c", 1.0, 4.0, None, loss=1.0)]
+    assert frontier_area(loss, 4, metric="loss") == pytest.approx(-1.5)
+    assert math.isnan(frontier_area([], 4))
+
+
+def test_compare_frontiers_without_overlap_is_nan():
+    a, b = [point("a", 0.1, 1.0, 0.5), point("a", 0.2, 1.5, 0.6)], [point("b", 0.5, 2.0, 0.8)]
+    assert math.isnan(compare_frontiers(a, b).min_gap)
+    assert math.isnan(compare_frontiers([], b).min_gap)
 
 
 def test_outputs_csv_markdown_and_png(tmp_path):

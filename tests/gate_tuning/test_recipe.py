@@ -11,14 +11,26 @@ from safetensors.torch import load_file, save_file
 
 from configs import CONFIG_DIR, ConfigError, load_config
 from gate_tuning import recipe
-from gate_tuning.recipe import EvalRecipeConfig, GateRecipeConfig, run_eval, run_gate
+from gate_tuning.recipe import (
+    EvalRecipeConfig,
+    GateRecipeConfig,
+    Selection,
+    load_tokenizer,
+    load_train_examples,
+    run_eval,
+    run_gate,
+    selection_note,
+    tune_gate,
+)
 from gate_tuning.stage2 import GATE_PREFIX
+from looplm import LoopLMForCausalLM
 from tests.gate_tuning.conftest import make_checkpoint
 
 SHRINK = [
     "data.train_rows=24", "data.eval_rows=6", "training.max_steps=4", "training.batch_size=8", "training.lr=0.05",
     "training.logging_steps=2", "training.progress_bar=false", "eval.q_grid=[0.3, 0.8]",
-    "eval.hidden_eps_grid=[0.5]", "eval.max_new_tokens=6", "eval.batch_size=4",
+    "eval.hidden_eps_grid=[0.5]", "eval.max_new_tokens=6", "eval.batch_size=4", "training.select_every=0",
+    "data.val_rows=0",
 ]
 
 
@@ -44,6 +56,26 @@ def test_gate_recipe_tunes_only_the_gate_and_writes_the_frontier(checkpoint, tmp
     assert rules == {"static", "q_exit_stage1", "q_exit_stage2", "hidden_diff", "kv_sharing"}
     for name in ("frontier.csv", "frontier.md", "frontier.png", "results.json", "gate_config.yaml"):
         assert (tmp_path / name).is_file(), name
+
+
+def test_held_out_selection_keeps_the_best_validation_snapshot(checkpoint, tmp_path):
+    cfg = gate_cfg(checkpoint, tmp_path, "data.val_rows=6", "training.select_every=2")
+    tokenizer = load_tokenizer(cfg.model)
+    examples = load_train_examples(cfg.data, tokenizer)
+    model = LoopLMForCausalLM.from_pretrained(str(checkpoint))
+    start = {n: t.clone() for n, t in model.state_dict().items() if n.startswith(GATE_PREFIX)}
+    selection = Selection(examples[-6:], tokenizer, [0.3, 0.8], batch_size=6)
+    kept = tune_gate(model, examples[:-6], cfg.stage2, cfg.training, tokenizer.pad_token_id, selection)["selection"]
+    areas, gaps = kept["areas"], kept["min_gap_to_start"]
+    assert sorted(areas) == [0, 2, 4] and kept["validation_rows"] == 6  # step 0: the starting gate
+    assert gaps[0] == 0.0
+    eligible = [step for step in areas if gaps[step] >= 0.0]  # at or above the starting gate at every depth
+    assert kept["kept_step"] in eligible
+    assert areas[kept["kept_step"]] == max(areas[step] for step in eligible)
+    gate_moved = any(not torch.equal(start[n], t) for n, t in model.state_dict().items() if n in start)
+    assert gate_moved == (kept["kept_step"] != 0)
+    note = selection_note(kept)
+    assert "held-out selection kept" in note and "6 validation rows" in note
 
 
 def test_eval_recipe_on_the_tuned_folder(checkpoint, tmp_path):
@@ -101,6 +133,8 @@ def test_an_empty_dataset_is_refused(checkpoint, tmp_path, no_compute):
         ("eval.q_grid=[0.5, 1.5]", r"q must be in \[0, 1\], got 1.5"),
         ("eval.q_grid=[-0.1]", r"q must be in \[0, 1\], got -0.1"),
         ("select.target_avg_loops=2.5", "exactly one of max_accuracy_drop and target_avg_loops"),
+        ("training.select_every=5", "needs both training.select_every > 0 and data.val_rows > 0"),
+        ("data.val_rows=5", "needs both training.select_every > 0 and data.val_rows > 0"),
     ],
 )
 def test_bad_settings_fail_at_load_time(checkpoint, tmp_path, override, message):
