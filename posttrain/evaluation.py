@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from rewards.dapo import dapo_score
@@ -52,4 +53,27 @@ def task_accuracy(
     )
 
 
-__all__ = ["TaskAccuracy", "task_accuracy"]
+def folder_accuracy(
+    model_path: str | Path,
+    prompts: Sequence[Any],
+    ground_truths: Sequence[str],
+    depth: DepthConfig,
+    sampling: SamplingConfig | None = None,
+    batch_size: int = 64,
+) -> TaskAccuracy:
+    """A saved model folder's accuracy and average loops on held-out examples under one depth policy (e.g.
+    `DepthConfig(policy="sampled")`, whose exits are seeded by `sampling.seed`). Default sampling: greedy tokens,
+    96 new tokens, stop at the tokenizer's eos, seed 0 (as the gate frontier's generation accuracy)."""
+    from transformers import AutoTokenizer
+
+    from rollout.torch_engine import TorchEngine
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    engine = TorchEngine.from_pretrained(model_path, tokenizer=tokenizer, max_batch_size=batch_size)
+    sampling = sampling or SamplingConfig(
+        temperature=0.0, max_new_tokens=96, seed=0, stop_token_ids=[tokenizer.eos_token_id]
+    )
+    return task_accuracy(engine, tokenizer, prompts, ground_truths, sampling, depth)
+
+
+__all__ = ["TaskAccuracy", "folder_accuracy", "task_accuracy"]
