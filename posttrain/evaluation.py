@@ -66,9 +66,11 @@ def folder_accuracy(
     96 new tokens, stop at the tokenizer's eos, seed 0 (as the gate frontier's generation accuracy)."""
     from transformers import AutoTokenizer
 
+    from looplm.tokenizer import fix_ouro_special_tokens
     from rollout.torch_engine import TorchEngine
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    fix_ouro_special_tokens(tokenizer)  # eos = <|im_end|>, where completions stop (Ouro folders say id 0)
     engine = TorchEngine.from_pretrained(model_path, tokenizer=tokenizer, max_batch_size=batch_size)
     sampling = sampling or SamplingConfig(
         temperature=0.0, max_new_tokens=96, seed=0, stop_token_ids=[tokenizer.eos_token_id]

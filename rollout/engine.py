@@ -159,9 +159,9 @@ class RolloutRecord:
     policy_version: int
     finish_reason: FinishReason
     num_loops: int = 0  # the depth prompt positions ran at (replay's `num_loops`)
-    exit_logprobs: list[float] = field(default_factory=list)  # per completion token (see above)
     # (len(completion_ids), vocab) processed log-probs, only with `return_distributions`; not serialised.
     distributions: torch.Tensor | None = field(default=None, repr=False)
+    exit_logprobs: list[float] = field(default_factory=list)  # per completion token (see above)
 
     def to_dict(self) -> dict[str, Any]:
         return {
