@@ -444,7 +444,8 @@ class LoopGRPOTrainer(GRPOTrainer):
             labels = ids.masked_fill(mask == 0, -100)
             labels[:, :-logits_to_keep] = -100
             steps = self._replay_rows(start, end, ids, logits_to_keep)
-            with self.accelerator.autocast(), self._backbone_output() as backbone:
+            capture = self._backbone_output() if self.loop.exit_action else contextlib.nullcontext([])
+            with self.accelerator.autocast(), capture as backbone:
                 out = model(
                     input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, exit_steps=steps,
                     output_loop_states=detach_states,
