@@ -5,6 +5,9 @@ With lambda_t = sigmoid(gate(h_t)) the probability of exiting after loop t, give
     pdf       p(t) = lambda_t * S_{t-1} for t < T,  p(T) = S_{T-1}   (the last gate is unused)
     CDF       C(n) = 1 - S_n for n < T,  C(T) = 1
     Q-exit    the first n with C(n) >= q;  q = 1.0 always runs T loops.
+Sampling the exit loop e ~ p is Q-exit with a per-token threshold u ~ U(0, 1) (inverse-CDF sampling, and C(n)
+needs only gates 1..n, so it is decided loop by loop). A temperature tau acts on the gate logits,
+lambda_t = sigmoid(g_t / tau), which keeps that sequential sampling exact.
 Loops are numbered 1..T in the API (as `exit_steps` are) and indexed 0..T-1 in tensors.
 """
 
@@ -60,7 +63,30 @@ def q_exit_step(gate_logits: torch.Tensor, q: float) -> torch.Tensor:
     return reached.long().argmax(dim=-1) + 1
 
 
-def check_threshold(q: float) -> None:
+def exit_log_prob(
+    gate_logits: torch.Tensor, exit_steps: torch.Tensor, num_loops: int, temperature: float = 1.0
+) -> torch.Tensor:
+    """(..., L) gate logits of the loops run (L <= num_loops), (...) exit steps in 1..L -> (...) log p(e).
+
+    log p(e) = sum_{j<e} log(1 - lambda_j) + [e < T] log lambda_e with lambda = sigmoid(g / temperature). Only
+    gates 1..e enter, so a forward that stopped once every token had exited (L < T) gives the same value.
+    Differentiable in the gate logits.
+    """
+    if temperature <= 0:
+        raise ValueError(f"exit temperature must be > 0, got {temperature}")
+    g = gate_logits.float() / temperature
+    index = (exit_steps.long() - 1).unsqueeze(-1)  # (..., 1)
+    log_s_prev = F.pad(log_survival(g)[..., :-1], (1, 0)).gather(-1, index)[..., 0]  # log S_{e-1}
+    log_lambda = F.logsigmoid(g).gather(-1, index)[..., 0]
+    return log_s_prev + torch.where(exit_steps < num_loops, log_lambda, torch.zeros_like(log_lambda))
+
+
+def check_threshold(q: float | torch.Tensor) -> None:
+    """q: one threshold, or a tensor of per-token thresholds (sampled exits)."""
+    if isinstance(q, torch.Tensor):
+        if q.numel() and not (0.0 <= float(q.min()) and float(q.max()) <= 1.0):
+            raise ValueError(f"exit thresholds must be in [0, 1], got values in {float(q.min())}..{float(q.max())}")
+        return
     if not 0.0 <= q <= 1.0:
         raise ValueError(f"exit threshold q must be in [0, 1], got {q}")
 
@@ -71,6 +97,7 @@ __all__ = [
     "exit_entropy",
     "exit_lambdas",
     "exit_log_pdf",
+    "exit_log_prob",
     "exit_pdf",
     "log_survival",
     "q_exit_step",

@@ -177,7 +177,8 @@ def build_attention_mask(
 class ExitTracker:
     """Which tokens have exited, at which loop, and their output state.
 
-    Exits come from `exit_steps` (replay), from Q-exit with `threshold` (decided on the fly), from the
+    Exits come from `exit_steps` (replay), from Q-exit with `threshold` (decided on the fly; a (B, S) tensor of
+    per-token thresholds u ~ U(0, 1) samples each exit from the gate's distribution at `temperature`), from the
     hidden-state-difference rule with `hidden_eps` (on the fly: exit at the first loop t >= 2 where
     ||h_t - h_{t-1}|| / ||h_{t-1}|| < hidden_eps, per token, on the normed states; relative so that one eps fits
     any hidden size), or happen at the last loop. `active` is None while every token is still running, which
@@ -186,9 +187,10 @@ class ExitTracker:
 
     def __init__(
         self, shape, num_loops: int, exit_steps=None, threshold: float | None = None, device=None,
-        hidden_eps: float | None = None,
+        hidden_eps: float | None = None, temperature: float = 1.0,
     ):
         self.num_loops, self.exit_steps, self.threshold = num_loops, exit_steps, threshold
+        self.temperature = temperature
         self.hidden_eps, self.previous_h = hidden_eps, None
         self.exited = torch.zeros(shape, dtype=torch.bool, device=device)
         self.steps = torch.full(shape, num_loops, dtype=torch.long, device=device)
@@ -208,8 +210,9 @@ class ExitTracker:
             newly = ~self.exited
         elif self.exit_steps is not None:
             newly = ~self.exited & (self.exit_steps == loop + 1)
-        elif self.threshold is not None and self.threshold < 1.0:
-            cdf = -torch.expm1(log_survival(torch.stack(gate_logits, dim=-1).float())[..., -1])
+        elif self.threshold is not None and (torch.is_tensor(self.threshold) or self.threshold < 1.0):
+            logits = torch.stack(gate_logits, dim=-1).float() / self.temperature
+            cdf = -torch.expm1(log_survival(logits)[..., -1])
             newly = ~self.exited & (cdf >= self.threshold)
         elif self.hidden_eps is not None:
             newly = ~self.exited & self._converged(h)
@@ -326,15 +329,17 @@ class LoopLMModel(LoopLMPreTrainedModel):
         use_cache: bool | None = None,
         num_loops: int | None = None,
         exit_steps: torch.LongTensor | None = None,
-        exit_threshold: float | None = None,
+        exit_threshold: float | torch.Tensor | None = None,
         output_loop_states: bool = False,
         exit_hidden_eps: float | None = None,
+        exit_temperature: float = 1.0,
         **kwargs,
     ) -> LoopLMModelOutput:
         """Args beyond transformers' usual ones:
         num_loops: run this many loops instead of `config.total_ut_steps`.
         exit_steps: (B, S) LongTensor in 1..num_loops, each token's exit loop (replays a rollout).
-        exit_threshold: Q-exit threshold q decided on the fly per token (the rollout engine's adaptive depth).
+        exit_threshold: Q-exit threshold q decided on the fly per token (the rollout engine's adaptive depth), or a
+            (B, S) tensor of per-token thresholds (sampled exits, gate logits divided by `exit_temperature`).
         exit_hidden_eps: exit a token once its state's relative change between loops is below eps (see ExitTracker).
         output_loop_states: also return every loop's (normed) hidden states.
         """
@@ -352,7 +357,7 @@ class LoopLMModel(LoopLMPreTrainedModel):
         mask, is_causal = build_attention_mask(attention_mask, position_ids, S, past_len)
         rope = self.rotary_emb(position_ids, h.dtype)
 
-        exits = ExitTracker((B, S), n_loops, exit_steps, exit_threshold, h.device, exit_hidden_eps)
+        exits = ExitTracker((B, S), n_loops, exit_steps, exit_threshold, h.device, exit_hidden_eps, exit_temperature)
         last_kv: list = [None] * len(self.layers)  # per layer: each token's K/V at its latest loop
         gate_logits, loop_states = [], []
         for loop in range(n_loops):
@@ -404,6 +409,8 @@ class LoopLMModel(LoopLMPreTrainedModel):
                 raise ValueError(f"exit_steps must be in 1..{n_loops} (num_loops), got values in {lo}..{hi}")
         if exit_threshold is not None:
             check_threshold(exit_threshold)
+            if torch.is_tensor(exit_threshold) and tuple(exit_threshold.shape) != (B, S):
+                raise ValueError(f"exit_threshold tensor must have shape (batch, seq) = {(B, S)}, got {tuple(exit_threshold.shape)}")
         if hidden_eps is not None:
             if exit_steps is not None or exit_threshold is not None:
                 raise ValueError("pass one depth rule: exit_steps, exit_threshold or exit_hidden_eps")
@@ -447,10 +454,11 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         num_loops: int | None = None,
         exit_steps: torch.LongTensor | None = None,
-        exit_threshold: float | None = None,
+        exit_threshold: float | torch.Tensor | None = None,
         output_loop_states: bool = False,
         output_loop_logits: bool = False,
         exit_hidden_eps: float | None = None,
+        exit_temperature: float = 1.0,
         **kwargs,
     ) -> LoopLMCausalLMOutput:
         out = self.model(
@@ -465,6 +473,7 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
             exit_threshold=exit_threshold,
             output_loop_states=output_loop_states or output_loop_logits,
             exit_hidden_eps=exit_hidden_eps,
+            exit_temperature=exit_temperature,
         )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(out.last_hidden_state[:, keep])  # (B, S', V)

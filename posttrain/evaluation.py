@@ -91,4 +91,29 @@ def sample_check(
     }
 
 
-__all__ = ["TaskAccuracy", "is_well_formed", "sample_check", "task_accuracy"]
+def folder_accuracy(
+    model_path: str | Path,
+    prompts: Sequence[Any],
+    ground_truths: Sequence[str],
+    depth: DepthConfig,
+    sampling: SamplingConfig | None = None,
+    batch_size: int = 64,
+) -> TaskAccuracy:
+    """A saved model folder's accuracy and average loops on held-out examples under one depth policy (e.g.
+    `DepthConfig(policy="sampled")`, whose exits are seeded by `sampling.seed`). Default sampling: greedy tokens,
+    96 new tokens, stop at the tokenizer's eos, seed 0 (as the gate frontier's generation accuracy)."""
+    from transformers import AutoTokenizer
+
+    from looplm.tokenizer import fix_ouro_special_tokens
+    from rollout.torch_engine import TorchEngine
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    fix_ouro_special_tokens(tokenizer)  # eos = <|im_end|>, where completions stop (Ouro folders say id 0)
+    engine = TorchEngine.from_pretrained(model_path, tokenizer=tokenizer, max_batch_size=batch_size)
+    sampling = sampling or SamplingConfig(
+        temperature=0.0, max_new_tokens=96, seed=0, stop_token_ids=[tokenizer.eos_token_id]
+    )
+    return task_accuracy(engine, tokenizer, prompts, ground_truths, sampling, depth)
+
+
+__all__ = ["TaskAccuracy", "folder_accuracy", "is_well_formed", "sample_check", "task_accuracy"]

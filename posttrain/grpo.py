@@ -55,6 +55,8 @@ class GRPOModelSection:
     path: str = "outputs/sft_tiny"  # a LoopLM folder (an SFT output) or an Ouro checkpoint folder
     tokenizer_path: str | None = None  # None: the model folder's
     gate_trainable: bool = False  # the plain RL update gives the gate no gradient; frozen it is checked to stay put
+    # False: only the exit gate trains (depth-aware RL of the gate alone: needs gate_trainable and loop.exit_action)
+    lm_trainable: bool = True
     lora: LoraSection = field(default_factory=LoraSection)
 
 
@@ -135,6 +137,7 @@ class GRPORecipeConfig:
     training: GRPOConfig = field(default_factory=_cpu_grpo_defaults)
 
     def __post_init__(self) -> None:
+        self._check_depth_action()
         t = self.training
         truncating = {"top_p": t.top_p != 1.0, "top_k": (t.top_k or 0) > 0, "min_p": (t.min_p or 0.0) > 0.0}
         bad = [name for name, on in truncating.items() if on]
@@ -142,6 +145,20 @@ class GRPORecipeConfig:
             raise ValueError(
                 f"training.{bad[0]}: truncated sampling is not supported: TRL's update scores the temperature-only "
                 "distribution, so every token sampled from a truncated one would be off-policy"
+            )
+
+
+    def _check_depth_action(self) -> None:
+        """Depth-aware RL's combinations: what trains must get a gradient, and exits scored must be sampled."""
+        if self.loop.exit_action and self.rollout.depth.policy != "sampled":
+            raise ValueError(
+                f"loop.exit_action needs rollout.depth.policy=sampled (exits drawn from the gate), got "
+                f"{self.rollout.depth.policy!r}"
+            )
+        if not self.model.lm_trainable and not (self.model.gate_trainable and self.loop.exit_action):
+            raise ValueError(
+                "model.lm_trainable=false leaves only the gate to train: it needs model.gate_trainable=true and "
+                "loop.exit_action=true (the token term gives the gate no gradient)"
             )
 
 
@@ -180,6 +197,8 @@ def load_policy(cfg: GRPOModelSection) -> tuple[LoopLMForCausalLM, PreTrainedTok
     if not tokenizer.chat_template:
         tokenizer.chat_template = CHAT_TEMPLATE
     fix_ouro_special_tokens(tokenizer, model)
+    for p in model.parameters():
+        p.requires_grad_(cfg.lm_trainable)
     for p in model.model.early_exit_gate.parameters():
         p.requires_grad_(cfg.gate_trainable)
     return model, tokenizer

@@ -17,6 +17,12 @@ each by wrapping TRL's own method, never by copying it):
   per-token factor on the advantages, which scales every TRL loss type's per-token term the same way.
 * Loop credit (RLTT): the policy-gradient term over every loop's log-probability of the sampled token.
 * DAPO's dynamic sampling: groups whose rewards are all equal are dropped and refilled from fresh prompts.
+* Depth as part of the action (`exit_action`, with sampled-depth rollouts): completion token j's log-prob is
+  log p(e_{j-1}) + log pi_{e_{j-1}}(token j), the exit sampled at the position that predicts it and the token
+  read from that exit's logits; the update recomputes both from the replayed exit steps in one forward (the
+  gate logits are read off the backbone's output by a forward hook, since TRL's fused head keeps only
+  `last_hidden_state`), and parity covers the exit log-probs (`parity/exit_max_abs`, ...). The compute charge
+  is a reward function (`rewards.depth_penalty`), fed the `exit_steps` this trainer's `rollout_func` returns.
 
 Pure functions come first (shapes in their docstrings), then the trainer.
 """
@@ -39,6 +45,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 
 from looplm import exit_log_pdf
+from looplm.exit_gate import exit_log_prob
 from posttrain.callbacks import NonFiniteGuard
 from rollout.engine import DepthConfig, RolloutEngine, RolloutRecord, SamplingConfig
 from rollout.parity import k3_kl
@@ -65,6 +72,12 @@ class LoopRLConfig:
     max_parity_gap: float | None = None
     # Steps with a NaN/inf gradient are skipped; this many in a row stop the run with an error.
     max_consecutive_nonfinite_steps: int = 3
+    # The sampled exit is part of the action (needs rollout.depth.policy=sampled): each completion token's
+    # log-prob is log p(exit of its predicting position) + log pi_exit(token), in the ratio and the gradient.
+    exit_action: bool = False
+    # Where the exit term's gradient goes. False: to the gate only (the gate reads the states detached), so the
+    # LM's gradient is the standard token term; True: also into the LM through the states the gate reads.
+    exit_grad_to_lm: bool = False
 
     def __post_init__(self) -> None:
         if self.progressive_power < 0:
@@ -75,6 +88,11 @@ class LoopRLConfig:
             )
         if self.max_parity_gap is not None and self.max_parity_gap <= 0:
             raise ValueError(f"loop.max_parity_gap must be > 0 or null, got {self.max_parity_gap}")
+        if self.exit_action and (self.loop_credit != "last" or self.update_depth != "replay"):
+            raise ValueError(
+                "loop.exit_action needs loop.loop_credit=last and loop.update_depth=replay (the exit is scored at "
+                f"the depth the rollout sampled), got {self.loop_credit} and {self.update_depth}"
+            )
 
 
 @dataclass
@@ -130,6 +148,28 @@ def loop_credit_weights(
     else:
         raise ValueError(f"unknown loop credit {kind!r}; expected uniform, progressive or exit")
     return raw / raw.sum(-1, keepdim=True).clamp(min=1e-12)
+
+
+def exit_action_logps(
+    gate_logits: torch.Tensor, exit_steps: torch.Tensor, completion_width: int, num_loops: int, temperature: float
+) -> torch.Tensor:
+    """(B, P+C, L) gate logits and (B, P+C) replayed exit steps -> (B, C) log p(exit) of the position that
+    predicts each completion token: log p(e_{j-1}) for j >= 1, and 0 for j = 0 (its predictor is the last prompt
+    position, always at full depth: no decision). Lines up with TRL's per-token log-probs."""
+    predictors = slice(-completion_width - 1, -1)
+    logp = exit_log_prob(gate_logits[:, predictors], exit_steps[:, predictors], num_loops, temperature)
+    return torch.cat([torch.zeros_like(logp[:, :1]), logp[:, 1:]], dim=1)
+
+
+def rollout_exit_logps(records: Sequence[RolloutRecord], completion_width: int) -> torch.Tensor:
+    """(B, C) the rollout's exit log-probs in `exit_action_logps`' alignment: column j holds record
+    `exit_logprobs[j - 1]` (column 0 and padding: 0)."""
+    out = torch.zeros(len(records), completion_width)
+    for i, r in enumerate(records):
+        if len(r.exit_logprobs) != len(r.completion_ids):
+            raise ValueError(f"record {i} has no exit_logprobs: loop.exit_action needs rollout.depth.policy=sampled")
+        out[i, 1 : len(r.exit_logprobs)] = torch.tensor(r.exit_logprobs[:-1])
+    return out
 
 
 def parity_metrics(
@@ -271,6 +311,7 @@ class LoopGRPOTrainer(GRPOTrainer):
             "prompt_ids": [r.prompt_ids for r in records],
             "completion_ids": [r.completion_ids for r in records],
             "logprobs": [r.logprobs for r in records],
+            "exit_steps": [r.exit_steps for r in records],  # extra keys reach the reward functions (depth_penalty)
         }
 
     def _log_rollout_metrics(self, records: Sequence[RolloutRecord]) -> None:
@@ -305,22 +346,36 @@ class LoopGRPOTrainer(GRPOTrainer):
         batch = self.args.per_device_train_batch_size
         old = output.get("old_per_token_logps")  # TRL computes them when generation and steps are misaligned
         last_loop = self.loop.loop_credit == "last"
-        with self.replaying(output["exit_steps"]):
-            # With last-loop credit TRL's old log-probs are already the exit loop's: no second forward.
-            trainer_logps = old if old is not None and last_loop else self._token_logps(self.model, ids, mask, width, batch)
-            if old is None:  # TRL skipped them: these are the pre-update log-probs
-                output["old_per_token_logps"] = (
-                    trainer_logps if last_loop
-                    else self._get_per_token_logps_and_entropies(self.model, ids, mask, width, batch)[0]
-                )
-        rollout_logps = output["sampling_per_token_logps"]
         completion_mask = output["completion_mask"]
-        metrics = parity_metrics(rollout_logps, trainer_logps, completion_mask)
+        metrics: dict[str, float] = {}
+        with self.replaying(output["exit_steps"]):
+            if self.loop.exit_action:  # token and exit parts apart, for their own parity (one forward)
+                trainer_logps, exit_logps, _ = self._fused_parts(self.model, ids, mask, width, batch, False)
+                rollout_exit = rollout_exit_logps(self._records, width).to(exit_logps.device)
+                metrics |= {
+                    name.replace("parity/", "parity/exit_"): value
+                    for name, value in parity_metrics(rollout_exit, exit_logps, completion_mask).items()
+                }
+                if old is None:
+                    output["old_per_token_logps"] = trainer_logps + exit_logps
+            else:
+                # With last-loop credit TRL's old log-probs are already the exit loop's: no second forward.
+                trainer_logps = (
+                    old if old is not None and last_loop else self._token_logps(self.model, ids, mask, width, batch)
+                )
+                if old is None:  # TRL skipped them: these are the pre-update log-probs
+                    output["old_per_token_logps"] = (
+                        trainer_logps if last_loop
+                        else self._get_per_token_logps_and_entropies(self.model, ids, mask, width, batch)[0]
+                    )
+        rollout_logps = output["sampling_per_token_logps"]
+        metrics = parity_metrics(rollout_logps, trainer_logps, completion_mask) | metrics
         for name, value in metrics.items():
             self._metrics["train"][name].append(value)
-        if self.loop.max_parity_gap is not None and metrics["parity/max_abs"] > self.loop.max_parity_gap:
+        worst = max(metrics["parity/max_abs"], metrics.get("parity/exit_max_abs", 0.0))
+        if self.loop.max_parity_gap is not None and worst > self.loop.max_parity_gap:
             raise RuntimeError(
-                f"step {self.state.global_step}: rollout/trainer max |dlogp| {metrics['parity/max_abs']:.3e} exceeds "
+                f"step {self.state.global_step}: rollout/trainer max |dlogp| {worst:.3e} (tokens or exits) exceeds "
                 f"loop.max_parity_gap={self.loop.max_parity_gap}"
             )
         if self.loop.importance_sampling_correction:
@@ -369,25 +424,60 @@ class LoopGRPOTrainer(GRPOTrainer):
 
     def _token_logps(self, model, input_ids, attention_mask, logits_to_keep, batch_size) -> torch.Tensor:
         """The exit loop's log-prob of each completion token: what the rollout sampled from."""
-        return self._fused_logps(model, input_ids, attention_mask, logits_to_keep, batch_size, False)[0]
+        return self._fused_parts(model, input_ids, attention_mask, logits_to_keep, batch_size, False)[0]
 
     def _fused_logps(self, model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy):
+        """TRL's fused-head log-probs at the replayed depths; with `exit_action`, plus the exit log-probs."""
+        token, exit_, entropy = self._fused_parts(
+            model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy
+        )
+        return (token if exit_ is None else token + exit_), entropy, None
+
+    def _fused_parts(self, model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy):
+        """-> ((B, C) token log-probs, (B, C) exit log-probs or None without `exit_action`, entropies or None)."""
         batch_size = batch_size or input_ids.size(0)
-        logps, entropies = [], []
+        logps, exit_logps, entropies = [], [], []
+        detach_states = self.loop.exit_action and not self.loop.exit_grad_to_lm
         for start in range(0, input_ids.size(0), batch_size):
             end = min(start + batch_size, input_ids.size(0))
             ids, mask = input_ids[start:end], attention_mask[start:end]
             labels = ids.masked_fill(mask == 0, -100)
             labels[:, :-logits_to_keep] = -100
-            with self.accelerator.autocast():
+            steps = self._replay_rows(start, end, ids, logits_to_keep)
+            capture = self._backbone_output() if self.loop.exit_action else contextlib.nullcontext([])
+            with self.accelerator.autocast(), capture as backbone:
                 out = model(
-                    input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True,
-                    exit_steps=self._replay_rows(start, end, ids, logits_to_keep),
+                    input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, exit_steps=steps,
+                    output_loop_states=detach_states,
                 )
             logps.append(out.log_probs[:, -logits_to_keep:])
+            if self.loop.exit_action:
+                exit_logps.append(self._exit_logps(backbone[0], steps, logits_to_keep, detach_states))
             if compute_entropy:
                 entropies.append(out.entropy[:, -logits_to_keep:])
-        return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
+        return (
+            torch.cat(logps), torch.cat(exit_logps) if exit_logps else None,
+            torch.cat(entropies) if compute_entropy else None,
+        )
+
+    @contextlib.contextmanager
+    def _backbone_output(self) -> Iterator[list]:
+        """The backbone's output of the forward run inside (TRL's fused head keeps only `last_hidden_state`)."""
+        captured: list = []
+        handle = self._policy().model.register_forward_hook(lambda _module, _args, output: captured.append(output))
+        try:
+            yield captured
+        finally:
+            handle.remove()
+
+    def _exit_logps(self, backbone_out, steps: torch.Tensor, width: int, detach_states: bool) -> torch.Tensor:
+        """(b, C) exit log-probs of the completion tokens' predicting positions (see `exit_action_logps`)."""
+        if detach_states:  # the exit term trains the gate only: re-read the gate on the detached loop states
+            states = torch.stack(backbone_out.loop_hidden_states, dim=2)[:, -width - 1 :].detach()  # (b, C+1, L, D)
+            gates = self._policy().model.early_exit_gate(states).squeeze(-1)  # (b, C+1, L)
+        else:
+            gates = backbone_out.gate_logits[:, -width - 1 :]
+        return exit_action_logps(gates, steps[:, -width - 1 :], width, self.num_loops, self.depth.exit_temperature)
 
     def _loop_credit_logps(self, model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy):
         batch_size = batch_size or input_ids.size(0)
@@ -459,7 +549,9 @@ class LoopGRPOTrainer(GRPOTrainer):
         """Generate a group per row and score it with the trainer's reward functions (weighted sum, as TRL)."""
         G = self.num_generations
         records = self.generate_groups([row["prompt"] for row in rows], G)
-        repeated = [row for row in rows for _ in range(G)]
+        # The extra keys rollout_func returns reach the reward functions; here too.
+        slots = [row for row in rows for _ in range(G)]
+        repeated = [row | {"exit_steps": r.exit_steps} for row, r in zip(slots, records, strict=True)]
         texts = self.processing_class.batch_decode([r.completion_ids for r in records], skip_special_tokens=True)
         completions = [[{"role": "assistant", "content": t}] for t in texts] if _is_chat(rows[0]["prompt"]) else texts
         prompts = [row["prompt"] for row in repeated]
@@ -573,6 +665,7 @@ __all__ = [
     "DynamicSamplingConfig",
     "LoopGRPOTrainer",
     "LoopRLConfig",
+    "exit_action_logps",
     "exit_metrics",
     "importance_weights",
     "latest_complete_checkpoint",
@@ -580,4 +673,5 @@ __all__ = [
     "parity_metrics",
     "policy_state_dict",
     "replay_exit_steps",
+    "rollout_exit_logps",
 ]

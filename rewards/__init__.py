@@ -15,6 +15,7 @@ from typing import Any
 
 from rewards.accuracy import accuracy_reward
 from rewards.dapo import dapo_answer_reward, dapo_reward
+from rewards.depth import depth_penalty
 from rewards.inputs import GROUND_TRUTH_COLUMNS
 from rewards.shaping import format_reward, overlong_reward
 from rewards.verifier import MathVerifier, configure_verifier, default_verifier, verifier_stats
@@ -24,6 +25,7 @@ RewardFunc = Callable[..., list[float | None]]
 REWARD_FUNCS: dict[str, RewardFunc] = {
     "accuracy_reward": accuracy_reward,
     "dapo_reward": dapo_reward,
+    "depth_penalty": depth_penalty,
     "format_reward": format_reward,
     "overlong_reward": overlong_reward,
 }

@@ -7,6 +7,8 @@
   it to the training forward's logits, so both sides process identically.
 * `sample_tokens`: Gumbel-max sampling with counter-based noise keyed by (seed, request, step, token), so a
   completion does not depend on batch composition, sharding or the number of actors.
+* `exit_uniforms`: the sampled depth policy's per-token U(0, 1) exit thresholds, from the same hash with a
+  distinct salt (independent of the token noise), keyed by (seed, request, step).
 """
 
 from __future__ import annotations
@@ -81,18 +83,26 @@ class DepthConfig:
               reaches `exit_threshold` (Q-exit), recorded in `exit_steps`.
     hidden_diff: as adaptive, but a decoded token exits at the first loop t >= 2 where its state's relative
               change ||h_t - h_{t-1}|| / ||h_{t-1}|| is below `hidden_eps` (no gate involved).
+    sampled:  as adaptive, but each decoded token's exit loop is drawn from the gate's exit distribution with
+              lambda = sigmoid(g / exit_temperature) (Q-exit at a per-token threshold u ~ U(0, 1)); its
+              log-probability is recorded in `exit_logprobs` (the exit as part of the RL action).
     kv_mode:  the decode-time K/V sharing of LoopKVCache; only "full" is replayed exactly by training.
     """
 
-    policy: Literal["fixed", "adaptive", "hidden_diff"] = "fixed"
+    policy: Literal["fixed", "adaptive", "hidden_diff", "sampled"] = "fixed"
     num_loops: int | None = None
     exit_threshold: float = 1.0
     kv_mode: Literal["full", "last", "average", "first"] = "full"
     hidden_eps: float = 0.0
+    exit_temperature: float = 1.0  # sampled: the gate logits are divided by it
 
     def check(self) -> None:
-        if self.policy not in ("fixed", "adaptive", "hidden_diff"):
-            raise ValueError(f"depth.policy must be 'fixed', 'adaptive' or 'hidden_diff', got {self.policy!r}")
+        if self.policy not in ("fixed", "adaptive", "hidden_diff", "sampled"):
+            raise ValueError(
+                f"depth.policy must be 'fixed', 'adaptive', 'hidden_diff' or 'sampled', got {self.policy!r}"
+            )
+        if not self.exit_temperature > 0.0:
+            raise ValueError(f"depth.exit_temperature must be > 0, got {self.exit_temperature}")
         if not self.hidden_eps >= 0.0:
             raise ValueError(f"depth.hidden_eps must be >= 0, got {self.hidden_eps}")
         if self.num_loops is not None and self.num_loops < 1:
@@ -108,15 +118,23 @@ class DepthConfig:
             "fixed": f"fixed(num_loops={loops})",
             "adaptive": f"adaptive(q={self.exit_threshold})",
             "hidden_diff": f"hidden_diff(eps={self.hidden_eps})",
+            "sampled": f"sampled(tau={self.exit_temperature})",
         }[self.policy]
         return name if self.kv_mode == "full" else f"{name},kv={self.kv_mode}"
 
-    def decode_kwargs(self) -> dict[str, float]:
-        """The model's on-the-fly exit argument for decoded tokens under this policy (none for fixed depth)."""
+    def decode_kwargs(self, exit_uniforms: torch.Tensor | None = None) -> dict[str, Any]:
+        """The model's on-the-fly exit arguments for decoded tokens under this policy (none for fixed depth).
+
+        sampled: `exit_uniforms` (b,) are the step's per-row thresholds (see `exit_uniforms`).
+        """
         if self.policy == "adaptive":
             return {"exit_threshold": self.exit_threshold}
         if self.policy == "hidden_diff":
             return {"exit_hidden_eps": self.hidden_eps}
+        if self.policy == "sampled":
+            if exit_uniforms is None:
+                raise ValueError("depth.policy=sampled needs the step's exit uniforms")
+            return {"exit_threshold": exit_uniforms[:, None], "exit_temperature": self.exit_temperature}
         return {}
 
 
@@ -127,6 +145,11 @@ class RolloutRecord:
     `exit_steps[i]` is the depth at which completion token i's position ran when it was fed back (its K/V and
     the logits of token i + 1); the last token is never fed back and records `num_loops`. The training replay
     is `exit_steps = [num_loops] * len(prompt_ids) + exit_steps` on `prompt_ids + completion_ids`.
+    `exit_logprobs[i]` is log p(exit_steps[i]) under the gate's exit distribution at that position, the
+    probability of the depth decision that precedes token i + 1: so the joint action behind completion token
+    j >= 1 is (exit_steps[j - 1], token j), log-prob `exit_logprobs[j - 1] + logprobs[j]`, and token 0 follows
+    the prompt's fixed full depth. It is 0 where no exit was sampled: the last token (never fed back) and every
+    token of a deterministic depth policy (fixed, adaptive, hidden_diff). Empty from engines that do not record it.
     """
 
     prompt_ids: list[int]
@@ -138,6 +161,7 @@ class RolloutRecord:
     num_loops: int = 0  # the depth prompt positions ran at (replay's `num_loops`)
     # (len(completion_ids), vocab) processed log-probs, only with `return_distributions`; not serialised.
     distributions: torch.Tensor | None = field(default=None, repr=False)
+    exit_logprobs: list[float] = field(default_factory=list)  # per completion token (see above)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -148,6 +172,7 @@ class RolloutRecord:
             "policy_version": self.policy_version,
             "finish_reason": self.finish_reason,
             "num_loops": self.num_loops,
+            "exit_logprobs": self.exit_logprobs,
         }
 
 
@@ -310,6 +335,18 @@ def gumbel_noise(keys: torch.Tensor, step: int, vocab_size: int) -> torch.Tensor
     return -torch.log(-torch.log(u))
 
 
+# Salt of the exit thresholds' stream: any constant that differs from the token noise's step salt.
+_EXIT_SALT = 0x5BD1E995
+
+
+def exit_uniforms(keys: torch.Tensor, step: int) -> torch.Tensor:
+    """(B,) float32 in (0, 1): each request's exit threshold at decode step `step`, a pure function of
+    (key, step) like `gumbel_noise`, salted apart from it so the depth and the token draws are independent."""
+    h = _mix32(keys.long() ^ _EXIT_SALT)
+    h = _mix32(h + _mix32(torch.tensor(step * 0x9E3779B1 + 0x2545F491, device=keys.device)))
+    return ((h >> 8).float() + 0.5) / float(1 << 24)
+
+
 def sample_tokens(logprobs: torch.Tensor, keys: torch.Tensor, step: int, greedy: bool) -> torch.Tensor:
     """(B, V) processed log-probs -> (B,) sampled ids. Gumbel-max draws exactly from softmax(logprobs)."""
     if greedy:
@@ -328,6 +365,7 @@ __all__ = [
     "SamplingConfig",
     "check_prompt_ids",
     "encode_prompts",
+    "exit_uniforms",
     "gumbel_noise",
     "mean_loops_per_token",
     "prepare_request",

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from looplm import LoopKVCache, LoopLMForCausalLM
+from looplm.exit_gate import exit_log_prob
 
 from .engine import (
     DepthConfig,
@@ -25,6 +26,7 @@ from .engine import (
     RolloutEngine,
     RolloutRecord,
     SamplingConfig,
+    exit_uniforms,
     prepare_request,
     processed_logprobs,
     request_keys,
@@ -138,11 +140,17 @@ class TorchEngine(RolloutEngine):
                 keep = (~done).nonzero()[:, 0]
                 cache.batch_select_indices(keep)
                 rows, token, full_mask, done = rows[keep], token[keep], full_mask[keep], done[keep]
+            sampled = depth.policy == "sampled"  # u keyed by (seed, request, step): batch- and actor-independent
             out = self.model(
                 token[:, None], attention_mask=full_mask[:, : width + t + 1], past_key_values=cache,
-                num_loops=num_loops, logits_to_keep=1, **depth.decode_kwargs(),
+                num_loops=num_loops, logits_to_keep=1,
+                **depth.decode_kwargs(exit_uniforms(keys[rows], t) if sampled else None),
             )
             state.exit_steps[rows[~done], t] = out.exit_steps[~done, 0]  # the depth token t's position ran at
+            if sampled:  # (b,) log p(e) of the depth just sampled for token t's position
+                state.exit_logprobs[rows[~done], t] = exit_log_prob(
+                    out.gate_logits[~done, 0], out.exit_steps[~done, 0], num_loops, depth.exit_temperature
+                )
             logits = out.logits[:, -1]
         return state.records(prompts, num_loops, self.policy_version)
 
@@ -169,6 +177,7 @@ class _DecodeState:
         self.logprobs = torch.zeros(rows, max_steps, dtype=torch.float32, device=device)
         # The last token is never fed back: it keeps num_loops (the record convention).
         self.exit_steps = torch.full((rows, max_steps), num_loops, dtype=torch.long, device=device)
+        self.exit_logprobs = torch.zeros(rows, max_steps, dtype=torch.float32, device=device)  # 0: no sampled exit
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
         self.stopped = torch.zeros(rows, dtype=torch.bool, device=device)
         self.distributions: list[tuple[torch.Tensor, torch.Tensor]] = []  # (alive rows, (b, V) log-probs)
@@ -183,6 +192,7 @@ class _DecodeState:
     def records(self, prompts: list[list[int]], num_loops: int, version: int) -> list[RolloutRecord]:
         lengths = self.lengths.tolist()
         tokens, logprobs, exits = self.tokens.tolist(), self.logprobs.tolist(), self.exit_steps.tolist()
+        exit_logprobs = self.exit_logprobs.tolist()
         dists = self._distributions_per_row(len(prompts)) if self.distributions else None
         return [
             RolloutRecord(
@@ -194,6 +204,7 @@ class _DecodeState:
                 finish_reason="stop" if bool(self.stopped[i]) else "length",
                 num_loops=num_loops,
                 distributions=None if dists is None else dists[i],
+                exit_logprobs=exit_logprobs[i][: lengths[i]],
             )
             for i, prompt in enumerate(prompts)
         ]

@@ -144,7 +144,7 @@ def test_get_reward_funcs_binds_options_by_name():
     assert accuracy.keywords == {"timeout_s": 2.0}
     assert overlong(prompts=["p"], completions=["c"], completion_ids=[[1] * 8]) == [-0.6]
     assert pickle.loads(pickle.dumps(overlong))(completion_ids=[[1] * 8]) == [-0.6]  # TRL may ship it to a process
-    assert set(REWARD_FUNCS) == {"accuracy_reward", "dapo_reward", "format_reward", "overlong_reward"}
+    assert set(REWARD_FUNCS) == {"accuracy_reward", "dapo_reward", "depth_penalty", "format_reward", "overlong_reward"}
     assert rewards.reward_options(accuracy_reward) == ["timeout_s", "call_timeout_s"]
 
 
@@ -179,12 +179,13 @@ def test_called_as_trl_calls_reward_functions():
     the names it logs them under."""
     from trl.trainer.utils import get_callable_name
 
-    funcs = get_reward_funcs(list(REWARD_FUNCS), max_completion_len=8, soft_punish_cache=4)
+    funcs = get_reward_funcs(list(REWARD_FUNCS), max_completion_len=8, soft_punish_cache=4, alpha=0.5)
     prompts = [[{"role": "user", "content": "1+1?"}]] * 2
     completions = [[{"role": "assistant", "content": "<think>1+1</think>Answer: 2"}], [{"role": "assistant", "content": "3"}]]
     metrics: dict[str, list[float]] = {}
     hooks = {"trainer_state": object(), "log_extra": lambda *a: None, "log_metric": lambda k, v: metrics.setdefault(k, []).append(v)}
-    columns = {"reward_model": [{"ground_truth": "2", "style": "rule"}] * 2, "data_source": ["math_dapo"] * 2, "ability": ["MATH"] * 2}
+    columns = {"reward_model": [{"ground_truth": "2", "style": "rule"}] * 2, "data_source": ["math_dapo"] * 2, "ability": ["MATH"] * 2,
+               "exit_steps": [[1, 2, 3, 4, 4, 4, 4], [2, 2, 4]]}  # the GRPO recipe's rollout_func adds exit_steps
     scores = {
         get_callable_name(func): func(prompts=prompts, completions=completions, completion_ids=[[5] * 7, [5] * 3], **columns, **hooks)
         for func in funcs
@@ -192,6 +193,7 @@ def test_called_as_trl_calls_reward_functions():
     assert scores == {
         "accuracy_reward": [1.0, 0.0],
         "dapo_reward": [1.0, -1.0],
+        "depth_penalty": [-1.5, -1.0],
         "format_reward": [1.0, 0.0],
         "overlong_reward": [-0.75, 0.0],
     }
