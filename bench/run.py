@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.exact_bench import ExactBenchConfig
 from bench.rollout_bench import RolloutBenchConfig
 
 # name -> (module, function taking this benchmark's section of BenchConfig)
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "rollout": ("bench.rollout_bench", "run_rollout_bench"),
+    "exact": ("bench.exact_bench", "run_exact_bench"),
 }
 
 
@@ -24,6 +26,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
 class BenchConfig:
     benchmarks: list[str] = field(default_factory=lambda: ["rollout"])
     rollout: RolloutBenchConfig = field(default_factory=RolloutBenchConfig)
+    exact: ExactBenchConfig = field(default_factory=ExactBenchConfig)
     output_dir: str = "runs/bench"
 
     def __post_init__(self) -> None:
