@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.exact_bench import ExactBenchConfig
 from bench.loss_memory import LossMemoryBenchConfig
 from bench.ouro_cpu import OuroCPUBenchConfig
 from bench.rollout_bench import RolloutBenchConfig
@@ -21,6 +22,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "rollout": ("bench.rollout_bench", "run_rollout_bench"),
     "loss_memory": ("bench.loss_memory", "run_loss_memory_bench"),
     "ouro_cpu": ("bench.ouro_cpu", "run_ouro_cpu_bench"),
+    "exact": ("bench.exact_bench", "run_exact_bench"),
 }
 
 
@@ -30,6 +32,7 @@ class BenchConfig:
     rollout: RolloutBenchConfig = field(default_factory=RolloutBenchConfig)
     loss_memory: LossMemoryBenchConfig = field(default_factory=LossMemoryBenchConfig)
     ouro_cpu: OuroCPUBenchConfig = field(default_factory=OuroCPUBenchConfig)
+    exact: ExactBenchConfig = field(default_factory=ExactBenchConfig)
     output_dir: str = "runs/bench"
 
     def __post_init__(self) -> None:

@@ -19,6 +19,9 @@ class LoopLMConfig(PreTrainedConfig):
     Loop fields:
         total_ut_steps: T, how many times the whole layer stack is applied ("loops").
         early_exit_threshold: default Q-exit threshold q in [0, 1]; 1.0 always runs all T loops.
+        exact_mode: batch-invariant kernels (`looplm.batch_invariant`): a position's logits do not depend on
+            what else is computed with it, so the rollout engine's decode step and the training forward agree
+            bit for bit. Slower; off by default. Not a checkpoint property: set it where the model is used.
     """
 
     model_type = "ouro"
@@ -42,6 +45,7 @@ class LoopLMConfig(PreTrainedConfig):
     attention_dropout: float | int = 0.0
     total_ut_steps: int = 4
     early_exit_threshold: float = 1.0
+    exact_mode: bool = False
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None

@@ -24,6 +24,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
+from .batch_invariant import exact_mode_aware
 from .cache import LoopKVCache
 from .configuration_looplm import LoopLMConfig
 from .exit_gate import check_threshold, log_survival
@@ -319,6 +320,7 @@ class LoopLMModel(LoopLMPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
+    @exact_mode_aware  # config.exact_mode: batch-invariant kernels (looplm.batch_invariant)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -442,6 +444,7 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
+    @exact_mode_aware
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
