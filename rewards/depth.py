@@ -21,18 +21,17 @@ def depth_penalty(
     alpha: float = 0.0,
     per: Literal["mean", "sum"] = "mean",
     **_: Any,
-) -> list[float]:
+) -> list[float | None]:
     """-alpha x the completion's average loops per decoded position (`per="mean"`), or its total loops over
     every decoded position (`per="sum"`: compute per token, so longer completions pay more). A one-token
-    completion ran no decoded position: penalty 0."""
+    completion ran no decoded position: penalty 0. Without `exit_steps` (a trainer whose rollouts do not record
+    depths) the charge does not apply: None per completion."""
     if alpha < 0:
         raise ValueError(f"depth_penalty: alpha must be >= 0, got {alpha}")
     if per not in ("mean", "sum"):
         raise ValueError(f"depth_penalty: per must be 'mean' or 'sum', got {per!r}")
     if exit_steps is None:
-        if completions:
-            raise KeyError("depth_penalty needs `exit_steps` per completion (the GRPO recipe's rollout_func returns them)")
-        return []
+        return [None] * len(completions)
     if len(exit_steps) != len(completions):
         raise ValueError(f"depth_penalty: {len(exit_steps)} exit_steps rows for {len(completions)} completions")
     penalties = []
