@@ -258,6 +258,10 @@ class SlotKVCache:
             self.v[p, slot, :, :length] = plane.values[row, :, -length:]
         self.lengths[slot] = length
 
+    def select(self, slots: torch.Tensor) -> None:
+        """Keep only these slots, renumbered 0..len(slots)-1 in this order (one copy of the cache)."""
+        self.k, self.v, self.lengths = self.k[:, slots], self.v[:, slots], self.lengths[slots]
+
     def plane(self, loop: int, layer: int) -> int:
         return loop * self.num_layers + layer if self.mode == "full" else layer
 
