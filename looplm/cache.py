@@ -265,10 +265,14 @@ class SlotKVCache:
     def plane(self, loop: int, layer: int) -> int:
         return loop * self.num_layers + layer if self.mode == "full" else layer
 
-    def store(self, loop: int, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
-        """Write (b, Hkv, d) K/V of the new token of each of `slots` at its position; -> the plane to attend to."""
+    def store(
+        self, loop: int, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        position: torch.Tensor | None = None,
+    ) -> int:
+        """Write (b, Hkv, d) K/V of the new token of each of `slots` at its position (`lengths[slots]`, passed in
+        by a caller that has it); -> the plane to attend to."""
         p = self.plane(loop, layer)
-        pos = self.lengths[slots]
+        pos = self.lengths[slots] if position is None else position
         self.k[p, slots, :, pos] = k
         self.v[p, slots, :, pos] = v
         if self.mode == "first" and loop == 0:

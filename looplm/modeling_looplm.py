@@ -276,12 +276,19 @@ class _SlotAttention:
     attending over every slot reads, unless few rows run: gather below a third of the slots (measured on CPU).
     """
 
-    def __init__(self, cache: SlotKVCache, n: int, num_heads: int):
-        self.cache, self.n, self.num_heads = cache, n, num_heads
-        slots = cache.lengths.shape[0]
-        # (S, 1, 1, n): a slot attends to its positions up to and including the new one (finite everywhere).
-        self.mask = (torch.arange(n, device=cache.lengths.device)[None] <= cache.lengths[:, None])[:, None, None]
-        self.all_slots = torch.arange(slots, device=cache.lengths.device)
+    def __init__(self, cache: SlotKVCache, slots: torch.Tensor):
+        self.cache, self.position = cache, cache.lengths[slots]  # (b,) the new token's position in its slot
+        self.n = int(self.position.max()) + 1
+        lengths = cache.lengths
+        self.all_slots = torch.arange(len(lengths), device=lengths.device)
+        # (S, 1, 1, n) additive: a slot attends to its positions up to and including the new one (finite
+        # everywhere, so a slot that is not fed never makes NaNs). None when every slot is fed at one length.
+        self.mask = None
+        if len(slots) < len(lengths) or int(lengths.min()) + 1 != self.n:
+            seen = torch.arange(self.n, device=lengths.device)[None] <= lengths[:, None]
+            self.mask = torch.zeros(seen.shape, dtype=cache.k.dtype, device=lengths.device).masked_fill_(
+                ~seen, float("-inf")
+            )[:, None, None]
 
     def __call__(self, q: torch.Tensor, plane: int, rows: torch.Tensor) -> torch.Tensor:
         """(b, H, d) queries of the slots `rows` (sorted) -> (b, H, d)."""
@@ -291,6 +298,7 @@ class _SlotAttention:
             return self._sdpa(q, k, v, self.mask)
         if 3 * len(rows) < slots:
             return self._sdpa(q, k.index_select(0, rows), v.index_select(0, rows), self.mask.index_select(0, rows))
+        # (a partial set of rows always has a mask: `rows` is not every slot, or some rows exited)
         q_all = q.new_zeros(slots, *q.shape[1:]).index_copy_(0, rows, q)
         return self._sdpa(q_all, k, v, self.mask).index_select(0, rows)
 
@@ -319,11 +327,14 @@ class _DecodeExits:
     def step(self, loop: int, h: torch.Tensor, gate_logit: torch.Tensor) -> torch.Tensor:
         """(b_run, D) normed state and (b_run,) gate logit after `loop` -> the states of the rows still running."""
         b = self.steps.shape[0]
-        rows = torch.arange(b, device=h.device) if self.running is None else self.running
-        self.gate_logits[rows, loop] = gate_logit.float()
+        if self.running is None:
+            self.gate_logits[:, loop] = gate_logit
+        else:
+            self.gate_logits[self.running, loop] = gate_logit.float()
         newly = self._newly_exited(loop, h, gate_logit)
         if newly is None or not bool(newly.any()):
             return h
+        rows = torch.arange(b, device=h.device) if self.running is None else self.running
         if self.running is None and bool(newly.all()):  # the common case: everyone exits together
             self.output, self.running = h, rows[:0]
             self.steps.fill_(loop + 1)
@@ -538,9 +549,11 @@ class LoopLMModel(LoopLMPreTrainedModel):
         weights = self._decode_weights()
         n_loops, (b,) = cache.num_loops, tokens.shape
         x = self.embed_tokens(tokens)  # (b, D)
-        position = cache.lengths[slots]  # (b,) the new token's position in its slot
-        cos, sin = (t[:, 0] for t in self.rotary_emb(position[:, None], x.dtype))  # (b, 1, d): over heads
-        attend = _SlotAttention(cache, int(position.max()) + 1, self.config.num_attention_heads)
+        attend = _SlotAttention(cache, slots)
+        cos, sin = (t[:, 0] for t in self.rotary_emb(attend.position[:, None], x.dtype))  # (b, 1, d): over heads
+        # rotate_half(x) = roll(x, d/2) * [-1]*d/2 + [1]*d/2: the sign goes into sin, RoPE is three ops
+        half = sin.shape[-1] // 2
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
         exits = _DecodeExits(b, n_loops, exit_threshold, exit_hidden_eps, x.device)
         last_kv: list = [None] * len(self.layers)  # per layer (b, Hkv, d): each row's K/V at its latest loop
         for loop in range(n_loops):
@@ -564,14 +577,16 @@ class LoopLMModel(LoopLMPreTrainedModel):
         and the (b, Hkv, d) K/V of every row at its latest loop, which the cache stores for this loop."""
         cfg = self.config
         H, Hkv, d, eps, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps, x.shape[-1:]
-        q, k, v = F.linear(F.rms_norm(x, D, w.norms[0], eps), w.qkv).split([H * d, Hkv * d, Hkv * d], dim=-1)
-        q, k = apply_rotary(q.view(-1, H, d), *rope), apply_rotary(k.view(-1, Hkv, d), *rope)  # (b_run, H, d)
-        v = v.view(-1, Hkv, d)
+        qkv = F.linear(F.rms_norm(x, D, w.norms[0], eps), w.qkv)  # (b_run, (H + 2 Hkv) d)
+        qk = qkv[:, : (H + Hkv) * d].view(-1, H + Hkv, d)
+        cos, sin = rope
+        qk = torch.addcmul(qk * cos, qk.roll(d // 2, dims=-1), sin)  # RoPE on q and k at once
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, (H + Hkv) * d :].view(-1, Hkv, d)
         if run is None:
             last_kv = (k, v)
         else:  # exited rows keep the K/V of their exit loop
             last_kv = (last_kv[0].index_copy(0, run, k), last_kv[1].index_copy(0, run, v))
-        plane = cache.store(loop, layer, slots, *last_kv)
+        plane = cache.store(loop, layer, slots, *last_kv, position=attend.position)
         attn = attend(q, plane, slots if run is None else slots[run]).reshape(-1, H * d)  # (b_run, H*d)
         x = x + F.rms_norm(F.linear(attn, w.o), D, w.norms[1], eps)
         gate, up = F.linear(F.rms_norm(x, D, w.norms[2], eps), w.gate_up).chunk(2, dim=-1)

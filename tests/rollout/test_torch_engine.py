@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rollout.engine import DepthConfig, RolloutRecord, SamplingConfig
+from rollout.engine import DepthConfig, RolloutRecord, SamplingConfig, prepare_request
 from rollout.parity import check_parity, replay_logprobs, token_gaps
 from rollout.torch_engine import TorchEngine
 from tests.rollout.conftest import ADAPTIVE, mixed_prompts
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = mixed_prompts(6)
 
@@ -134,3 +136,24 @@ def test_chat_prompts_and_stop_strings_through_the_tokenizer(model):
     assert stopped.finish_reason == "stop" and needle in tokenizer.decode(stopped.completion_ids)
     assert stopped.completion_ids == free.completion_ids[: len(stopped.completion_ids)]
     assert len(stopped.completion_ids) < len(free.completion_ids)
+
+
+@pytest.mark.parametrize("depth", [DepthConfig(), ADAPTIVE], ids=["fixed", "adaptive"])
+def test_a_request_gives_the_same_completion_whatever_its_slot_and_batch(model, depth):
+    """Continuous batching moves a request between slots and batchmates (batch size, a chunk of the prompts as the
+    pool hands out): same token ids and depths, log-probs within the parity bound."""
+    engine = TorchEngine(model)
+    prompt_ids, sampling, depth = prepare_request(
+        PROMPTS, SamplingConfig(n=3, max_new_tokens=20, seed=7, stop_token_ids=list(range(3, 80))), depth,
+        engine.limits,
+    )
+    runs = [TorchEngine(model, max_batch_size=b).generate_ids(prompt_ids, sampling, depth) for b in (1, 4, 7, 32)]
+    runs.append(runs[0][:6] + TorchEngine(model, max_batch_size=5).generate_ids(prompt_ids[2:], sampling, depth, 2))
+    reference = runs[0]
+    assert len({len(r.completion_ids) for r in reference}) > 3  # rows finish at different steps: slots get reused
+    for run in runs[1:]:
+        assert [(r.completion_ids, r.exit_steps, r.finish_reason) for r in run] == [
+            (r.completion_ids, r.exit_steps, r.finish_reason) for r in reference
+        ]
+        gaps = [abs(a - b) for r, s in zip(run, reference, strict=True) for a, b in zip(r.logprobs, s.logprobs, strict=True)]
+        assert max(gaps) <= 1e-5
