@@ -272,13 +272,17 @@ class DecodeStepOutput:
 class _SlotAttention:
     """Attention of one new token per row over a SlotKVCache, for the rows still running at a loop.
 
-    Rows that exited need no attention, but gathering the running rows' cache planes copies more memory than
-    attending over every slot reads, unless few rows run: gather below a third of the slots (measured on CPU).
+    Every slot running: one batched call (masked when lengths differ). A few rows running (at most half the
+    slots, e.g. the deeper loops of adaptive depth): one call per row over its own positions, which reads only
+    that row's cache (gathering the rows' planes would copy them first). In between: attend over every slot
+    and keep the running rows, which reads no more than the batched call.
     """
 
     def __init__(self, cache: SlotKVCache, slots: torch.Tensor):
         self.cache, self.position = cache, cache.lengths[slots]  # (b,) the new token's position in its slot
         self.n = int(self.position.max()) + 1
+        self.slot_list, self.position_list = slots.tolist(), self.position.tolist()
+        self.running: list[tuple[int, int]] = []  # (slot, positions to attend) of the rows running this loop
         lengths = cache.lengths
         self.all_slots = torch.arange(len(lengths), device=lengths.device)
         # (S, 1, 1, n) additive: a slot attends to its positions up to and including the new one (finite
@@ -290,15 +294,23 @@ class _SlotAttention:
                 ~seen, float("-inf")
             )[:, None, None]
 
+    def start_loop(self, run: torch.Tensor | None) -> None:
+        """The rows running this loop: local indices into the step's slots (None: all)."""
+        local = range(len(self.slot_list)) if run is None else run.tolist()
+        self.running = [(self.slot_list[i], self.position_list[i] + 1) for i in local]
+
     def __call__(self, q: torch.Tensor, plane: int, rows: torch.Tensor) -> torch.Tensor:
-        """(b, H, d) queries of the slots `rows` (sorted) -> (b, H, d)."""
+        """(b_run, H, d) queries of the running slots `rows` (sorted) -> (b_run, H, d)."""
+        slots = self.cache.k.shape[1]
+        if 2 * len(rows) <= slots and len(rows) < slots:
+            k, v = self.cache.k[plane], self.cache.v[plane]  # (S, Hkv, capacity, d)
+            return torch.cat([
+                self._sdpa(q[i : i + 1], k[s : s + 1, :, :n], v[s : s + 1, :, :n], None)
+                for i, (s, n) in enumerate(self.running)
+            ])
         k, v = self.cache.k[plane, :, :, : self.n], self.cache.v[plane, :, :, : self.n]  # (S, Hkv, n, d)
-        slots = k.shape[0]
         if len(rows) == slots:  # every slot (rows sorted and distinct)
             return self._sdpa(q, k, v, self.mask)
-        if 3 * len(rows) < slots:
-            return self._sdpa(q, k.index_select(0, rows), v.index_select(0, rows), self.mask.index_select(0, rows))
-        # (a partial set of rows always has a mask: `rows` is not every slot, or some rows exited)
         q_all = q.new_zeros(slots, *q.shape[1:]).index_copy_(0, rows, q)
         return self._sdpa(q_all, k, v, self.mask).index_select(0, rows)
 
@@ -559,6 +571,8 @@ class LoopLMModel(LoopLMPreTrainedModel):
         for loop in range(n_loops):
             run = exits.running  # local indices of the rows still running (None: all)
             rows = slots if run is None else slots[run]
+            if len(rows):
+                attend.start_loop(run)
             rope = (cos, sin) if run is None else (cos[run], sin[run])
             for i, w in enumerate(weights):
                 if len(rows):
