@@ -39,10 +39,15 @@ class LoopLMRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in float32 (the decode fast path calls it too: the same op order keeps it close to training)."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
 
 
 class LoopLMRotaryEmbedding(nn.Module):
@@ -580,7 +585,7 @@ class LoopLMModel(LoopLMPreTrainedModel):
                 else:  # every row exited: deeper planes get the exited K/V, uncomputed
                     cache.store(loop, i, slots, *last_kv[i])
             if len(rows):
-                x = F.rms_norm(x, x.shape[-1:], self.norm.weight, self.norm.eps)  # (b_run, D)
+                x = rms_norm(x, self.norm.weight, self.norm.eps)  # (b_run, D)
                 x = exits.step(loop, x, self.early_exit_gate(x)[:, 0])
         cache.commit(slots)
         return DecodeStepOutput(exits.output, exits.steps, exits.gate_logits)
@@ -590,11 +595,11 @@ class LoopLMModel(LoopLMPreTrainedModel):
         """One layer for the running rows (local indices `run` of `slots`; None: all): (b_run, D) -> (b_run, D),
         and the (b, Hkv, d) K/V of every row at its latest loop, which the cache stores for this loop."""
         cfg = self.config
-        H, Hkv, d, eps, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps, x.shape[-1:]
-        qkv = F.linear(F.rms_norm(x, D, w.norms[0], eps), w.qkv)  # (b_run, (H + 2 Hkv) d)
+        H, Hkv, d, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
+        qkv = F.linear(rms_norm(x, w.norms[0], eps), w.qkv)  # (b_run, (H + 2 Hkv) d)
         qk = qkv[:, : (H + Hkv) * d].view(-1, H + Hkv, d)
         cos, sin = rope
-        qk = torch.addcmul(qk * cos, qk.roll(d // 2, dims=-1), sin)  # RoPE on q and k at once
+        qk = qk * cos + qk.roll(d // 2, dims=-1) * sin  # RoPE on q and k at once
         q, k, v = qk[:, :H], qk[:, H:], qkv[:, (H + Hkv) * d :].view(-1, Hkv, d)
         if run is None:
             last_kv = (k, v)
@@ -602,9 +607,9 @@ class LoopLMModel(LoopLMPreTrainedModel):
             last_kv = (last_kv[0].index_copy(0, run, k), last_kv[1].index_copy(0, run, v))
         plane = cache.store(loop, layer, slots, *last_kv, position=attend.position)
         attn = attend(q, plane, slots if run is None else slots[run]).reshape(-1, H * d)  # (b_run, H*d)
-        x = x + F.rms_norm(F.linear(attn, w.o), D, w.norms[1], eps)
-        gate, up = F.linear(F.rms_norm(x, D, w.norms[2], eps), w.gate_up).chunk(2, dim=-1)
-        x = x + F.rms_norm(F.linear(F.silu(gate) * up, w.down), D, w.norms[3], eps)
+        x = x + rms_norm(F.linear(attn, w.o), w.norms[1], eps)
+        gate, up = F.linear(rms_norm(x, w.norms[2], eps), w.gate_up).chunk(2, dim=-1)
+        x = x + rms_norm(F.linear(F.silu(gate) * up, w.down), w.norms[3], eps)
         return x, last_kv
 
     def _decode_weights(self) -> list[DecodeLayerWeights]:

@@ -194,15 +194,20 @@ class RolloutPool(RolloutEngine):
         queue = deque(range(len(chunks)))
         idle = deque(range(len(self.actors)))
         pending: dict[ray.ObjectRef, tuple[int, int, float]] = {}  # -> (actor, chunk, started)
+        # A replacement actor gets work once it answers, so that its start-up (seconds) is not counted against
+        # the chunk's timeout: identity ref of each starting actor -> its index.
+        starting: dict[ray.ObjectRef, int] = {}
         results: dict[int, list[RolloutRecord]] = {}
         replaced = 0
         while queue or pending:
             while queue and idle:  # hand out work as actors free up
                 actor, chunk = idle.popleft(), queue.popleft()
                 pending[self._submit(actor, chunks[chunk], prompt_ids, sampling, depth)] = (actor, chunk, time.monotonic())
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=self._wait_s(pending))
+            ready, _ = ray.wait(list(pending) + list(starting), num_returns=1, timeout=self._wait_s(pending))
             failed: list[tuple[int, int, str]] = []
-            if ready:
+            if ready and ready[0] in starting:
+                idle.append(starting.pop(ready[0]))
+            elif ready:
                 actor, chunk, _ = pending.pop(ready[0])
                 try:
                     results[chunk] = ray.get(ready[0])
@@ -224,7 +229,7 @@ class RolloutPool(RolloutEngine):
                 logger.warning("rollout actor %d %s: replacing it and redoing its chunk %d", actor, why, chunk)
                 self._replace(actor)
                 queue.appendleft(chunk)
-                idle.append(actor)
+                starting[self._identities[actor]] = actor
         records = [r for i in range(len(chunks)) for r in results[i]]
         expected = len(prompt_ids) * sampling.n
         if len(records) != expected:  # a chunk is all-or-nothing; this would be a bug, never a silent loss
@@ -242,8 +247,8 @@ class RolloutPool(RolloutEngine):
         return self.actors[i].generate_shard.remote(prompt_ids[start:end], sampling, depth, start)
 
     def _wait_s(self, pending: dict) -> float | None:
-        """Seconds until the oldest pending shard reaches the actor timeout (None: no timeout)."""
-        if self.config.actor_timeout_s is None:
+        """Seconds until the oldest pending chunk reaches the actor timeout (None: no timeout, or no chunk out)."""
+        if self.config.actor_timeout_s is None or not pending:
             return None
         oldest = min(started for *_, started in pending.values())
         return max(self.config.actor_timeout_s - (time.monotonic() - oldest), 0.0)
