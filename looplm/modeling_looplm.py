@@ -289,7 +289,6 @@ class _SlotAttention:
         self.slot_list, self.position_list = slots.tolist(), self.position.tolist()
         self.running: list[tuple[int, int]] = []  # (slot, positions to attend) of the rows running this loop
         lengths = cache.lengths
-        self.all_slots = torch.arange(len(lengths), device=lengths.device)
         # (S, 1, 1, n) additive: a slot attends to its positions up to and including the new one (finite
         # everywhere, so a slot that is not fed never makes NaNs). None when every slot is fed at one length.
         self.mask = None
@@ -615,7 +614,8 @@ class LoopLMModel(LoopLMPreTrainedModel):
     def _decode_weights(self) -> list[DecodeLayerWeights]:
         """Fused per-layer weights, rebuilt when any parameter changed (load_state_dict, an optimizer step and
         `.to()` all change a parameter's version or storage); not parameters, so the state_dict is unchanged."""
-        key = tuple((p.data_ptr(), p._version) for p in self.layers.parameters())
+        # (Parameters made under inference_mode have no version counter: only their storage is compared.)
+        key = tuple((p.data_ptr(), -1 if p.is_inference() else p._version) for p in self.layers.parameters())
         cached = self.__dict__.get("_decode_cache")
         if cached is None or cached[0] != key:
             with torch.no_grad():
