@@ -11,16 +11,25 @@ is the fair one (time spent descheduled is not counted); the pool part can only 
    finished rows in the batch until the last one stops, our engine drops them);
 2. adaptive vs fixed depth in our engine: average loops per decoded token, tokens/s;
 3. the Ray pool with 1 actor vs 2 actors (same total threads, and 1 actor x 1 thread);
-4. K/V bytes per token for each cache mode (formula and measured).
+4. K/V bytes per token for each cache mode (formula and measured);
+5. the decode step at batch 1 and 32 (fixed length, no stop): our engine vs the engine before continuous
+   batching and the decode fast path (`baseline_rev`'s `rollout/torch_engine.py`, loaded from git history and run
+   in the same process, on the same model) vs `generate()`;
+6. the RL workload: `rl_prompts` prompts x `rl_samples` samples, variable lengths up to
+   `variable_max_new_tokens`, `max(batch_sizes)` rows decoded together: ours vs the baseline engine vs
+   `generate()` (batches of that many rows, the prompt's samples side by side).
 Throughput counts completion tokens up to and including the first stop id of each row.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,6 +55,11 @@ class RolloutBenchConfig:
     variable_max_new_tokens: int = 256  # variable-length workload
     stop_ids: int = 128  # variable-length workload: ids 3..3+stop_ids end a row (~1.6% per token at vocab 8192)
     exit_threshold: float = 0.6  # adaptive depth's q
+    rl_prompts: int = 128  # RL workload: prompts x rl_samples completions
+    rl_samples: int = 4
+    rl_repeats: int = 1  # the RL workload's timed runs (each one is minutes for generate())
+    # The engine before continuous batching and the decode fast path, for side-by-side ratios ("" skips it).
+    baseline_rev: str = "13645de"
     pool_prompts: int = 32
     pool_actors: list[int] = field(default_factory=lambda: [1, 2])  # [] skips the pool benchmark
     repeats: int = 4
@@ -53,7 +67,7 @@ class RolloutBenchConfig:
     parts: list[str] = field(default_factory=lambda: list(PARTS))  # which of the four to run
 
 
-PARTS = ("engine_vs_generate", "adaptive_vs_fixed", "pool_actors", "kv_bytes_per_token")
+PARTS = ("engine_vs_generate", "adaptive_vs_fixed", "pool_actors", "kv_bytes_per_token", "decode_step", "rl_workload")
 
 
 def run_rollout_bench(config: RolloutBenchConfig) -> dict[str, Any]:
@@ -71,6 +85,8 @@ def run_rollout_bench(config: RolloutBenchConfig) -> dict[str, Any]:
         "adaptive_vs_fixed": lambda: _adaptive_vs_fixed(model, config),
         "pool_actors": lambda: _pool_actors(str(folder), model.config.vocab_size, config),
         "kv_bytes_per_token": lambda: _kv_bytes(model),
+        "decode_step": lambda: _decode_step(model, config),
+        "rl_workload": lambda: _rl_workload(model, config),
     }
     results: dict[str, Any] = {"parameters": params}
     results.update({name: parts[name]() for name in PARTS if name in config.parts})
@@ -240,6 +256,88 @@ def _kv_bytes(model: LoopLMForCausalLM) -> list[dict[str, Any]]:
     return rows
 
 
+def _baseline_engine(rev: str) -> type | None:
+    """`TorchEngine` as of git revision `rev`, loaded from history into its own module so that it runs beside
+    today's engine in one process; None (with the reason printed) without git or that revision."""
+    if not rev:
+        return None
+    root = Path(__file__).resolve().parents[1]
+    try:
+        source = subprocess.run(["git", "show", f"{rev}:rollout/torch_engine.py"], cwd=root, capture_output=True,
+                                text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as err:
+        print(f"# baseline engine {rev!r} not available ({err}): its columns are skipped")
+        return None
+    module = types.ModuleType("rollout._baseline_torch_engine")
+    module.__package__ = "rollout"
+    exec(compile(source, f"{rev}:rollout/torch_engine.py", "exec"), module.__dict__)  # noqa: S102 - our own history
+    return module.TorchEngine
+
+
+def _ratio_row(timed: dict[str, Timing], row: dict[str, Any]) -> dict[str, Any]:
+    """tok/s and tok per CPU second of each contender, and ours over each other one (both ways of timing)."""
+    for name, t in timed.items():
+        row[f"{name}_tokens"], row[f"{name}_tok_s"], row[f"{name}_tok_cpu_s"] = t.tokens, t.tokens / t.wall, t.tokens / t.cpu
+    for name in timed:
+        if name != "ours":
+            row[f"ours_over_{name}"] = row["ours_tok_s"] / row[f"{name}_tok_s"]
+            row[f"ours_over_{name}_cpu"] = row["ours_tok_cpu_s"] / row[f"{name}_tok_cpu_s"]
+    return row
+
+
+def _decode_step(model: LoopLMForCausalLM, config: RolloutBenchConfig) -> list[dict[str, Any]]:
+    """Fixed length (no stop): every row decodes max_new_tokens, so only the step differs."""
+    baseline = _baseline_engine(config.baseline_rev)
+    rows = []
+    for batch in sorted({min(config.batch_sizes), max(config.batch_sizes)}):
+        prompts = _prompts(batch, config, model.config.vocab_size, config.seed + batch)
+        sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, seed=config.seed)
+        engines = {"ours": TorchEngine(model, max_batch_size=batch)}
+        if baseline is not None:
+            engines["baseline"] = baseline(model, max_batch_size=batch)
+        fns: dict[str, Callable[[int], int]] = {
+            name: lambda rep, e=e, p=prompts, s=sampling: _ours(e, p, s, rep=rep) for name, e in engines.items()
+        }
+        fns["generate"] = lambda rep, p=prompts: _hf_generate(model, p, config.max_new_tokens, [], rep)
+        rows.append(_ratio_row(_timed(fns, config.repeats), {"batch": batch}))
+        print(rows[-1])
+    return rows
+
+
+def _rl_workload(model: LoopLMForCausalLM, config: RolloutBenchConfig) -> list[dict[str, Any]]:
+    """Many prompts x samples of geometric-like lengths (stop ids), more requests than one batch holds."""
+    baseline = _baseline_engine(config.baseline_rev)
+    batch, n, max_new = max(config.batch_sizes), config.rl_samples, config.variable_max_new_tokens
+    prompts = _prompts(config.rl_prompts, config, model.config.vocab_size, config.seed + 3)
+    stops = list(range(3, 3 + config.stop_ids))
+    sampling = SamplingConfig(n=n, max_new_tokens=max_new, stop_token_ids=stops, seed=config.seed)
+    rows_of_samples = [p for p in prompts for _ in range(n)]
+
+    def generate_all(rep: int) -> int:
+        return sum(_hf_generate(model, rows_of_samples[i : i + batch], max_new, stops, rep)
+                   for i in range(0, len(rows_of_samples), batch))
+
+    fns = {"ours": lambda rep: _ours(TorchEngine(model, max_batch_size=batch), prompts, sampling, rep=rep)}
+    if baseline is not None:
+        fns["baseline"] = lambda rep: _ours(baseline(model, max_batch_size=batch), prompts, sampling, rep=rep)
+    fns["generate"] = generate_all
+    # Warm-up on a few prompts only: the full workload takes minutes per contender.
+    warm = dataclasses.replace(config, rl_prompts=max(1, batch // n))
+    warm_prompts = _prompts(warm.rl_prompts, warm, model.config.vocab_size, config.seed + 4)
+    _ours(TorchEngine(model, max_batch_size=batch), warm_prompts, sampling)
+    _hf_generate(model, [p for p in warm_prompts for _ in range(n)], max_new, stops, -1)
+    timed = {name: Timing() for name in fns}
+    for rep in range(config.rl_repeats):
+        for name, fn in fns.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            timed[name].tokens += fn(rep)
+            timed[name].wall += time.perf_counter() - wall
+            timed[name].cpu += time.process_time() - cpu
+    row = _ratio_row(timed, {"prompts": len(prompts), "samples": n, "batch": batch, "max_new_tokens": max_new})
+    print(row)
+    return [row]
+
+
 def print_markdown(results: dict[str, Any]) -> None:
     tables = {
         "engine_vs_generate": (
@@ -259,6 +357,22 @@ def print_markdown(results: dict[str, Any]) -> None:
         "kv_bytes_per_token": (
             "| KV mode | bytes per token (formula) | measured |",
             lambda r: f"| {r['mode']} | {r['bytes_per_token']} | {r['measured']:.0f} |",
+        ),
+        "decode_step": (
+            "| batch | ours tok/s | baseline tok/s | generate() tok/s | ours / baseline | same, per CPU s | "
+            "ours / generate() | same, per CPU s |",
+            lambda r: f"| {r['batch']} | {r['ours_tok_s']:.0f} | {r.get('baseline_tok_s', float('nan')):.0f} | "
+            f"{r['generate_tok_s']:.0f} | {r.get('ours_over_baseline', float('nan')):.2f}x | "
+            f"{r.get('ours_over_baseline_cpu', float('nan')):.2f}x | {r['ours_over_generate']:.2f}x | "
+            f"{r['ours_over_generate_cpu']:.2f}x |",
+        ),
+        "rl_workload": (
+            "| prompts x samples | batch | ours tok/s | baseline tok/s | generate() tok/s | ours / baseline | "
+            "same, per CPU s | ours / generate() | same, per CPU s |",
+            lambda r: f"| {r['prompts']} x {r['samples']} | {r['batch']} | {r['ours_tok_s']:.0f} | "
+            f"{r.get('baseline_tok_s', float('nan')):.0f} | {r['generate_tok_s']:.0f} | "
+            f"{r.get('ours_over_baseline', float('nan')):.2f}x | {r.get('ours_over_baseline_cpu', float('nan')):.2f}x | "
+            f"{r['ours_over_generate']:.2f}x | {r['ours_over_generate_cpu']:.2f}x |",
         ),
     }
     for name, (header, row) in tables.items():

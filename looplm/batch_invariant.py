@@ -66,9 +66,9 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 def _valid_keys(attn_mask, is_causal: bool, B: int, Sq: int, Sk: int, device) -> torch.Tensor:
     """(B, 1|H, Sq, Sk) bool: which keys each query may see (SDPA's boolean mask convention)."""
     if attn_mask is not None:
-        if attn_mask.dtype != torch.bool:
-            raise ValueError("exact mode takes boolean attention masks only")
-        valid = attn_mask
+        valid = attn_mask if attn_mask.dtype == torch.bool else attn_mask == 0
+        if attn_mask.dtype != torch.bool and not bool((attn_mask[~valid] == float("-inf")).all()):
+            raise ValueError("exact mode takes boolean masks or their additive form (0 = seen, -inf = hidden)")
     elif is_causal:
         valid = torch.ones(Sq, Sk, dtype=torch.bool, device=device).tril()
     else:

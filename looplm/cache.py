@@ -210,4 +210,91 @@ class LoopKVCache(Cache):
         return planes * config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * element
 
 
-__all__ = ["GrowingKVLayer", "KV_MODES", "KVMode", "LoopKVCache"]
+class SlotKVCache:
+    """Static K/V of `slots` sequences decoded one token per step, each at its own length (continuous batching).
+
+    Buffers are preallocated, (planes, slots, Hkv, capacity, d); slot s holds its positions 0..lengths[s]-1 with
+    no padding, so a finished sequence's slot is refilled by copying a new prompt's prefill into it. Planes are
+    as in `LoopKVCache` (T x L in "full" mode, indexed loop * L + layer; L in the shared modes). The decode step
+    (`LoopLMModel.decode_step`) calls `store` for every (loop, layer) in order and `commit` once at the end.
+    In the shared modes every loop writes the plane (a token attends to its own current-loop K/V, as in
+    `LoopKVCache`) and `commit` leaves what that mode keeps: the last loop's, loop 1's or the mean over loops.
+    """
+
+    def __init__(
+        self, config: LoopLMConfig, slots: int, num_loops: int, mode: KVMode = "full", capacity: int = 128,
+        dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    ):
+        if mode not in KV_MODES:
+            raise ValueError(f"unknown KV cache mode {mode!r}; expected one of {KV_MODES}")
+        self.mode, self.num_loops, self.num_layers = mode, num_loops, config.num_hidden_layers
+        planes = num_loops * self.num_layers if mode == "full" else self.num_layers
+        shape = (planes, slots, config.num_key_value_heads, capacity, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # (slots,) positions held
+        self._pending: dict[int, list[torch.Tensor]] = {}  # shared modes: plane -> [k, v] to keep at commit
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def reserve(self, length: int) -> None:
+        """Make room for `length` positions per slot (doubling, so growth copies rarely)."""
+        if length <= self.capacity:
+            return
+        old_k, old_v, held = self.k, self.v, self.capacity
+        shape = (*old_k.shape[:3], max(length, 2 * held), old_k.shape[4])
+        self.k, self.v = old_k.new_zeros(shape), old_v.new_zeros(shape)
+        self.k[:, :, :, :held], self.v[:, :, :, :held] = old_k, old_v
+
+    def load_prefill(self, slot: int, prefill: LoopKVCache, row: int, length: int) -> None:
+        """Copy row `row` of a prefill cache (left-padded: its last `length` positions are the prompt) into `slot`."""
+        if len(prefill.layers) != self.k.shape[0]:
+            raise ValueError(f"prefill cache has {len(prefill.layers)} planes, this cache {self.k.shape[0]}")
+        self.reserve(length)
+        for p, plane in enumerate(prefill.layers):
+            self.k[p, slot, :, :length] = plane.keys[row, :, -length:]
+            self.v[p, slot, :, :length] = plane.values[row, :, -length:]
+        self.lengths[slot] = length
+
+    def select(self, slots: torch.Tensor) -> None:
+        """Keep only these slots, renumbered 0..len(slots)-1 in this order (one copy of the cache)."""
+        self.k, self.v, self.lengths = self.k[:, slots], self.v[:, slots], self.lengths[slots]
+
+    def plane(self, loop: int, layer: int) -> int:
+        return loop * self.num_layers + layer if self.mode == "full" else layer
+
+    def store(
+        self, loop: int, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        position: torch.Tensor | None = None,
+    ) -> int:
+        """Write (b, Hkv, d) K/V of the new token of each of `slots` at its position (`lengths[slots]`, passed in
+        by a caller that has it); -> the plane to attend to."""
+        p = self.plane(loop, layer)
+        pos = self.lengths[slots] if position is None else position
+        self.k[p, slots, :, pos] = k
+        self.v[p, slots, :, pos] = v
+        if self.mode == "first" and loop == 0:
+            self._pending[p] = [k, v]
+        elif self.mode == "average":
+            if loop == 0:
+                self._pending[p] = [k / self.num_loops, v / self.num_loops]
+            else:
+                acc = self._pending[p]
+                acc[0], acc[1] = acc[0] + k / self.num_loops, acc[1] + v / self.num_loops
+        return p
+
+    def commit(self, slots: torch.Tensor) -> None:
+        """End of a decode step: the shared modes keep their reduced K/V; the slots' lengths advance by one."""
+        pos = self.lengths[slots]
+        for p, (k, v) in self._pending.items():
+            self.k[p, slots, :, pos], self.v[p, slots, :, pos] = k, v
+        self._pending.clear()
+        self.lengths[slots] += 1
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+__all__ = ["GrowingKVLayer", "KV_MODES", "KVMode", "LoopKVCache", "SlotKVCache"]

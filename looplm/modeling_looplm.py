@@ -25,7 +25,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .batch_invariant import exact_mode_aware
-from .cache import LoopKVCache
+from .cache import LoopKVCache, SlotKVCache
 from .configuration_looplm import LoopLMConfig
 from .exit_gate import check_threshold, log_survival
 
@@ -40,10 +40,15 @@ class LoopLMRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in float32 (the decode fast path calls it too: the same op order keeps it close to training)."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
 
 
 class LoopLMRotaryEmbedding(nn.Module):
@@ -237,6 +242,155 @@ class ExitTracker:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Decode fast path: one token per sequence, the same math as the forward above, fewer and fused ops.
+
+
+@dataclass
+class DecodeLayerWeights:
+    """One layer's weights for the decode step: fused projections, built from the checkpoint-named ones."""
+
+    qkv: torch.Tensor  # (H*d + 2*Hkv*d, D): q_proj, k_proj, v_proj stacked
+    o: torch.Tensor  # (D, H*d)
+    gate_up: torch.Tensor  # (2F, D): gate_proj, up_proj stacked
+    down: torch.Tensor  # (D, F)
+    norms: tuple[torch.Tensor, ...]  # input, input_2, post_attention, post_attention_2 RMSNorm weights
+
+    @classmethod
+    def of(cls, layer: LoopLMDecoderLayer) -> DecodeLayerWeights:
+        a, m = layer.self_attn, layer.mlp
+        return cls(
+            qkv=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach(),
+            o=a.o_proj.weight.detach(),
+            gate_up=torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach(),
+            down=m.down_proj.weight.detach(),
+            norms=tuple(n.weight.detach() for n in (
+                layer.input_layernorm, layer.input_layernorm_2, layer.post_attention_layernorm,
+                layer.post_attention_layernorm_2,
+            )),
+        )
+
+
+@dataclass
+class DecodeStepOutput:
+    hidden: torch.Tensor  # (b, D) each row's normed state at its exit loop
+    exit_steps: torch.Tensor  # (b,) in 1..num_loops
+    gate_logits: torch.Tensor  # (b, num_loops) per loop run; NaN for loops a row did not run
+    logits: torch.Tensor | None = None  # (b, V), from LoopLMForCausalLM.decode_step
+
+
+class _SlotAttention:
+    """Attention of one new token per row over a SlotKVCache, for the rows still running at a loop.
+
+    Every slot running: one batched call (masked when lengths differ). A few rows running (at most half the
+    slots, e.g. the deeper loops of adaptive depth): one call per row over its own positions, which reads only
+    that row's cache (gathering the rows' planes would copy them first). In between: attend over every slot
+    and keep the running rows, which reads no more than the batched call.
+    """
+
+    def __init__(self, cache: SlotKVCache, slots: torch.Tensor):
+        self.cache, self.position = cache, cache.lengths[slots]  # (b,) the new token's position in its slot
+        self.n = int(self.position.max()) + 1
+        self.slot_list, self.position_list = slots.tolist(), self.position.tolist()
+        self.running: list[tuple[int, int]] = []  # (slot, positions to attend) of the rows running this loop
+        lengths = cache.lengths
+        # (S, 1, 1, n) additive: a slot attends to its positions up to and including the new one (finite
+        # everywhere, so a slot that is not fed never makes NaNs). None when every slot is fed at one length.
+        self.mask = None
+        if len(slots) < len(lengths) or int(lengths.min()) + 1 != self.n:
+            seen = torch.arange(self.n, device=lengths.device)[None] <= lengths[:, None]
+            self.mask = torch.zeros(seen.shape, dtype=cache.k.dtype, device=lengths.device).masked_fill_(
+                ~seen, float("-inf")
+            )[:, None, None]
+
+    def start_loop(self, run: torch.Tensor | None) -> None:
+        """The rows running this loop: local indices into the step's slots (None: all)."""
+        local = range(len(self.slot_list)) if run is None else run.tolist()
+        self.running = [(self.slot_list[i], self.position_list[i] + 1) for i in local]
+
+    def __call__(self, q: torch.Tensor, plane: int, rows: torch.Tensor) -> torch.Tensor:
+        """(b_run, H, d) queries of the running slots `rows` (sorted) -> (b_run, H, d)."""
+        slots = self.cache.k.shape[1]
+        if 2 * len(rows) <= slots and len(rows) < slots:
+            k, v = self.cache.k[plane], self.cache.v[plane]  # (S, Hkv, capacity, d)
+            return torch.cat([
+                self._sdpa(q[i : i + 1], k[s : s + 1, :, :n], v[s : s + 1, :, :n], None)
+                for i, (s, n) in enumerate(self.running)
+            ])
+        k, v = self.cache.k[plane, :, :, : self.n], self.cache.v[plane, :, :, : self.n]  # (S, Hkv, n, d)
+        if len(rows) == slots:  # every slot (rows sorted and distinct)
+            return self._sdpa(q, k, v, self.mask)
+        q_all = q.new_zeros(slots, *q.shape[1:]).index_copy_(0, rows, q)
+        return self._sdpa(q_all, k, v, self.mask).index_select(0, rows)
+
+    def _sdpa(self, q, k, v, mask) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+        return out[:, :, 0]  # (b, H, d)
+
+
+class _DecodeExits:
+    """ExitTracker's rules for the decode fast path, kept for the running rows only: rows that exit leave the
+    running set (their state is final) instead of being masked, so deeper loops compute only for the rest."""
+
+    def __init__(self, b: int, num_loops: int, threshold, hidden_eps: float | None, device, temperature: float = 1.0):
+        self.num_loops, self.hidden_eps, self.previous = num_loops, hidden_eps, None
+        self.temperature = temperature  # sampled exits: the gate logits are divided by it (see ExitTracker)
+        if isinstance(threshold, torch.Tensor):
+            threshold = threshold.reshape(b).float()  # (b,) or (b, 1): one q per row
+        elif threshold is not None:
+            check_threshold(threshold)
+        self.threshold = threshold
+        self.running: torch.Tensor | None = None  # local indices of running rows; None: all
+        self.output: torch.Tensor | None = None  # (b, D)
+        self.steps = torch.full((b,), num_loops, dtype=torch.long, device=device)
+        self.gate_logits = torch.full((b, num_loops), float("nan"), device=device)
+        self.log_survival = torch.zeros(b, device=device)  # (b_run,) log S after the loops run so far
+
+    def step(self, loop: int, h: torch.Tensor, gate_logit: torch.Tensor) -> torch.Tensor:
+        """(b_run, D) normed state and (b_run,) gate logit after `loop` -> the states of the rows still running."""
+        b = self.steps.shape[0]
+        if self.running is None:
+            self.gate_logits[:, loop] = gate_logit
+        else:
+            self.gate_logits[self.running, loop] = gate_logit.float()
+        newly = self._newly_exited(loop, h, gate_logit)
+        if newly is None or not bool(newly.any()):
+            return h
+        rows = torch.arange(b, device=h.device) if self.running is None else self.running
+        if self.running is None and bool(newly.all()):  # the common case: everyone exits together
+            self.output, self.running = h, rows[:0]
+            self.steps.fill_(loop + 1)
+            return h[:0]
+        if self.output is None:
+            self.output = h.new_empty(b, h.shape[-1])
+        self.output[rows[newly]] = h[newly]
+        self.steps[rows[newly]] = loop + 1
+        keep = ~newly
+        self.running, self.log_survival = rows[keep], self.log_survival[keep]
+        if isinstance(self.threshold, torch.Tensor):
+            self.threshold = self.threshold[keep]
+        if self.previous is not None:
+            self.previous = self.previous[keep]
+        return h[keep]
+
+    def _newly_exited(self, loop: int, h: torch.Tensor, gate_logit: torch.Tensor) -> torch.Tensor | None:
+        if loop == self.num_loops - 1:
+            return torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
+        if self.threshold is not None:
+            self.log_survival = self.log_survival + F.logsigmoid(-gate_logit.float() / self.temperature)
+            cdf = -torch.expm1(self.log_survival)
+            if isinstance(self.threshold, torch.Tensor):
+                return (cdf >= self.threshold) & (self.threshold < 1.0)
+            return cdf >= self.threshold if self.threshold < 1.0 else None
+        if self.hidden_eps is not None:
+            previous, self.previous = self.previous, h
+            if previous is None:
+                return None
+            change = (h - previous).float().norm(dim=-1) / previous.float().norm(dim=-1).clamp(min=1e-12)
+            return change < self.hidden_eps
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Models
 
 
@@ -395,6 +549,92 @@ class LoopLMModel(LoopLMPreTrainedModel):
             for i, (k, v) in enumerate(last_kv):
                 cache.update_loop(k, v, loop, i)
 
+    # -- decode fast path ------------------------------------------------------------------------------------
+
+    @exact_mode_aware
+    @torch.inference_mode()
+    def decode_step(
+        self,
+        tokens: torch.Tensor,
+        slots: torch.Tensor,
+        cache: SlotKVCache,
+        exit_threshold: float | torch.Tensor | None = None,
+        exit_hidden_eps: float | None = None,
+        exit_temperature: float = 1.0,
+    ) -> DecodeStepOutput:
+        """Decode one token for each of `slots` (sorted, distinct) of a SlotKVCache, at the slot's next position.
+
+        The same function as `forward` on one new token with a cache (the parity tests hold it to that), computed
+        for the rows that have not exited only: at each loop the running rows run the layers (gathered), and a
+        row that exited at loop e writes its loop-e K/V into the deeper loops' planes ("last exited").
+        tokens: (b,) ids. exit_threshold: Q-exit q, a float or a (b,) tensor of per-row q; exit_hidden_eps: the
+        hidden-difference rule (see ExitTracker). Neither: every row runs `cache.num_loops` loops.
+        exit_temperature: divides the gate logits of the Q-exit rule (sampled exits, as in `forward`).
+        """
+        if exit_threshold is not None and exit_hidden_eps is not None:
+            raise ValueError("pass one depth rule: exit_threshold or exit_hidden_eps")
+        weights = self._decode_weights()
+        n_loops, (b,) = cache.num_loops, tokens.shape
+        x = self.embed_tokens(tokens)  # (b, D)
+        attend = _SlotAttention(cache, slots)
+        cos, sin = (t[:, 0] for t in self.rotary_emb(attend.position[:, None], x.dtype))  # (b, 1, d): over heads
+        # rotate_half(x) = roll(x, d/2) * [-1]*d/2 + [1]*d/2: the sign goes into sin, RoPE is three ops
+        half = sin.shape[-1] // 2
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        exits = _DecodeExits(b, n_loops, exit_threshold, exit_hidden_eps, x.device, exit_temperature)
+        last_kv: list = [None] * len(self.layers)  # per layer (b, Hkv, d): each row's K/V at its latest loop
+        for loop in range(n_loops):
+            run = exits.running  # local indices of the rows still running (None: all)
+            rows = slots if run is None else slots[run]
+            if len(rows):
+                attend.start_loop(run)
+            rope = (cos, sin) if run is None else (cos[run], sin[run])
+            for i, w in enumerate(weights):
+                if len(rows):
+                    x, last_kv[i] = self._decode_layer(x, w, rope, attend, cache, loop, i, slots, run, last_kv[i])
+                else:  # every row exited: deeper planes get the exited K/V, uncomputed
+                    cache.store(loop, i, slots, *last_kv[i])
+            if len(rows):
+                x = rms_norm(x, self.norm.weight, self.norm.eps)  # (b_run, D)
+                x = exits.step(loop, x, self.early_exit_gate(x)[:, 0])
+        cache.commit(slots)
+        return DecodeStepOutput(exits.output, exits.steps, exits.gate_logits)
+
+    def _decode_layer(self, x, w: DecodeLayerWeights, rope, attend: _SlotAttention, cache: SlotKVCache, loop: int,
+                      layer: int, slots: torch.Tensor, run: torch.Tensor | None, last_kv):
+        """One layer for the running rows (local indices `run` of `slots`; None: all): (b_run, D) -> (b_run, D),
+        and the (b, Hkv, d) K/V of every row at its latest loop, which the cache stores for this loop."""
+        cfg = self.config
+        H, Hkv, d, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
+        qkv = F.linear(rms_norm(x, w.norms[0], eps), w.qkv)  # (b_run, (H + 2 Hkv) d)
+        qk = qkv[:, : (H + Hkv) * d].view(-1, H + Hkv, d)
+        cos, sin = rope
+        qk = qk * cos + qk.roll(d // 2, dims=-1) * sin  # RoPE on q and k at once
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, (H + Hkv) * d :].view(-1, Hkv, d)
+        if run is None:
+            last_kv = (k, v)
+        else:  # exited rows keep the K/V of their exit loop
+            last_kv = (last_kv[0].index_copy(0, run, k), last_kv[1].index_copy(0, run, v))
+        plane = cache.store(loop, layer, slots, *last_kv, position=attend.position)
+        attn = attend(q, plane, slots if run is None else slots[run]).reshape(-1, H * d)  # (b_run, H*d)
+        x = x + rms_norm(F.linear(attn, w.o), w.norms[1], eps)
+        gate, up = F.linear(rms_norm(x, w.norms[2], eps), w.gate_up).chunk(2, dim=-1)
+        x = x + rms_norm(F.linear(F.silu(gate) * up, w.down), w.norms[3], eps)
+        return x, last_kv
+
+    def _decode_weights(self) -> list[DecodeLayerWeights]:
+        """Fused per-layer weights, rebuilt when any parameter changed (load_state_dict, an optimizer step and
+        `.to()` all change a parameter's version or storage); not parameters, so the state_dict is unchanged."""
+        # (Parameters made under inference_mode have no version counter: only their storage is compared.)
+        key = tuple((p.data_ptr(), -1 if p.is_inference() else p._version) for p in self.layers.parameters())
+        cached = self.__dict__.get("_decode_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, [DecodeLayerWeights.of(layer) for layer in self.layers])
+            self.__dict__["_decode_cache"] = cached
+        return cached[1]
+
+
     def _check_depth_args(self, num_loops, exit_steps, exit_threshold, B: int, S: int, hidden_eps=None) -> int:
         n_loops = self.config.total_ut_steps if num_loops is None else int(num_loops)
         if n_loops < 1:
@@ -496,6 +736,14 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
             loop_logits=loop_logits,
         )
 
+    @exact_mode_aware
+    def decode_step(self, tokens: torch.Tensor, slots: torch.Tensor, cache: SlotKVCache, **depth) -> DecodeStepOutput:
+        """`LoopLMModel.decode_step` plus the (b, V) logits of each row's exit state (the rollout engine's step)."""
+        out = self.model.decode_step(tokens, slots, cache, **depth)
+        with torch.inference_mode():
+            out.logits = self.lm_head(out.hidden)
+        return out
+
     # -- generation: transformers' own `generate()` with our cache ------------------------------------------
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
@@ -526,6 +774,7 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
 
 
 __all__ = [
+    "DecodeStepOutput",
     "ExitTracker",
     "LoopLMCausalLMOutput",
     "LoopLMForCausalLM",

@@ -326,10 +326,14 @@ def request_keys(seed: int, request_ids: torch.Tensor) -> torch.Tensor:
     return _mix32(_mix32(request_ids.long() ^ _mix32(s[0])) + s[1] * 0x9E37 + 0x632BE5AB)
 
 
-def gumbel_noise(keys: torch.Tensor, step: int, vocab_size: int) -> torch.Tensor:
-    """(B, V) float32 Gumbel noise, a pure function of (key, step, token): no generator state to share."""
+def gumbel_noise(keys: torch.Tensor, step: int | torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(B, V) float32 Gumbel noise, a pure function of (key, step, token): no generator state to share.
+
+    `step`: the decode step of every row, or a (B,) tensor of per-row steps (rows of a continuous batch).
+    """
     tokens = torch.arange(vocab_size, dtype=torch.long, device=keys.device)
-    h = _mix32(keys[:, None].to(keys.device) + _mix32(torch.tensor(step * 0x9E3779B1 + 0x7F4A7C15)))
+    steps = torch.as_tensor(step, dtype=torch.long, device=keys.device).reshape(-1, 1)  # (1, 1) or (B, 1)
+    h = _mix32(keys[:, None].to(keys.device) + _mix32(steps * 0x9E3779B1 + 0x7F4A7C15))
     h = _mix32(h ^ (tokens[None, :] * 0x85EBCA6B))
     u = ((h >> 8).float() + 0.5) / float(1 << 24)  # (0, 1), 24 bits: exact in float32
     return -torch.log(-torch.log(u))
@@ -339,15 +343,17 @@ def gumbel_noise(keys: torch.Tensor, step: int, vocab_size: int) -> torch.Tensor
 _EXIT_SALT = 0x5BD1E995
 
 
-def exit_uniforms(keys: torch.Tensor, step: int) -> torch.Tensor:
-    """(B,) float32 in (0, 1): each request's exit threshold at decode step `step`, a pure function of
-    (key, step) like `gumbel_noise`, salted apart from it so the depth and the token draws are independent."""
+def exit_uniforms(keys: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
+    """(B,) float32 in (0, 1): each request's exit threshold at decode step `step` (one for all rows, or (B,)
+    per-row steps), a pure function of (key, step) like `gumbel_noise`, salted apart from it so the depth and
+    the token draws are independent."""
+    steps = torch.as_tensor(step, dtype=torch.long, device=keys.device)
     h = _mix32(keys.long() ^ _EXIT_SALT)
-    h = _mix32(h + _mix32(torch.tensor(step * 0x9E3779B1 + 0x2545F491, device=keys.device)))
+    h = _mix32(h + _mix32(steps * 0x9E3779B1 + 0x2545F491))
     return ((h >> 8).float() + 0.5) / float(1 << 24)
 
 
-def sample_tokens(logprobs: torch.Tensor, keys: torch.Tensor, step: int, greedy: bool) -> torch.Tensor:
+def sample_tokens(logprobs: torch.Tensor, keys: torch.Tensor, step: int | torch.Tensor, greedy: bool) -> torch.Tensor:
     """(B, V) processed log-probs -> (B,) sampled ids. Gumbel-max draws exactly from softmax(logprobs)."""
     if greedy:
         return logprobs.argmax(-1)

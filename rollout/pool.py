@@ -3,10 +3,13 @@
 * `ray.init()` starts a local cluster, or joins one with `ray_address` ("auto", "host:port").
 * Weights go out once per policy version: `ray.put` once (as NumPy arrays, which actors on a node read
   zero-copy from the object store), every actor loads the same object; records carry that version.
-* Prompts are split into one contiguous shard per actor; results are concatenated in prompt order.
-* An actor that dies mid-shard is replaced (with the current weights) and its shard regenerated. A shard is
-  all-or-nothing, and its noise is keyed by global prompt index with the call's seed, so the regenerated
-  shard is the one that would have come back: every requested completion is returned exactly once.
+* Prompts are split into contiguous chunks, queued; each actor is handed the next chunk as it frees up, so a
+  fast actor (short completions, a quieter CPU) takes more chunks than a slow one. Results are concatenated
+  in prompt order.
+* An actor that dies (or hangs) mid-chunk is replaced (with the current weights) and its chunk queued again.
+  A chunk is all-or-nothing, and its noise is keyed by global request index with the call's seed, so the
+  regenerated chunk is the one that would have come back, whichever actor runs it: every requested completion
+  is returned exactly once.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import signal
 import time
 import warnings
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +58,9 @@ class PoolConfig:
     # A shard that has not come back after this many seconds means a hung actor (alive, not answering): it is
     # killed, replaced, and the shard redone. None: wait forever.
     actor_timeout_s: float | None = 600.0
+    # Prompts per chunk handed to an actor. None: about 4 chunks per actor (load balance), but at least enough
+    # prompts to fill one actor's batch (max_batch_size rows) so continuous batching keeps its rows busy.
+    chunk_prompts: int | None = None
 
     def check(self) -> None:
         for name in ("num_actors", "threads_per_actor", "max_batch_size"):
@@ -61,6 +68,8 @@ class PoolConfig:
                 raise ValueError(f"pool.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_replacements < 0:
             raise ValueError(f"pool.max_replacements must be >= 0, got {self.max_replacements}")
+        if self.chunk_prompts is not None and self.chunk_prompts < 1:
+            raise ValueError(f"pool.chunk_prompts must be >= 1 or null, got {self.chunk_prompts}")
         if self.actor_timeout_s is not None and self.actor_timeout_s <= 0:
             raise ValueError(f"pool.actor_timeout_s must be > 0 or null, got {self.actor_timeout_s}")
 
@@ -181,50 +190,67 @@ class RolloutPool(RolloutEngine):
         prompt_ids, sampling, depth = prepare_request(
             prompts, sampling, depth or self.depth, self.limits, self.tokenizer
         )
-        shards = _split(len(prompt_ids), len(self.actors))
-        submit = lambda i: self._submit(i, shards[i], prompt_ids, sampling, depth)  # noqa: E731
-        pending = {submit(i): (i, time.monotonic()) for i in range(len(shards))}
+        chunks = _chunks(len(prompt_ids), self._chunk_prompts(len(prompt_ids), sampling.n))
+        queue = deque(range(len(chunks)))
+        idle = deque(range(len(self.actors)))
+        pending: dict[ray.ObjectRef, tuple[int, int, float]] = {}  # -> (actor, chunk, started)
+        # A replacement actor gets work once it answers, so that its start-up (seconds) is not counted against
+        # the chunk's timeout: identity ref of each starting actor -> its index.
+        starting: dict[ray.ObjectRef, int] = {}
         results: dict[int, list[RolloutRecord]] = {}
         replaced = 0
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=self._wait_s(pending))
-            failed: list[tuple[int, str]] = []
-            if ready:
-                i, _ = pending.pop(ready[0])
+        while queue or pending:
+            while queue and idle:  # hand out work as actors free up
+                actor, chunk = idle.popleft(), queue.popleft()
+                pending[self._submit(actor, chunks[chunk], prompt_ids, sampling, depth)] = (actor, chunk, time.monotonic())
+            ready, _ = ray.wait(list(pending) + list(starting), num_returns=1, timeout=self._wait_s(pending))
+            failed: list[tuple[int, int, str]] = []
+            if ready and ready[0] in starting:
+                idle.append(starting.pop(ready[0]))
+            elif ready:
+                actor, chunk, _ = pending.pop(ready[0])
                 try:
-                    results[i] = ray.get(ready[0])
+                    results[chunk] = ray.get(ready[0])
+                    idle.append(actor)
                 except RayActorError as err:
-                    failed.append((i, f"died: {err}"))
-            else:  # nothing came back in time: every shard past its deadline belongs to a hung actor
-                for ref, (i, started) in list(pending.items()):
+                    failed.append((actor, chunk, f"died: {err}"))
+            else:  # nothing came back in time: every chunk past its deadline belongs to a hung actor
+                for ref, (actor, chunk, started) in list(pending.items()):
                     if time.monotonic() - started >= self.config.actor_timeout_s:
                         del pending[ref]
-                        failed.append((i, f"no answer in {self.config.actor_timeout_s:g} s"))
-            for i, why in failed:
+                        failed.append((actor, chunk, f"no answer in {self.config.actor_timeout_s:g} s"))
+            for actor, chunk, why in failed:
                 replaced += 1
                 if replaced > self.config.max_replacements:
                     raise RuntimeError(
                         f"rollout actors failed {replaced} times in one call (pool.max_replacements="
-                        f"{self.config.max_replacements}); last: actor {i} {why}"
+                        f"{self.config.max_replacements}); last: actor {actor} {why}"
                     )
-                logger.warning("rollout actor %d %s: replacing it and redoing its shard", i, why)
-                self._replace(i)
-                pending[submit(i)] = (i, time.monotonic())
-        records = [r for i in range(len(shards)) for r in results[i]]
+                logger.warning("rollout actor %d %s: replacing it and redoing its chunk %d", actor, why, chunk)
+                self._replace(actor)
+                queue.appendleft(chunk)
+                starting[self._identities[actor]] = actor
+        records = [r for i in range(len(chunks)) for r in results[i]]
         expected = len(prompt_ids) * sampling.n
-        if len(records) != expected:  # a shard is all-or-nothing; this would be a bug, never a silent loss
+        if len(records) != expected:  # a chunk is all-or-nothing; this would be a bug, never a silent loss
             raise RuntimeError(f"pool returned {len(records)} completions, expected {expected}")
         return records
 
-    def _submit(self, i: int, shard: tuple[int, int], prompt_ids, sampling, depth):
-        start, end = shard
+    def _chunk_prompts(self, prompts: int, n: int) -> int:
+        if self.config.chunk_prompts is not None:
+            return self.config.chunk_prompts
+        fill_batch = -(-self.config.max_batch_size // n)
+        return max(fill_batch, -(-prompts // (4 * len(self.actors))))
+
+    def _submit(self, i: int, chunk: tuple[int, int], prompt_ids, sampling, depth):
+        start, end = chunk
         return self.actors[i].generate_shard.remote(prompt_ids[start:end], sampling, depth, start)
 
     def _wait_s(self, pending: dict) -> float | None:
-        """Seconds until the oldest pending shard reaches the actor timeout (None: no timeout)."""
-        if self.config.actor_timeout_s is None:
+        """Seconds until the oldest pending chunk reaches the actor timeout (None: no timeout, or no chunk out)."""
+        if self.config.actor_timeout_s is None or not pending:
             return None
-        oldest = min(started for _, started in pending.values())
+        oldest = min(started for *_, started in pending.values())
         return max(self.config.actor_timeout_s - (time.monotonic() - oldest), 0.0)
 
     def _replace(self, i: int) -> None:
@@ -266,11 +292,9 @@ class RolloutPool(RolloutEngine):
         self.close()
 
 
-def _split(count: int, parts: int) -> list[tuple[int, int]]:
-    """Contiguous, near-equal [start, end) ranges; no empty shard."""
-    parts = min(parts, count)
-    bounds = [count * k // parts for k in range(parts + 1)]
-    return list(zip(bounds[:-1], bounds[1:], strict=True))
+def _chunks(count: int, size: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) ranges of `size` (the last may be shorter); no empty chunk."""
+    return [(start, min(start + size, count)) for start in range(0, count, size)]
 
 
 __all__ = ["PoolConfig", "RolloutPool", "RolloutWorker", "pack_state_dict", "unpack_state_dict"]

@@ -1,11 +1,13 @@
-"""Our PyTorch rollout engine: batched, KV-cached decoding of a LoopLM at fixed or adaptive depth.
+"""Our PyTorch rollout engine: continuous batching of a LoopLM at fixed or adaptive depth, KV-cached.
 
-One batch: left-padded prefill of the batch's distinct prompts at full depth (masks from lengths), the cache
-rows gathered once per completion (n samples of a prompt share its prefill), then one token per step for
-every unfinished row. Finished rows are dropped from the cache (`batch_select_indices`) once they make up a
-quarter of the batch, so they stop costing compute without a whole-cache copy per finished row. Each step
-computes logits for the last position only, processes them with the same `processed_logprobs` the parity
-check uses, samples, and records the sampled token's log-prob and the depth its position ran at.
+The requests of a call (n per prompt, prompt-major) form a queue; up to `max_batch_size` of them decode
+together, one per slot of a static `SlotKVCache`. A slot freed by a finished completion is refilled at the
+next step: the next request's prompt is prefilled at full depth (prompts needed at once are prefilled
+together, left-padded, masks from lengths) and copied into the slot; the n samples of a prompt share one
+prefill. Each step samples every live slot from its last logits with `processed_logprobs` (the parity check's
+function) and Gumbel noise keyed by (seed, global request index, the row's own step), so a completion does
+not depend on its slot, its batch or the actor that ran it; then `decode_step` feeds the sampled tokens back,
+computing the loops of each row only until it exits, and the depth each position ran at is recorded.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 
 from looplm import LoopKVCache, LoopLMForCausalLM
+from looplm.cache import SlotKVCache
 from looplm.exit_gate import exit_log_prob
 
 from .engine import (
@@ -84,93 +87,132 @@ class TorchEngine(RolloutEngine):
     ) -> list[RolloutRecord]:
         """Already checked and resolved request (see `prepare_request`).
 
-        `first_prompt`: global index of prompt 0, so that a shard draws the same noise as the whole call.
+        `first_prompt`: global index of prompt 0, so that a chunk draws the same noise as the whole call.
         """
-        n = sampling.n
-        requests = [(p, j) for p in range(len(prompt_ids)) for j in range(n)]
-        # Longest prompts first so batches hold similar lengths; stable, so a prompt's samples stay together.
-        order = sorted(range(len(requests)), key=lambda r: -len(prompt_ids[requests[r][0]]))
-        records: list[RolloutRecord | None] = [None] * len(requests)
-        for start in range(0, len(order), self.max_batch_size):
-            chunk = order[start : start + self.max_batch_size]
-            prompts = [requests[r][0] for r in chunk]
-            request_ids = [(first_prompt + p) * n + j for p, j in (requests[r] for r in chunk)]
-            batch = self._generate_batch([prompt_ids[p] for p in prompts], request_ids, sampling, depth)
-            for r, record in zip(chunk, batch, strict=True):
-                records[r] = record
-        return [r for r in records if r is not None]
+        return _ContinuousBatch(self, prompt_ids, sampling, depth, first_prompt).run()
 
-    def _generate_batch(
-        self, prompts: list[list[int]], request_ids: list[int], sampling: SamplingConfig, depth: DepthConfig
-    ) -> list[RolloutRecord]:
-        """Decode one batch of rows (`prompts[i]` is row i's prompt; equal prompts are prefilled once)."""
-        device = self.model.device
-        distinct = list(dict.fromkeys(map(tuple, prompts)))
-        prompt_of_row = torch.tensor([distinct.index(tuple(p)) for p in prompts], device=device)
-        num_loops = depth.num_loops
-        cache = LoopKVCache(self.model.config, mode=depth.kv_mode)
-
-        ids, mask = _left_pad([list(p) for p in distinct], device)  # (U, P)
-        prompt_len = torch.tensor([len(p) for p in prompts], device=device)
-        budget = (self.limits.context - prompt_len).clamp(max=sampling.max_new_tokens)  # (B,) new tokens allowed
-        max_steps, width = int(budget.max()), ids.shape[1]
-        out = self.model(ids, attention_mask=mask, past_key_values=cache, num_loops=num_loops, logits_to_keep=1)
-        cache.batch_select_indices(prompt_of_row)  # one cache row per completion
-        logits = out.logits[prompt_of_row, -1]  # (B, V)
-        # Attention mask over prompt + every step, built once; columns past the prompt are real tokens.
-        full_mask = torch.cat([mask[prompt_of_row], mask.new_ones(len(prompts), max_steps)], dim=1)
-
-        state = _DecodeState(len(prompts), max_steps, num_loops, device)
-        keys = request_keys(sampling.seed, torch.tensor(request_ids)).to(device)
-        stop_ids = torch.tensor(sampling.stop_token_ids, dtype=torch.long, device=device)
-        rows = torch.arange(len(prompts), device=device)  # batch row of each cache row
-        done = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # per cache row
-        for t in range(max_steps):
-            logp = processed_logprobs(logits, sampling)  # (b, V)
-            token = sample_tokens(logp, keys[rows], t, greedy=sampling.temperature == 0)
-            idx = (~done).nonzero()[:, 0]  # cache rows still decoding (finished ones may linger, see below)
-            live, live_token = rows[idx], token[idx]
-            state.record(live, t, live_token, logp[idx], sampling.return_distributions)
-            stopped = torch.isin(live_token, stop_ids) | self._hit_stop_string(state, live, t, sampling)
-            state.stopped[live] = stopped
-            done[idx] = stopped | (budget[live] <= t + 1)
-            if bool(done.all()):
-                break
-            if _worth_compacting(done):
-                keep = (~done).nonzero()[:, 0]
-                cache.batch_select_indices(keep)
-                rows, token, full_mask, done = rows[keep], token[keep], full_mask[keep], done[keep]
-            sampled = depth.policy == "sampled"  # u keyed by (seed, request, step): batch- and actor-independent
-            out = self.model(
-                token[:, None], attention_mask=full_mask[:, : width + t + 1], past_key_values=cache,
-                num_loops=num_loops, logits_to_keep=1,
-                **depth.decode_kwargs(exit_uniforms(keys[rows], t) if sampled else None),
-            )
-            state.exit_steps[rows[~done], t] = out.exit_steps[~done, 0]  # the depth token t's position ran at
-            if sampled:  # (b,) log p(e) of the depth just sampled for token t's position
-                state.exit_logprobs[rows[~done], t] = exit_log_prob(
-                    out.gate_logits[~done, 0], out.exit_steps[~done, 0], num_loops, depth.exit_temperature
-                )
-            logits = out.logits[:, -1]
-        return state.records(prompts, num_loops, self.policy_version)
-
-    def _hit_stop_string(self, state: _DecodeState, alive: torch.Tensor, t: int, sampling: SamplingConfig):
-        """(b,) bool: the decoded tail of each row ends a stop string. A per-row loop, only when strings are set."""
-        hit = torch.zeros(len(alive), dtype=torch.bool, device=alive.device)
+    def _hit_stop_string(self, state: _DecodeState, requests: torch.Tensor, steps: torch.Tensor, sampling: SamplingConfig):
+        """(b,) bool: the decoded tail of each request ends a stop string. A per-row loop, only when strings are set."""
+        hit = torch.zeros(len(requests), dtype=torch.bool, device=requests.device)
         if not sampling.stop_strings:
             return hit
         # A stop string is complete when its last token arrives (earlier steps would have stopped the row), and
         # it spans at most 4 byte-level tokens per character (UTF-8): decoding a tail that long is enough.
         window = 4 * max(len(s) for s in sampling.stop_strings) + 1
-        tails = state.tokens[alive, max(0, t + 1 - window) : t + 1].tolist()
-        for i, tail in enumerate(tails):
-            text = self.tokenizer.decode(tail, skip_special_tokens=False)
+        for i, (r, t) in enumerate(zip(requests.tolist(), steps.tolist(), strict=True)):
+            text = self.tokenizer.decode(state.tokens[r, max(0, t + 1 - window) : t + 1].tolist(), skip_special_tokens=False)
             hit[i] = any(s in text for s in sampling.stop_strings)
         return hit
 
 
+class _ContinuousBatch:
+    """One `generate_ids` call: a queue of requests decoded through the slots of one SlotKVCache.
+
+    Request r (0..N-1) is sample r % n of prompt r // n; its noise key uses its global index
+    first_prompt * n + r. Per slot: the request it holds (-1: free), that request's next step, its last logits.
+    """
+
+    def __init__(self, engine: TorchEngine, prompt_ids: list[list[int]], sampling: SamplingConfig,
+                 depth: DepthConfig, first_prompt: int):
+        self.engine, self.model, self.sampling, self.depth = engine, engine.model, sampling, depth
+        self.prompt_ids, self.n = prompt_ids, sampling.n
+        device = self.device = self.model.device
+        count = len(prompt_ids) * self.n
+        prompt_len = torch.tensor([len(p) for p in prompt_ids], device=device).repeat_interleave(self.n)  # (N,)
+        self.budget = (engine.limits.context - prompt_len).clamp(max=sampling.max_new_tokens)  # (N,) new tokens
+        self.state = _DecodeState(count, int(self.budget.max()), depth.num_loops, device)
+        self.keys = request_keys(sampling.seed, torch.arange(count) + first_prompt * self.n).to(device)
+        self.stop_ids = torch.tensor(sampling.stop_token_ids, dtype=torch.long, device=device)
+        slots = min(engine.max_batch_size, count)
+        longest = int(prompt_len.max())
+        self.cache = SlotKVCache(
+            self.model.config, slots, depth.num_loops, depth.kv_mode, capacity=longest + min(128, int(self.budget.max())),
+            dtype=self.model.dtype, device=device,
+        )
+        self.slot_request = torch.full((slots,), -1, dtype=torch.long, device=device)
+        self.slot_step = torch.zeros(slots, dtype=torch.long, device=device)
+        self.logits = torch.zeros(slots, self.model.config.vocab_size, device=device)
+        self.next_request = 0
+        self.prefills: dict[int, tuple[LoopKVCache, int, torch.Tensor]] = {}  # prompt -> (cache, row, logits)
+
+    def run(self) -> list[RolloutRecord]:
+        greedy = self.sampling.temperature == 0
+        while True:
+            self._refill()
+            live = (self.slot_request >= 0).nonzero()[:, 0]  # (b,) slots holding a request
+            if len(live) == 0:
+                break
+            requests, steps = self.slot_request[live], self.slot_step[live]
+            logp = processed_logprobs(self.logits[live], self.sampling)  # (b, V)
+            token = sample_tokens(logp, self.keys[requests], steps, greedy=greedy)
+            self.state.record(requests, steps, token, logp, self.sampling.return_distributions)
+            stopped = torch.isin(token, self.stop_ids) | self.engine._hit_stop_string(
+                self.state, requests, steps, self.sampling
+            )
+            self.state.stopped[requests] = stopped
+            done = stopped | (self.budget[requests] <= steps + 1)
+            self.slot_request[live[done]] = -1
+            fed = ~done
+            if bool(fed.any()):
+                self._feed(live[fed], token[fed], requests[fed], steps[fed])
+            self._maybe_compact()
+        prompts = [self.prompt_ids[r // self.n] for r in range(len(self.budget))]
+        return self.state.records(prompts, self.depth.num_loops, self.engine.policy_version)
+
+    def _feed(self, slots: torch.Tensor, token: torch.Tensor, requests: torch.Tensor, steps: torch.Tensor) -> None:
+        """Decode the sampled tokens of these slots: their next logits, and the depth each position ran at."""
+        self.cache.reserve(int(self.cache.lengths[slots].max()) + 1)
+        sampled = self.depth.policy == "sampled"  # u keyed by (seed, request, step): slot- and actor-independent
+        uniforms = exit_uniforms(self.keys[requests], steps) if sampled else None
+        out = self.model.decode_step(token, slots, self.cache, **self.depth.decode_kwargs(uniforms))
+        self.state.exit_steps[requests, steps] = out.exit_steps  # the depth token t's position ran at
+        if sampled:  # (b,) log p(e) of the depth just sampled for token t's position
+            self.state.exit_logprobs[requests, steps] = exit_log_prob(
+                out.gate_logits, out.exit_steps, self.depth.num_loops, self.depth.exit_temperature
+            )
+        self.logits[slots] = out.logits
+        self.slot_step[slots] = steps + 1
+
+    def _refill(self) -> None:
+        """Give every free slot the next queued request, prefilling the prompts not prefilled yet."""
+        free = (self.slot_request < 0).nonzero()[:, 0].tolist()
+        take = list(range(self.next_request, min(self.next_request + len(free), len(self.budget))))
+        if not take:
+            return
+        self._prefill(list(dict.fromkeys(r // self.n for r in take if r // self.n not in self.prefills)))
+        for slot, r in zip(free, take, strict=False):
+            prompt = r // self.n
+            cache, row, logits = self.prefills[prompt]
+            self.cache.load_prefill(slot, cache, row, len(self.prompt_ids[prompt]))
+            self.logits[slot], self.slot_step[slot], self.slot_request[slot] = logits, 0, r
+            if r % self.n == self.n - 1:  # the prompt's last sample: its prefill is no longer needed
+                del self.prefills[prompt]
+        self.next_request = take[-1] + 1
+
+    def _prefill(self, prompts: list[int]) -> None:
+        """Full-depth prefill of these prompts together (left-padded); kept until their samples have slots."""
+        if not prompts:
+            return
+        cache = LoopKVCache(self.model.config, mode=self.depth.kv_mode)
+        ids, mask = _left_pad([self.prompt_ids[p] for p in prompts], self.device)  # (U, P)
+        out = self.model(ids, attention_mask=mask, past_key_values=cache, num_loops=self.depth.num_loops,
+                         logits_to_keep=1)
+        for row, p in enumerate(prompts):
+            self.prefills[p] = (cache, row, out.logits[row, -1])
+
+    def _maybe_compact(self) -> None:
+        """Once the queue is empty and at most half the slots are live, drop the free slots: attention reads every
+        slot's cache, so the draining tail would otherwise pay for the empty ones (one copy halves that)."""
+        live = (self.slot_request >= 0).nonzero()[:, 0]
+        if self.next_request < len(self.budget) or len(live) == 0 or 2 * len(live) > len(self.slot_request):
+            return
+        self.cache.select(live)
+        self.slot_request, self.slot_step, self.logits = self.slot_request[live], self.slot_step[live], self.logits[live]
+
+
 class _DecodeState:
-    """Per-row outputs of one batch, preallocated: (B, max_steps) tokens, log-probs and exit steps."""
+    """Per-request outputs of one call, preallocated: (N, max_steps) tokens, log-probs and exit steps; `record`
+    takes each row's request and its own step."""
 
     def __init__(self, rows: int, max_steps: int, num_loops: int, device):
         self.tokens = torch.zeros(rows, max_steps, dtype=torch.long, device=device)
@@ -182,7 +224,7 @@ class _DecodeState:
         self.stopped = torch.zeros(rows, dtype=torch.bool, device=device)
         self.distributions: list[tuple[torch.Tensor, torch.Tensor]] = []  # (alive rows, (b, V) log-probs)
 
-    def record(self, alive: torch.Tensor, t: int, token: torch.Tensor, logp: torch.Tensor, keep_dist: bool) -> None:
+    def record(self, alive: torch.Tensor, t: torch.Tensor, token: torch.Tensor, logp: torch.Tensor, keep_dist: bool) -> None:
         self.tokens[alive, t] = token
         self.logprobs[alive, t] = logp.gather(-1, token[:, None])[:, 0]
         self.lengths[alive] = t + 1
@@ -215,12 +257,6 @@ class _DecodeState:
             for row, dist in zip(alive.tolist(), logp.cpu(), strict=True):
                 per_row[row].append(dist)
         return [torch.stack(d) for d in per_row]
-
-
-def _worth_compacting(done: torch.Tensor) -> bool:
-    """Drop finished rows once they are a quarter of the batch: every drop copies the whole cache, so
-    dropping one row at a time costs more memory traffic than a few wasted row-steps."""
-    return int(done.sum()) * 4 >= len(done)
 
 
 def _left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -122,10 +122,14 @@ def test_bench_runs_its_rollout_benchmark_by_name(tmp_path):
     bench = RolloutBenchConfig(
         model=str(tmp_path / "m"), init_random=InitConfig(size="test"),
         batch_sizes=[2], max_new_tokens=3, variable_max_new_tokens=6, stop_ids=8, pool_actors=[], repeats=1,
+        rl_prompts=3, rl_samples=2,
     )
     results = run_bench(BenchConfig(benchmarks=["rollout"], rollout=bench, output_dir=str(tmp_path / "out")))["rollout"]
     assert [r["workload"] for r in results["engine_vs_generate"]] == ["fixed-length", "variable-length"]
     assert all(r["ours_tok_s"] > 0 and r["generate_tok_s"] > 0 for r in results["engine_vs_generate"])
+    (rl,) = results["rl_workload"]
+    assert rl["ours_tokens"] > 0 and rl["baseline_tokens"] > 0 and rl["generate_tokens"] > 0  # the baseline loaded
+    assert [r["batch"] for r in results["decode_step"]] == [2]
     full, *shared = results["kv_bytes_per_token"]
     assert full["measured"] == full["bytes_per_token"] == 4 * shared[0]["bytes_per_token"]
     assert (tmp_path / "out" / "rollout.json").exists()

@@ -21,6 +21,8 @@ from rollout.pool import PoolConfig, RolloutPool, pack_state_dict, unpack_state_
 from rollout.torch_engine import TorchEngine
 from tests.rollout.conftest import ADAPTIVE, mixed_prompts, small_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPTS = mixed_prompts(10, low=1, high=60)
 
 
@@ -152,3 +154,26 @@ def test_a_hung_actor_is_timed_out_replaced_and_its_shard_redone(pool):
 def test_actor_timeout_is_checked_at_load_time():
     with pytest.raises(ValueError, match="actor_timeout_s"):
         PoolConfig(actor_timeout_s=0).check()
+
+
+def test_chunks_handed_to_free_actors_give_each_request_the_same_completion(pool, model):
+    """Chunks of 1 prompt (actors take many, in whatever order they free up) vs the default chunking vs one
+    engine: the same token ids and depths for every request, log-probs within the parity bound."""
+    sampling = SamplingConfig(n=2, max_new_tokens=16, seed=21, stop_token_ids=list(range(3, 60)))
+    local = TorchEngine(model, max_batch_size=3).generate(PROMPTS, sampling, ADAPTIVE)
+    default = pool.generate(PROMPTS, sampling, ADAPTIVE)
+    size = pool.config.chunk_prompts
+    pool.config.chunk_prompts = 1
+    try:
+        small = pool.generate(PROMPTS, sampling, ADAPTIVE)
+    finally:
+        pool.config.chunk_prompts = size
+    for records in (default, small):
+        assert [(r.completion_ids, r.exit_steps) for r in records] == [(r.completion_ids, r.exit_steps) for r in local]
+        gaps = [abs(a - b) for r, s in zip(records, local, strict=True) for a, b in zip(r.logprobs, s.logprobs, strict=True)]
+        assert max(gaps) <= 1e-5
+
+
+def test_chunk_prompts_is_checked_at_load_time():
+    with pytest.raises(ValueError, match="chunk_prompts"):
+        PoolConfig(chunk_prompts=0).check()

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rollout.engine import DepthConfig, RolloutRecord, SamplingConfig
+from rollout.engine import DepthConfig, RolloutRecord, SamplingConfig, prepare_request
 from rollout.parity import check_parity, replay_logprobs, token_gaps
 from rollout.torch_engine import TorchEngine
 from tests.rollout.conftest import ADAPTIVE, mixed_prompts
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = mixed_prompts(6)
 
@@ -34,21 +36,28 @@ def test_completions_do_not_depend_on_batching_and_repeat_per_seed(model):
     assert [r.completion_ids for r in one] != [r.completion_ids for r in other_seed]
 
 
-def test_stop_ids_end_a_row_include_the_stop_token_and_finished_rows_leave_the_batch(model):
+def test_stop_ids_end_a_row_and_freed_slots_are_refilled_from_the_queue(model, monkeypatch):
     stops = list(range(3, 300))  # ~30% per token: rows end at different steps
-    widths = []
-    handle = model.register_forward_pre_hook(lambda _m, args, _kwargs: widths.append(args[0].shape), with_kwargs=True)
+    prefill_rows, fed_rows = [], []
+    handle = model.register_forward_pre_hook(lambda _m, args, _kwargs: prefill_rows.append(args[0].shape[0]), with_kwargs=True)
+    decode_step = model.decode_step
+    monkeypatch.setattr(model, "decode_step", lambda tokens, *a, **k: fed_rows.append(len(tokens)) or decode_step(tokens, *a, **k))
     try:
-        records = TorchEngine(model).generate(PROMPTS, SamplingConfig(n=4, max_new_tokens=30, seed=1, stop_token_ids=stops))
+        records = TorchEngine(model, max_batch_size=4).generate(
+            PROMPTS, SamplingConfig(n=4, max_new_tokens=30, seed=1, stop_token_ids=stops)
+        )
     finally:
         handle.remove()
     stopped = [r for r in records if r.finish_reason == "stop"]
     assert stopped and all(r.completion_ids[-1] in stops for r in stopped)
     assert all(c not in stops for r in records for c in r.completion_ids[:-1])
     assert {len(r.completion_ids) for r in records} != {30}
-    decode_rows = [shape[0] for shape in widths[1:]]  # after the prefill: one row per unfinished completion
-    assert decode_rows == sorted(decode_rows, reverse=True) and decode_rows[-1] < decode_rows[0] <= 24
-
+    assert sum(prefill_rows) == len(PROMPTS)  # the n samples of a prompt share one prefill
+    # Every token but each completion's last is fed back once; the 4 slots stay nearly full while 24 requests
+    # queue (a batch-by-batch engine would run each batch of 4 for as long as its longest completion).
+    assert sum(fed_rows) == sum(len(r.completion_ids) - 1 for r in records) and max(fed_rows) <= 4
+    longest = max(len(r.completion_ids) for r in records)
+    assert len(fed_rows) <= sum(fed_rows) / 4 + longest, (len(fed_rows), sum(fed_rows), longest)
 
 def test_context_limit_caps_the_completion(model):
     prompt = list(range(3, 3 + 250))  # context 256: room for 6 tokens
@@ -127,3 +136,24 @@ def test_chat_prompts_and_stop_strings_through_the_tokenizer(model):
     assert stopped.finish_reason == "stop" and needle in tokenizer.decode(stopped.completion_ids)
     assert stopped.completion_ids == free.completion_ids[: len(stopped.completion_ids)]
     assert len(stopped.completion_ids) < len(free.completion_ids)
+
+
+@pytest.mark.parametrize("depth", [DepthConfig(), ADAPTIVE], ids=["fixed", "adaptive"])
+def test_a_request_gives_the_same_completion_whatever_its_slot_and_batch(model, depth):
+    """Continuous batching moves a request between slots and batchmates (batch size, a chunk of the prompts as the
+    pool hands out): same token ids and depths, log-probs within the parity bound."""
+    engine = TorchEngine(model)
+    prompt_ids, sampling, depth = prepare_request(
+        PROMPTS, SamplingConfig(n=3, max_new_tokens=20, seed=7, stop_token_ids=list(range(3, 80))), depth,
+        engine.limits,
+    )
+    runs = [TorchEngine(model, max_batch_size=b).generate_ids(prompt_ids, sampling, depth) for b in (1, 4, 7, 32)]
+    runs.append(runs[0][:6] + TorchEngine(model, max_batch_size=5).generate_ids(prompt_ids[2:], sampling, depth, 2))
+    reference = runs[0]
+    assert len({len(r.completion_ids) for r in reference}) > 3  # rows finish at different steps: slots get reused
+    for run in runs[1:]:
+        assert [(r.completion_ids, r.exit_steps, r.finish_reason) for r in run] == [
+            (r.completion_ids, r.exit_steps, r.finish_reason) for r in reference
+        ]
+        gaps = [abs(a - b) for r, s in zip(run, reference, strict=True) for a, b in zip(r.logprobs, s.logprobs, strict=True)]
+        assert max(gaps) <= 1e-5

@@ -1,0 +1,66 @@
+"""The decode fast path (`decode_step` over a SlotKVCache) against the model's cached forward, per depth rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from looplm import LoopKVCache
+from looplm.cache import SlotKVCache
+from tests.conftest import tiny_model
+
+PROMPTS = [[5, 9, 17, 33, 8], [40, 41], [7, 3, 90, 12, 66, 2, 71, 30, 9]]
+DEPTHS = [{}, {"exit_threshold": 0.6}, {"exit_hidden_eps": 0.3}]
+
+
+@torch.inference_mode()
+def prefill(model, prompt: list[int]) -> LoopKVCache:
+    cache = LoopKVCache(model.config)
+    model(torch.tensor([prompt]), past_key_values=cache)
+    return cache
+
+
+@pytest.mark.parametrize("depth", DEPTHS, ids=["fixed", "q-exit", "hidden-diff"])
+@torch.inference_mode()
+def test_decode_step_matches_the_cached_forward_in_any_slot(depth):
+    """Rows of different lengths in slots 3, 0 and 2 of 4 (slot 1 empty): logits and exit depths of each row equal
+    a one-sequence cached forward's, with every exit loop present under Q-exit."""
+    model = tiny_model()
+    slots_of = [3, 0, 2]
+    cache = SlotKVCache(model.config, 4, model.config.total_ut_steps, capacity=4)  # grows while decoding
+    for slot, prompt in zip(slots_of, PROMPTS, strict=True):
+        cache.load_prefill(slot, prefill(model, prompt), 0, len(prompt))
+    references = [prefill(model, p) for p in PROMPTS]
+    order = torch.tensor(slots_of).argsort()  # decode_step takes slots sorted
+    slots = torch.tensor(slots_of)[order]
+    exits = set()
+    for step in range(6):
+        tokens = torch.tensor([11 + step + 3 * i for i in range(3)])
+        cache.reserve(int(cache.lengths.max()) + 1)
+        out = model.decode_step(tokens[order], slots, cache, **depth)
+        for j, i in enumerate(order.tolist()):
+            ref = model(tokens[i].view(1, 1), past_key_values=references[i], **depth)
+            torch.testing.assert_close(out.logits[j], ref.logits[0, -1], atol=2e-5, rtol=0)
+            assert int(out.exit_steps[j]) == int(ref.exit_steps[0, 0])
+            exits.add(int(out.exit_steps[j]))
+    assert cache.lengths.tolist() == [len(PROMPTS[1]) + 6, 0, len(PROMPTS[2]) + 6, len(PROMPTS[0]) + 6]
+    if "exit_threshold" in depth:
+        assert len(exits) >= 3, exits
+
+
+def test_per_row_thresholds_and_fused_weights_follow_the_parameters():
+    model = tiny_model()  # built outside inference_mode, as a trainer's policy is
+    keys = set(model.state_dict())
+    cache = SlotKVCache(model.config, 2, model.config.total_ut_steps, capacity=16)
+    for slot in range(2):
+        cache.load_prefill(slot, prefill(model, PROMPTS[0]), 0, len(PROMPTS[0]))
+    tokens, slots = torch.tensor([3, 3]), torch.arange(2)
+    out = model.decode_step(tokens, slots, cache, exit_threshold=torch.tensor([[0.0], [1.0]]))
+    assert out.exit_steps.tolist() == [1, model.config.total_ut_steps]  # q = 0 exits at loop 1, q = 1 never early
+    assert set(model.state_dict()) == keys  # fused weights are not parameters or buffers
+    before = model.decode_step(tokens, slots, cache).logits
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(2.0)  # an in-place update (optimizer step, load_state_dict)
+    cache.lengths -= 1  # decode the same position again
+    after = model.decode_step(tokens, slots, cache).logits
+    assert (after - before).abs().max() > 1e-3
