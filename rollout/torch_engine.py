@@ -131,7 +131,7 @@ class _ContinuousBatch:
         )
         self.slot_request = torch.full((slots,), -1, dtype=torch.long, device=device)
         self.slot_step = torch.zeros(slots, dtype=torch.long, device=device)
-        self.logits = torch.zeros(slots, self.model.config.vocab_size, device=device)
+        self.logits = torch.zeros(slots, self.model.config.vocab_size, dtype=self.model.dtype, device=device)
         self.next_request = 0
         self.prefills: dict[int, tuple[LoopKVCache, int, torch.Tensor]] = {}  # prompt -> (cache, row, logits)
 
