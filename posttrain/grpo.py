@@ -57,6 +57,9 @@ class GRPOModelSection:
     gate_trainable: bool = False  # the plain RL update gives the gate no gradient; frozen it is checked to stay put
     # False: only the exit gate trains (depth-aware RL of the gate alone: needs gate_trainable and loop.exit_action)
     lm_trainable: bool = True
+    # Batch-invariant kernels in the engine and the update (looplm.batch_invariant): rollout and trainer
+    # log-probs agree bit for bit, in bf16 as in fp32. Slower (BENCHMARKS.md); our engines only (not vLLM).
+    exact_mode: bool = False
     lora: LoraSection = field(default_factory=LoraSection)
 
 
@@ -138,6 +141,8 @@ class GRPORecipeConfig:
 
     def __post_init__(self) -> None:
         self._check_depth_action()
+        if self.model.exact_mode and self.rollout.engine == "vllm":
+            raise ValueError("model.exact_mode needs our engine (rollout.engine=pool or torch): vLLM's kernels differ")
         t = self.training
         truncating = {"top_p": t.top_p != 1.0, "top_k": (t.top_k or 0) > 0, "min_p": (t.min_p or 0.0) > 0.0}
         bad = [name for name, on in truncating.items() if on]
@@ -146,7 +151,6 @@ class GRPORecipeConfig:
                 f"training.{bad[0]}: truncated sampling is not supported: TRL's update scores the temperature-only "
                 "distribution, so every token sampled from a truncated one would be off-policy"
             )
-
 
     def _check_depth_action(self) -> None:
         """Depth-aware RL's combinations: what trains must get a gradient, and exits scored must be sampled."""
@@ -193,6 +197,7 @@ def load_grpo_data(cfg: GRPODataSection) -> tuple[Dataset, Dataset]:
 
 def load_policy(cfg: GRPOModelSection) -> tuple[LoopLMForCausalLM, PreTrainedTokenizerBase]:
     model = LoopLMForCausalLM.from_pretrained(cfg.path, dtype=torch.float32)
+    model.config.exact_mode = cfg.exact_mode  # shipped with the config to the engine's copy
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path or cfg.path)
     if not tokenizer.chat_template:
         tokenizer.chat_template = CHAT_TEMPLATE

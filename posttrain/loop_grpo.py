@@ -38,6 +38,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import torch
@@ -47,7 +48,7 @@ from trl import GRPOTrainer
 from looplm import exit_log_pdf
 from looplm.exit_gate import exit_log_prob
 from posttrain.callbacks import NonFiniteGuard
-from rollout.engine import DepthConfig, RolloutEngine, RolloutRecord, SamplingConfig
+from rollout.engine import DepthConfig, RolloutEngine, RolloutRecord, SamplingConfig, processed_logprobs
 from rollout.parity import k3_kl
 
 logger = logging.getLogger(__name__)
@@ -245,6 +246,12 @@ class LoopGRPOTrainer(GRPOTrainer):
         self.dynamic = dynamic_sampling or DynamicSamplingConfig()
         self.rollout_seed = rollout_seed
         self.num_loops = self._policy().config.total_ut_steps
+        if self._policy().config.exact_mode:
+            logger.info(
+                "exact mode: the trainer's log-probs are the rollout's bit for bit (parity/max_abs reads 0); "
+                "importance-sampling correction is unnecessary%s",
+                " (its weights are all exactly 1)" if self.loop.importance_sampling_correction else "",
+            )
         self._records: list[RolloutRecord] = []  # the batch just generated, in TRL's row order
         self._stash: list[RolloutRecord] | None = None  # dynamic sampling's chosen records
         self._replay: torch.Tensor | None = None  # (B, P+C) exit steps of the batch being scored
@@ -446,10 +453,13 @@ class LoopGRPOTrainer(GRPOTrainer):
             steps = self._replay_rows(start, end, ids, logits_to_keep)
             capture = self._backbone_output() if self.loop.exit_action else contextlib.nullcontext([])
             with self.accelerator.autocast(), capture as backbone:
-                out = model(
-                    input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, exit_steps=steps,
-                    output_loop_states=detach_states,
-                )
+                if self._policy().config.exact_mode:
+                    out = self._exact_logps(model, ids, mask, steps, logits_to_keep, detach_states)
+                else:
+                    out = model(
+                        input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, exit_steps=steps,
+                        output_loop_states=detach_states,
+                    )
             logps.append(out.log_probs[:, -logits_to_keep:])
             if self.loop.exit_action:
                 exit_logps.append(self._exit_logps(backbone[0], steps, logits_to_keep, detach_states))
@@ -458,6 +468,20 @@ class LoopGRPOTrainer(GRPOTrainer):
         return (
             torch.cat(logps), torch.cat(exit_logps) if exit_logps else None,
             torch.cat(entropies) if compute_entropy else None,
+        )
+
+    def _exact_logps(self, model, ids, mask, steps, logits_to_keep: int, output_loop_states: bool) -> SimpleNamespace:
+        """Exact mode: the completion tokens' log-probs from the model's own logits and the engine's
+        `processed_logprobs` (TRL's fused head reduces over the vocabulary in its own tiled order, so it would
+        differ from the rollout in the last bits). -> `.log_probs`, `.entropy`: (b, logits_to_keep) each."""
+        logits = model(
+            input_ids=ids, attention_mask=mask, exit_steps=steps, logits_to_keep=logits_to_keep + 1,
+            output_loop_states=output_loop_states, use_cache=False,
+        ).logits[:, :-1]  # (b, C, V): position p predicts token p + 1
+        logp = processed_logprobs(logits, SamplingConfig(temperature=self.args.temperature))
+        return SimpleNamespace(
+            log_probs=logp.gather(-1, ids[:, -logits_to_keep:, None])[..., 0],
+            entropy=-(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1),
         )
 
     @contextlib.contextmanager

@@ -72,9 +72,9 @@ def grpo_args(tmp_path: Path, **overrides) -> GRPOConfig:
 
 
 def make_trainer(model_dir, tmp_path, depth=ADAPTIVE, loop=None, dynamic=None, reward=length_reward, engine="torch",
-                 rows=64, **args) -> LoopGRPOTrainer:
+                 rows=64, exact_mode=False, **args) -> LoopGRPOTrainer:
     cfg = GRPORecipeConfig(
-        model=GRPOModelSection(path=str(model_dir)),
+        model=GRPOModelSection(path=str(model_dir), exact_mode=exact_mode),
         data=GRPODataSection(synthetic_rows=rows, eval_rows=8),
         rollout=RolloutSection(engine=engine, depth=depth, pool=PoolConfig(num_actors=2, num_cpus=2)),
         training=grpo_args(tmp_path, **args),
@@ -231,6 +231,17 @@ def test_rollouts_through_the_ray_pool(model_dir, tmp_path):
     finally:
         trainer.engine.close()
     assert max(logged(trainer, "parity/max_abs")) <= PARITY_MAX
+
+
+def test_exact_mode_parity_reads_exactly_zero_through_the_ray_pool(model_dir, tmp_path):
+    """Exact mode: the actors' decode steps and the update's forward give the same log-probs, bit for bit."""
+    trainer = make_trainer(model_dir, tmp_path, engine="pool", max_steps=2, exact_mode=True)
+    try:
+        trainer.train()
+    finally:
+        trainer.engine.close()
+    assert logged(trainer, "parity/max_abs") == [0.0, 0.0]
+    assert 1.0 < logged(trainer, "loops/mean_exit_loop")[0] < 4.0  # adaptive depth: exits at several loops
 
 
 def test_dapo_schema_files_train_end_to_end(model_dir, tmp_path):
