@@ -1,6 +1,6 @@
 """Examples for gate tuning and evaluation: prompt ids, reference-completion ids and the reference answer.
 
-Rows come from `posttrain.sft.load_rows` (the synthetic arithmetic traces, or any SFT dataset: `messages` or
+Rows come from `posttrain.data.load_rows` (the synthetic arithmetic traces, or any SFT dataset: `messages` or
 `prompt`/`completion`), so gate tuning reads exactly the data formats SFT reads. A row's prompt is rendered
 with the tokenizer's chat template and generation prompt, exactly as the rollout engine renders it; the
 completion is the rest of the rendered conversation up to and including the eos token. The answer is the
@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from looplm.losses import IGNORE_INDEX
 from looplm.tokenizer import THINK_OPEN, apply_chat
-from posttrain.sft import load_rows, split_prompt
+from posttrain.data import load_rows, split_prompt
 from posttrain.synthetic import ArithmeticTask
 
 logger = logging.getLogger(__name__)

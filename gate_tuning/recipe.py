@@ -80,7 +80,7 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    # "synthetic" (arithmetic traces generated with `seed`), or an SFT dataset (posttrain.sft.load_rows: a local
+    # "synthetic" (arithmetic traces generated with `seed`), or an SFT dataset (posttrain.data.load_rows: a local
     # .jsonl/.json/.parquet file or folder, or a hub name) with `messages` or `prompt`/`completion`.
     train: str = "synthetic"
     split: str = "train"

@@ -46,7 +46,7 @@ from looplm import LoopLMConfig, LoopLMForCausalLM, exit_log_pdf
 from looplm.losses import final_loop_loss, mean_loop_loss, per_loop_token_losses, stage1_loss
 from looplm.tokenizer import CHAT_TEMPLATE, THINK_CLOSE, THINK_OPEN, build_tokenizer, fix_ouro_special_tokens
 from posttrain.callbacks import CompactProgress
-from posttrain.data import SFTData, corpus_of, drop_long_rows, load_rows, load_sft_data, split_prompt
+from posttrain.data import SFTData, corpus_of, drop_long_rows, load_sft_data
 from posttrain.evaluation import sample_check
 from posttrain.synthetic import ArithmeticTask
 from rollout.engine import SamplingConfig
@@ -522,9 +522,6 @@ __all__ = [
     "run_sft",
     "save_output",
     "setup",
-    # Moved to posttrain.data; gate_tuning.data still imports them from here.
-    "load_rows",
-    "split_prompt",
 ]
 
 _ = looplm  # `import looplm` registers the Auto classes the saved folder is loaded through
