@@ -9,6 +9,7 @@ overwrite a model folder unless `overwrite=true`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -115,6 +116,9 @@ class ParityRecipeConfig:
     pool: PoolConfig = field(default_factory=PoolConfig)
     replay_batch_size: int = 8
     max_gap: float = 1e-5  # fail (exit 1) when a full-cache policy's max |dlogp| exceeds this
+    dtype: Literal["float32", "bfloat16"] = "float32"  # of the weights, in the engine and the training forward
+    exact_mode: bool = False  # batch-invariant kernels on both sides (looplm.batch_invariant): expect a gap of 0
+    grad: bool = False  # run the training forward with gradients enabled, as an update does
     output: str | None = "runs/parity.json"
 
     def check(self) -> None:
@@ -209,17 +213,23 @@ def _prompt_from_json(item: Any, where: str) -> Prompt:
     raise ValueError(f"{where}: got {json.dumps(item)[:80]}; {PROMPT_LINE}")
 
 
-def build_engine(kind: str, model: Path, tokenizer: Any, pool: PoolConfig, depth: DepthConfig) -> RolloutEngine:
+def build_engine(
+    kind: str, model: Path | LoopLMForCausalLM, tokenizer: Any, pool: PoolConfig, depth: DepthConfig
+) -> RolloutEngine:
+    """An engine over a model folder, or over an in-memory model (the pool ships it; in-process gets a copy)."""
+    in_memory = isinstance(model, LoopLMForCausalLM)
     if kind == "pool":
         from rollout.pool import RolloutPool
 
-        return RolloutPool(str(model), pool, tokenizer=tokenizer, depth=depth)
+        return RolloutPool(model if in_memory else str(model), pool, tokenizer=tokenizer, depth=depth)
     if kind == "vllm":
         from rollout.vllm_engine import VLLMEngine
 
         return VLLMEngine(model, tokenizer=tokenizer, depth=depth)
     from rollout.torch_engine import TorchEngine
 
+    if in_memory:
+        return TorchEngine(copy.deepcopy(model), tokenizer=tokenizer, depth=depth, max_batch_size=pool.max_batch_size)
     return TorchEngine.from_pretrained(model, tokenizer=tokenizer, depth=depth, max_batch_size=pool.max_batch_size)
 
 
@@ -278,16 +288,24 @@ def run_rollout(config: RolloutRecipeConfig) -> list[RolloutRecord]:
 def run_parity(config: ParityRecipeConfig) -> dict[str, Any]:
     folder = model_folder(config.model)
     tokenizer = load_tokenizer(folder, config.tokenizer)
-    trainer_model = LoopLMForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()  # the training forward
+    dtype = getattr(torch, config.dtype)
+    trainer_model = LoopLMForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()  # the training forward
+    trainer_model.config.exact_mode = config.exact_mode
     prompts = load_prompts(config.prompts, trainer_model.config.vocab_size)
-    engine = build_engine(config.engine, folder, tokenizer, config.pool, config.policies[0])
+    # The folder's own config says neither: the engine gets this model's (weights, dtype and switch shipped along).
+    source = trainer_model if config.exact_mode or config.dtype != "float32" else folder
+    engine = build_engine(config.engine, source, tokenizer, config.pool, config.policies[0])
     where = f"{config.engine}" + (f" ({config.pool.num_actors} actors)" if config.engine == "pool" else "")
-    report: dict[str, Any] = {"model": str(folder), "parameters": _params(trainer_model), "engine": where, "policies": {}}
+    report: dict[str, Any] = {
+        "model": str(folder), "parameters": _params(trainer_model), "engine": where, "dtype": config.dtype,
+        "exact_mode": config.exact_mode, "grad": config.grad, "policies": {},
+    }
     parts: list[TokenGaps] = []
     try:
         for depth in config.policies:
             records = engine.generate(prompts, config.sampling, depth)
-            gaps = check_parity(trainer_model, records, config.sampling, config.replay_batch_size)
+            with torch.set_grad_enabled(config.grad):
+                gaps = check_parity(trainer_model, records, config.sampling, config.replay_batch_size)
             parts.append(gaps)
             exits = Counter(e for r in records for e in r.exit_steps)
             report["policies"][depth.label()] = {

@@ -106,7 +106,9 @@ class RolloutWorker:
         if isinstance(model, str):
             net = LoopLMForCausalLM.from_pretrained(model, dtype=torch.float32)
         else:
-            net = LoopLMForCausalLM(LoopLMConfig.from_dict(model))  # weights follow through load_weights
+            model = dict(model)
+            dtype = getattr(torch, model.pop("weights_dtype", "float32"))  # a bf16 policy decodes in bf16
+            net = LoopLMForCausalLM(LoopLMConfig.from_dict(model)).to(dtype)  # weights follow via load_weights
         self.engine = TorchEngine(net, tokenizer=tokenizer, max_batch_size=max_batch_size, policy_version=version)
 
     def load_weights(self, packed: dict, version: int) -> int:
@@ -154,7 +156,7 @@ class RolloutPool(RolloutEngine):
         self._weights: ray.ObjectRef | None = None
         if isinstance(model, LoopLMForCausalLM):
             self.limits = ModelLimits.from_config(model.config)
-            self._source: str | dict = model.config.to_dict()
+            self._source: str | dict = model.config.to_dict() | {"weights_dtype": str(model.dtype).removeprefix("torch.")}
             self._weights = ray.put(pack_state_dict(model.state_dict()))
         else:
             self._source = str(model)

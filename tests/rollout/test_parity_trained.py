@@ -5,10 +5,13 @@ The fp32 bound, in architecture terms: a decode step and the parallel forward co
 different reduction orders, so each of the L x T layer applications adds a relative error of a few units of
 fp32 round-off (u = 2^-24) to the residual stream, and a log-prob inherits it scaled by the logits' size:
 
-    |dlogp| <= C * u * (L * T) * (1 + max |logit|),   C = 16
+    |dlogp| <= C * u * (L * T) * (1 + max |logit|),   C = 32
 
-(16 units of round-off per layer application: the decode and parallel kernels also differ in how they tile
-the attention and MLP sums.)
+(C counts units of round-off per layer application: the decode step and the parallel forward also differ in
+how they tile the attention and MLP sums, and the decode step fuses the q/k/v and gate/up projections. The
+worst token seen here, over thread counts and machine load (MKL picks its threading at run time), was
+C = 20 (1.27e-4 on the fixed-depth case); C = 16, set from one run, failed there. Exact mode removes the gap
+altogether: tests/looplm/test_batch_invariant.py.)
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from looplm.tiny import tiny_model
 from rollout import DepthConfig, SamplingConfig, TorchEngine, check_parity
 
 U = 2.0**-24
-C = 16
+C = 32
 
 
 def fp32_bound(model, max_logit: float) -> float:
