@@ -96,3 +96,14 @@ def test_the_mode_swaps_only_linear_and_attention():
         assert torch.equal(x.exp(), torch.exp(x)) and torch.equal(x @ x.t(), torch.mm(x, x.t()))
         y = F.linear(x, torch.eye(8))
     assert torch.equal(y, x)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="exact mode on GPU: needs CUDA (none here)")
+@pytest.mark.parametrize("depth", [DepthConfig(), ADAPTIVE], ids=["fixed", "adaptive"])
+def test_exact_mode_on_gpu_rollout_equals_the_training_forward(depth):
+    """The same design on CUDA: fixed tiles give cuBLAS one kernel shape whatever the batch."""
+    model = _exact_model(torch.bfloat16).cuda()
+    sampling = SamplingConfig(n=2, max_new_tokens=24, seed=3, ignore_eos=True)
+    records = TorchEngine(model, max_batch_size=5).generate(mixed_prompts(6, high=70), sampling, depth)
+    assert check_parity(model, records, sampling).stats().max_abs_gap == 0.0
