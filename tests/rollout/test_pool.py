@@ -178,14 +178,3 @@ def test_chunk_prompts_is_checked_at_load_time():
     with pytest.raises(ValueError, match="chunk_prompts"):
         PoolConfig(chunk_prompts=0).check()
 
-
-@pytest.mark.parametrize("depth", [DepthConfig(), ADAPTIVE], ids=["fixed", "adaptive"])
-def test_exact_mode_bf16_parity_through_the_pool_is_exactly_zero(ray_cluster, depth):
-    """Exact mode ships with the model: bf16 actors' decode steps equal the driver's training forward bit for bit."""
-    model = small_model().to(torch.bfloat16)
-    model.config.exact_mode = True
-    sampling = SamplingConfig(n=2, max_new_tokens=24, seed=13, ignore_eos=True)
-    with RolloutPool(model, PoolConfig(num_actors=2, threads_per_actor=1, max_batch_size=4)) as exact_pool:
-        records = exact_pool.generate(PROMPTS[:6], sampling, depth)
-    with torch.enable_grad():
-        assert check_parity(model, records, sampling).stats().max_abs_gap == 0.0
