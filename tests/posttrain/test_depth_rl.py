@@ -30,6 +30,7 @@ from posttrain.synthetic import arithmetic_traces
 from rewards import get_reward_funcs
 from rewards.depth import depth_penalty
 from rollout.engine import DepthConfig, RolloutRecord
+from tests.posttrain.test_grpo import length_reward
 
 SAMPLED = DepthConfig(policy="sampled")
 EXIT_PARITY_MAX = 1e-5
@@ -45,11 +46,6 @@ def model_dir(tmp_path_factory) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
-
-
-def length_reward(completions, **_) -> list[float]:
-    """A reward with variance inside every group (a random model never answers right)."""
-    return [float(len(c[-1]["content"]) % 7) for c in completions]
 
 
 def make_trainer(model_dir, tmp_path, loop: LoopRLConfig, alpha: float = 0.0, lm: bool = True, gate: bool = False,

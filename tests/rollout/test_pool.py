@@ -27,13 +27,6 @@ PROMPTS = mixed_prompts(10, low=1, high=60)
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def pool(ray_cluster, model):
     with RolloutPool(model, PoolConfig(num_actors=2, threads_per_actor=1, max_batch_size=4)) as p:
         yield p

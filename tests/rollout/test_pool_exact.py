@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import ray
 import torch
 
 from rollout.engine import DepthConfig, SamplingConfig
@@ -14,13 +13,6 @@ from tests.rollout.conftest import ADAPTIVE, mixed_prompts, small_model
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = mixed_prompts(6, low=1, high=60)
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.parametrize("depth", [DepthConfig(), ADAPTIVE], ids=["fixed", "adaptive"])
