@@ -28,6 +28,22 @@ KVMode = Literal["full", "last", "average", "first"]
 KV_MODES: tuple[str, ...] = ("full", "last", "average", "first")
 
 
+def keep_shared_kv(
+    pending: dict[int, list[torch.Tensor]], index: int, key: torch.Tensor, value: torch.Tensor, loop: int,
+    mode: str, num_loops: int,
+) -> None:
+    """The "first" and "average" modes' reduction over loops, kept in `pending[index]` until the step commits:
+    loop 1's K/V, or the running mean over the `num_loops` loops. Other modes keep nothing here."""
+    if mode == "first" and loop == 0:
+        pending[index] = [key, value]
+    elif mode == "average":
+        if loop == 0:
+            pending[index] = [key / num_loops, value / num_loops]
+        else:
+            acc = pending[index]
+            acc[0], acc[1] = acc[0] + key / num_loops, acc[1] + value / num_loops
+
+
 class GrowingKVLayer(CacheLayerMixin):
     """One K/V plane, (B, H, S, D), in a buffer that doubles when full.
 
@@ -178,14 +194,10 @@ class LoopKVCache(Cache):
         return torch.cat([plane.keys, key], dim=-2), torch.cat([plane.values, value], dim=-2)
 
     def _accumulate(self, key: torch.Tensor, value: torch.Tensor, loop: int, layer: int) -> None:
-        if self.mode == "last" or (self.mode == "first" and loop == 0):
+        if self.mode == "last":
             self._pending[layer] = [key, value]
-        elif self.mode == "average":
-            if loop == 0:
-                self._pending[layer] = [key / self.num_loops, value / self.num_loops]
-            else:
-                acc = self._pending[layer]
-                acc[0], acc[1] = acc[0] + key / self.num_loops, acc[1] + value / self.num_loops
+        else:
+            keep_shared_kv(self._pending, layer, key, value, loop, self.mode, self.num_loops)
 
     def commit(self) -> None:
         """End of a forward: shared modes append the reduced K/V of the new tokens."""
@@ -275,14 +287,7 @@ class SlotKVCache:
         pos = self.lengths[slots] if position is None else position
         self.k[p, slots, :, pos] = k
         self.v[p, slots, :, pos] = v
-        if self.mode == "first" and loop == 0:
-            self._pending[p] = [k, v]
-        elif self.mode == "average":
-            if loop == 0:
-                self._pending[p] = [k / self.num_loops, v / self.num_loops]
-            else:
-                acc = self._pending[p]
-                acc[0], acc[1] = acc[0] + k / self.num_loops, acc[1] + v / self.num_loops
+        keep_shared_kv(self._pending, p, k, v, loop, self.mode, self.num_loops)  # "last": the plane holds it
         return p
 
     def commit(self, slots: torch.Tensor) -> None:

@@ -26,13 +26,7 @@ from tests.rollout.conftest import ADAPTIVE, mixed_prompts
 SAMPLED = DepthConfig(policy="sampled")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models this small gain nothing from intra-op threads; on a busy 2-core machine two are ~5x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/rollout/conftest.py
 
 
 def test_exit_log_prob_is_the_pdf_at_the_exit_and_needs_only_the_gates_run():
