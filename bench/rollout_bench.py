@@ -17,7 +17,8 @@ is the fair one (time spent descheduled is not counted); the pool part can only 
    in the same process, on the same model) vs `generate()`;
 6. the RL workload: `rl_prompts` prompts x `rl_samples` samples, variable lengths up to
    `variable_max_new_tokens`, `max(batch_sizes)` rows decoded together: ours vs the baseline engine vs
-   `generate()` (batches of that many rows, the prompt's samples side by side).
+   `generate()` (batches of that many rows, the prompt's samples side by side), and ours at adaptive depth
+   (q = `exit_threshold`) against ours at fixed depth.
 Throughput counts completion tokens up to and including the first stop id of each row.
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import subprocess
+import sys
 import time
 import types
 from collections.abc import Callable
@@ -257,21 +259,26 @@ def _kv_bytes(model: LoopLMForCausalLM) -> list[dict[str, Any]]:
 
 
 def _baseline_engine(rev: str) -> type | None:
-    """`TorchEngine` as of git revision `rev`, loaded from history into its own module so that it runs beside
-    today's engine in one process; None (with the reason printed) without git or that revision."""
+    """`TorchEngine` as of git revision `rev`, with the sampling code it ran with (`rollout/engine.py` of that
+    revision), loaded from history into a package of its own so that it runs beside today's engine in one
+    process; the model code is today's. None (with the reason printed) without git or that revision."""
     if not rev:
         return None
     root = Path(__file__).resolve().parents[1]
-    try:
-        source = subprocess.run(["git", "show", f"{rev}:rollout/torch_engine.py"], cwd=root, capture_output=True,
-                                text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError) as err:
-        print(f"# baseline engine {rev!r} not available ({err}): its columns are skipped")
-        return None
-    module = types.ModuleType("rollout._baseline_torch_engine")
-    module.__package__ = "rollout"
-    exec(compile(source, f"{rev}:rollout/torch_engine.py", "exec"), module.__dict__)  # noqa: S102 - our own history
-    return module.TorchEngine
+    package = f"rollout_at_{rev}"
+    modules = {}
+    for name in ("engine", "torch_engine"):  # engine first: torch_engine imports it
+        try:
+            source = subprocess.run(["git", "show", f"{rev}:rollout/{name}.py"], cwd=root, capture_output=True,
+                                    text=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError) as err:
+            print(f"# baseline engine {rev!r} not available ({err}): its columns are skipped")
+            return None
+        module = types.ModuleType(f"{package}.{name}")
+        module.__package__ = package
+        sys.modules[module.__name__] = modules[name] = module
+        exec(compile(source, f"{rev}:rollout/{name}.py", "exec"), module.__dict__)  # noqa: S102 - our own history
+    return modules["torch_engine"].TorchEngine
 
 
 def _ratio_row(timed: dict[str, Timing], row: dict[str, Any]) -> dict[str, Any]:
@@ -279,7 +286,7 @@ def _ratio_row(timed: dict[str, Timing], row: dict[str, Any]) -> dict[str, Any]:
     for name, t in timed.items():
         row[f"{name}_tokens"], row[f"{name}_tok_s"], row[f"{name}_tok_cpu_s"] = t.tokens, t.tokens / t.wall, t.tokens / t.cpu
     for name in timed:
-        if name != "ours":
+        if name not in ("ours", "adaptive"):
             row[f"ours_over_{name}"] = row["ours_tok_s"] / row[f"{name}_tok_s"]
             row[f"ours_over_{name}_cpu"] = row["ours_tok_cpu_s"] / row[f"{name}_tok_cpu_s"]
     return row
@@ -317,7 +324,11 @@ def _rl_workload(model: LoopLMForCausalLM, config: RolloutBenchConfig) -> list[d
         return sum(_hf_generate(model, rows_of_samples[i : i + batch], max_new, stops, rep)
                    for i in range(0, len(rows_of_samples), batch))
 
-    fns = {"ours": lambda rep: _ours(TorchEngine(model, max_batch_size=batch), prompts, sampling, rep=rep)}
+    adaptive = DepthConfig(policy="adaptive", exit_threshold=config.exit_threshold)
+    fns = {
+        "ours": lambda rep: _ours(TorchEngine(model, max_batch_size=batch), prompts, sampling, rep=rep),
+        "adaptive": lambda rep: _ours(TorchEngine(model, max_batch_size=batch), prompts, sampling, adaptive, rep=rep),
+    }
     if baseline is not None:
         fns["baseline"] = lambda rep: _ours(baseline(model, max_batch_size=batch), prompts, sampling, rep=rep)
     fns["generate"] = generate_all
@@ -334,6 +345,8 @@ def _rl_workload(model: LoopLMForCausalLM, config: RolloutBenchConfig) -> list[d
             timed[name].wall += time.perf_counter() - wall
             timed[name].cpu += time.process_time() - cpu
     row = _ratio_row(timed, {"prompts": len(prompts), "samples": n, "batch": batch, "max_new_tokens": max_new})
+    row["adaptive_over_fixed"] = row["adaptive_tok_s"] / row["ours_tok_s"]  # ours at q = exit_threshold vs T loops
+    row["adaptive_over_fixed_cpu"] = row["adaptive_tok_cpu_s"] / row["ours_tok_cpu_s"]
     print(row)
     return [row]
 
@@ -368,11 +381,13 @@ def print_markdown(results: dict[str, Any]) -> None:
         ),
         "rl_workload": (
             "| prompts x samples | batch | ours tok/s | baseline tok/s | generate() tok/s | ours / baseline | "
-            "same, per CPU s | ours / generate() | same, per CPU s |",
+            "same, per CPU s | ours / generate() | same, per CPU s | ours adaptive tok/s | adaptive / fixed | "
+            "same, per CPU s |",
             lambda r: f"| {r['prompts']} x {r['samples']} | {r['batch']} | {r['ours_tok_s']:.0f} | "
             f"{r.get('baseline_tok_s', float('nan')):.0f} | {r['generate_tok_s']:.0f} | "
             f"{r.get('ours_over_baseline', float('nan')):.2f}x | {r.get('ours_over_baseline_cpu', float('nan')):.2f}x | "
-            f"{r['ours_over_generate']:.2f}x | {r['ours_over_generate_cpu']:.2f}x |",
+            f"{r['ours_over_generate']:.2f}x | {r['ours_over_generate_cpu']:.2f}x | {r['adaptive_tok_s']:.0f} | "
+            f"{r['adaptive_over_fixed']:.2f}x | {r['adaptive_over_fixed_cpu']:.2f}x |",
         ),
     }
     for name, (header, row) in tables.items():

@@ -247,7 +247,13 @@ class ExitTracker:
 
 @dataclass
 class DecodeLayerWeights:
-    """One layer's weights for the decode step: fused projections, built from the checkpoint-named ones."""
+    """One layer's weights for the decode step: fused projections, built from the checkpoint-named ones.
+
+    Each matrix has its (out, in) shape. `in_major` stores it transposed underneath (a `.t()` view of an (in, out)
+    tensor): F.linear then multiplies a few rows by a contiguous (in, out) matrix, 1.3-1.7x faster on this CPU at
+    1-32 rows when the weights are in cache (measured), equal to fp32 rounding. Exact mode keeps nn.Linear's
+    layout: its batch-invariant matmul must see the training forward's operands, bit for bit.
+    """
 
     qkv: torch.Tensor  # (H*d + 2*Hkv*d, D): q_proj, k_proj, v_proj stacked
     o: torch.Tensor  # (D, H*d)
@@ -256,13 +262,18 @@ class DecodeLayerWeights:
     norms: tuple[torch.Tensor, ...]  # input, input_2, post_attention, post_attention_2 RMSNorm weights
 
     @classmethod
-    def of(cls, layer: LoopLMDecoderLayer) -> DecodeLayerWeights:
+    def of(cls, layer: LoopLMDecoderLayer, in_major: bool = False) -> DecodeLayerWeights:
         a, m = layer.self_attn, layer.mlp
+
+        def matrix(*linears: nn.Linear) -> torch.Tensor:
+            w = torch.cat([lin.weight for lin in linears]).detach()
+            return w.t().contiguous().t() if in_major else w
+
         return cls(
-            qkv=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach(),
-            o=a.o_proj.weight.detach(),
-            gate_up=torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach(),
-            down=m.down_proj.weight.detach(),
+            qkv=matrix(a.q_proj, a.k_proj, a.v_proj),
+            o=matrix(a.o_proj),
+            gate_up=matrix(m.gate_proj, m.up_proj),
+            down=matrix(m.down_proj),
             norms=tuple(n.weight.detach() for n in (
                 layer.input_layernorm, layer.input_layernorm_2, layer.post_attention_layernorm,
                 layer.post_attention_layernorm_2,
@@ -604,8 +615,7 @@ class LoopLMModel(LoopLMPreTrainedModel):
                       layer: int, slots: torch.Tensor, run: torch.Tensor | None, last_kv):
         """One layer for the running rows (local indices `run` of `slots`; None: all): (b_run, D) -> (b_run, D),
         and the (b, Hkv, d) K/V of every row at its latest loop, which the cache stores for this loop."""
-        cfg = self.config
-        H, Hkv, d, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
+        H, Hkv, d, eps = self._decode_dims
         qkv = F.linear(rms_norm(x, w.norms[0], eps), w.qkv)  # (b_run, (H + 2 Hkv) d)
         qk = qkv[:, : (H + Hkv) * d].view(-1, H + Hkv, d)
         cos, sin = rope
@@ -624,16 +634,27 @@ class LoopLMModel(LoopLMPreTrainedModel):
 
     def _decode_weights(self) -> list[DecodeLayerWeights]:
         """Fused per-layer weights, rebuilt when any parameter changed (load_state_dict, an optimizer step and
-        `.to()` all change a parameter's version or storage); not parameters, so the state_dict is unchanged."""
+        `.to()` all change a parameter's version or storage) or exact mode was switched; not parameters, so the
+        state_dict is unchanged."""
         # (Parameters made under inference_mode have no version counter: only their storage is compared.)
-        key = tuple((p.data_ptr(), -1 if p.is_inference() else p._version) for p in self.layers.parameters())
+        exact = self.config.exact_mode
+        key = (exact, *((p.data_ptr(), -1 if p.is_inference() else p._version) for p in self.layers.parameters()))
         cached = self.__dict__.get("_decode_cache")
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                cached = (key, [DecodeLayerWeights.of(layer) for layer in self.layers])
+                cached = (key, [DecodeLayerWeights.of(layer, in_major=not exact) for layer in self.layers])
             self.__dict__["_decode_cache"] = cached
         return cached[1]
 
+    @property
+    def _decode_dims(self) -> tuple[int, int, int, float]:
+        """(H, Hkv, d, eps), read once: a transformers config's attribute access costs microseconds."""
+        dims = self.__dict__.get("_decode_dims_cache")
+        if dims is None:
+            cfg = self.config
+            dims = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps)
+            self.__dict__["_decode_dims_cache"] = dims
+        return dims
 
     def _check_depth_args(self, num_loops, exit_steps, exit_threshold, B: int, S: int, hidden_eps=None) -> int:
         n_loops = self.config.total_ut_steps if num_loops is None else int(num_loops)

@@ -190,15 +190,15 @@ class _ContinuousBatch:
         self.next_request = take[-1] + 1
 
     def _prefill(self, prompts: list[int]) -> None:
-        """Full-depth prefill of these prompts together (left-padded); kept until their samples have slots."""
-        if not prompts:
-            return
-        cache = LoopKVCache(self.model.config, mode=self.depth.kv_mode)
-        ids, mask = _left_pad([self.prompt_ids[p] for p in prompts], self.device)  # (U, P)
-        out = self.model(ids, attention_mask=mask, past_key_values=cache, num_loops=self.depth.num_loops,
-                         logits_to_keep=1)
-        for row, p in enumerate(prompts):
-            self.prefills[p] = (cache, row, out.logits[row, -1])
+        """Full-depth prefill of these prompts (left-padded, in groups of similar length so that padding costs at
+        most `_PREFILL_PADDING` of the real tokens); kept until their samples have slots."""
+        for group in _length_groups(prompts, [len(self.prompt_ids[p]) for p in prompts]):
+            cache = LoopKVCache(self.model.config, mode=self.depth.kv_mode)
+            ids, mask = _left_pad([self.prompt_ids[p] for p in group], self.device)  # (U, P)
+            out = self.model(ids, attention_mask=mask, past_key_values=cache, num_loops=self.depth.num_loops,
+                             logits_to_keep=1)
+            for row, p in enumerate(group):
+                self.prefills[p] = (cache, row, out.logits[row, -1])
 
     def _maybe_compact(self) -> None:
         """Once the queue is empty and at most half the slots are live, drop the free slots: attention reads every
@@ -257,6 +257,26 @@ class _DecodeState:
             for row, dist in zip(alive.tolist(), logp.cpu(), strict=True):
                 per_row[row].append(dist)
         return [torch.stack(d) for d in per_row]
+
+
+# Prefill groups: padded tokens at most this fraction of the group's real tokens. Prefill is a large part of a
+# short rollout's compute (a prompt runs every loop), and left-padding 16..64-token prompts together wastes 37%.
+_PREFILL_PADDING = 0.1
+
+
+def _length_groups(items: list[int], lengths: list[int]) -> list[list[int]]:
+    """Items in order of length, cut into groups whose padding to the group's longest stays within budget."""
+    order = sorted(range(len(items)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    real = 0
+    for i in order:
+        if groups and lengths[i] * (len(groups[-1]) + 1) <= (1 + _PREFILL_PADDING) * (real + lengths[i]):
+            groups[-1].append(items[i])
+            real += lengths[i]
+        else:
+            groups.append([items[i]])
+            real = lengths[i]
+    return groups
 
 
 def _left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:

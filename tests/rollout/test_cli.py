@@ -129,6 +129,7 @@ def test_bench_runs_its_rollout_benchmark_by_name(tmp_path):
     assert all(r["ours_tok_s"] > 0 and r["generate_tok_s"] > 0 for r in results["engine_vs_generate"])
     (rl,) = results["rl_workload"]
     assert rl["ours_tokens"] > 0 and rl["baseline_tokens"] > 0 and rl["generate_tokens"] > 0  # the baseline loaded
+    assert rl["adaptive_tokens"] > 0 and rl["adaptive_over_fixed"] > 0
     assert [r["batch"] for r in results["decode_step"]] == [2]
     full, *shared = results["kv_bytes_per_token"]
     assert full["measured"] == full["bytes_per_token"] == 4 * shared[0]["bytes_per_token"]

@@ -9,6 +9,8 @@ from rollout.engine import (
     DepthConfig,
     ModelLimits,
     SamplingConfig,
+    _mix32,
+    gumbel_noise,
     prepare_request,
     processed_logprobs,
     request_keys,
@@ -60,6 +62,19 @@ def test_noise_is_a_function_of_seed_request_and_step_only():
     assert sample_tokens(logp[2:3], keys[2:3], 0, greedy=False).item() == first[2].item()
     assert not torch.equal(first, sample_tokens(logp, request_keys(2, torch.arange(4)), 0, greedy=False))
     assert not torch.equal(first, sample_tokens(logp, keys, 1, greedy=False))
+
+
+def test_gumbel_noise_keeps_the_int64_hash_bits():
+    """The vocabulary-wide hash runs on int32 for speed; its noise must be the int64 hash's, bit for bit, so
+    a seed draws the same completions as before. Reference: the int64 formula written out."""
+    keys = request_keys(3, torch.arange(64) * 1_000_003)
+    steps = torch.arange(64) * 37 + 5
+    tokens = torch.arange(8192)
+    h = _mix32(keys[:, None] + _mix32(steps[:, None] * 0x9E3779B1 + 0x7F4A7C15))
+    h = _mix32(h ^ (tokens[None, :] * 0x85EBCA6B))
+    u = ((h >> 8).float() + 0.5) / float(1 << 24)
+    assert torch.equal(gumbel_noise(keys, steps, 8192), -torch.log(-torch.log(u)))
+    assert torch.equal(gumbel_noise(keys[:1], 5, 8192), -torch.log(-torch.log(u[:1])))  # one step for all rows
 
 
 class CountingModel(torch.nn.Module):

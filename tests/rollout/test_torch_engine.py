@@ -7,7 +7,7 @@ import torch
 
 from rollout.engine import DepthConfig, RolloutRecord, SamplingConfig, prepare_request
 from rollout.parity import check_parity, replay_logprobs, token_gaps
-from rollout.torch_engine import TorchEngine
+from rollout.torch_engine import TorchEngine, _length_groups
 from tests.rollout.conftest import ADAPTIVE, mixed_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -157,3 +157,13 @@ def test_a_request_gives_the_same_completion_whatever_its_slot_and_batch(model, 
         ]
         gaps = [abs(a - b) for r, s in zip(run, reference, strict=True) for a, b in zip(r.logprobs, s.logprobs, strict=True)]
         assert max(gaps) <= 1e-5
+
+
+def test_prefill_groups_bound_the_padding_and_keep_every_prompt():
+    lengths = [16, 64, 17, 40, 41, 63, 18, 39, 90, 5]
+    groups = _length_groups(list(range(len(lengths))), lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        real = sum(lengths[i] for i in g)
+        assert max(lengths[i] for i in g) * len(g) <= 1.1 * real  # padded tokens within 10% of the real ones
+    assert len(groups) < len(lengths)  # similar lengths still share a forward

@@ -1,0 +1,37 @@
+"""Our engine on a CUDA GPU: the same code as on CPU (continuous batching, depth-gathered decode step), held to
+the same contract there. Skipped with a message where no GPU is lent; run them when one is."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rollout.engine import DepthConfig, SamplingConfig
+from rollout.parity import check_exit_parity, check_parity
+from rollout.torch_engine import TorchEngine
+from tests.rollout.conftest import ADAPTIVE, mixed_prompts, small_model
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="our engine on GPU: needs CUDA (none here)"),
+]
+
+SAMPLED = DepthConfig(policy="sampled", exit_temperature=1.0)
+
+
+@pytest.mark.parametrize("depth", [DepthConfig(), ADAPTIVE, SAMPLED], ids=["fixed", "adaptive", "sampled"])
+def test_gpu_rollouts_replay_with_the_training_forward_whatever_the_batch(depth):
+    model = small_model().cuda()
+    prompts = mixed_prompts(12)
+    sampling = SamplingConfig(n=2, max_new_tokens=24, seed=0)
+    records = TorchEngine(model, max_batch_size=8).generate(prompts, sampling, depth)
+    assert {r.policy_version for r in records} == {0} and all(r.completion_ids for r in records)
+    stats = check_parity(model, records, sampling).stats()
+    print(f"\n[our engine on GPU, fp32, {depth.label()}] {stats}")
+    assert stats.max_abs_gap <= 1e-3 and stats.filtered_tokens == 0  # GPU kernels: close, not bitwise
+    if depth.policy == "sampled":
+        assert float(check_exit_parity(model, records, depth.exit_temperature).max()) <= 1e-3
+    # A request's completion does not depend on its slot or batch (noise keyed by request and step).
+    alone = TorchEngine(model, max_batch_size=1).generate(prompts[:3], sampling, depth)
+    assert [r.completion_ids for r in alone] == [r.completion_ids for r in records[:6]]
+    assert [r.exit_steps for r in alone] == [r.exit_steps for r in records[:6]]
