@@ -89,7 +89,7 @@ def recipe_help(recipe: str, full: bool = True) -> str:
     lines = [f"{recipe}: {SUMMARIES[recipe]}", f"  python run.py {recipe} [--config FILE] [key=value ...]"]
     for key, type_text, default in describe(cls):
         if default is dataclasses.MISSING:  # a TrainingArguments section: TRL's own options
-            lines.append(f"  {key}.*: every option of {type_text} (TRL's names and defaults)")
+            lines.append(f"  {key}.*: every option of {type_text} (a TrainingArguments class: its own names, defaults and checks)")
             if full:
                 section = getattr(cls(), key)
                 lines += [f"    {key}.{k}: {t} = {_show(d)}" for k, t, d in describe_training_args(type(section), section)]

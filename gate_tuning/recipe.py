@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -113,25 +113,26 @@ class Stage2Section:
 
 
 @dataclass
-class TrainingSection:
-    output_dir: str = "outputs/gate"
+class GateTrainingConfig(TrainingArguments):
+    """Stage II's `training:` section: transformers' TrainingArguments (its names, defaults and checks), with
+    defaults for training a 65-parameter gate (a high constant learning rate, no checkpoints, seed 0) and one
+    option of ours, held-out selection. The recipe sets use_cpu from the model's device (bf16 only on a GPU) and
+    keeps every batch column (its collator builds them). output_dir holds the frontier, results.json and the
+    tuned folder `model/`; checkpoints, when saved, go to output_dir/checkpoint-N."""
+
+    output_dir: str | None = "outputs/gate"
     max_steps: int = 200
-    lr: float = 1e-2
-    lr_scheduler: str = "constant"
-    warmup: float = 0.0
-    weight_decay: float = 0.0
-    batch_size: int = 32
-    grad_accum: int = 1
-    bf16: bool = False  # autocast on GPU; ignored on CPU
+    learning_rate: float = 1e-2
+    lr_scheduler_type: str = "constant"
+    per_device_train_batch_size: int = 32
+    logging_steps: float = 20
+    save_strategy: str = "no"
     seed: int = 0
-    logging_steps: int = 20
-    save_steps: int = 0  # 0: no intermediate checkpoints
     # Held-out selection: > 0 snapshots the gate every select_every steps; the snapshot with the largest area under
     # its teacher-forced Q-exit frontier (-loss over average loops 1..T, eval.q_grid plus q = 0 and 1) on the
     # data.val_rows validation rows is kept. The starting (Stage-I) gate is a candidate: Stage II can then end
     # where it began. 0: keep the last step's gate.
     select_every: int = 0
-    progress_bar: bool = True
 
 
 @dataclass
@@ -173,7 +174,7 @@ class GateRecipeConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     stage2: Stage2Section = field(default_factory=Stage2Section)
-    training: TrainingSection = field(default_factory=TrainingSection)
+    training: GateTrainingConfig = field(default_factory=GateTrainingConfig)  # transformers' TrainingArguments
     eval: EvalSection = field(default_factory=EvalSection)
     select: SelectSection = field(default_factory=SelectSection)
 
@@ -294,32 +295,17 @@ def _copy_in(model: LoopLMForCausalLM, dtype: torch.dtype) -> LoopLMForCausalLM:
 # Stage II training
 
 
-def training_args(cfg: TrainingSection, use_cpu: bool) -> TrainingArguments:
-    return TrainingArguments(
-        output_dir=str(Path(cfg.output_dir) / "checkpoints"),
-        max_steps=cfg.max_steps,
-        learning_rate=cfg.lr,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup,
-        weight_decay=cfg.weight_decay,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        bf16=cfg.bf16 and not use_cpu,
-        use_cpu=use_cpu,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps" if cfg.save_steps > 0 else "no",
-        save_steps=max(cfg.save_steps, 1),
-        remove_unused_columns=False,  # our collator builds the batch
-        report_to="none",
-        dataloader_num_workers=0,
-        disable_tqdm=not cfg.progress_bar,
+def trainer_args(cfg: GateTrainingConfig, use_cpu: bool) -> GateTrainingConfig:
+    """`training` rebuilt with what the recipe decides: the device, bf16 only on a GPU, every batch column kept
+    (our collator builds the batch), data order seeded by `seed` unless data_seed is given."""
+    return replace(
+        cfg, use_cpu=use_cpu, bf16=cfg.bf16 and not use_cpu, remove_unused_columns=False,
+        data_seed=cfg.seed if cfg.data_seed is None else cfg.data_seed,
     )
 
 
 def tune_gate(
-    model: LoopLMForCausalLM, examples: list[Example], stage2: Stage2Section, cfg: TrainingSection, pad_id: int,
+    model: LoopLMForCausalLM, examples: list[Example], stage2: Stage2Section, cfg: GateTrainingConfig, pad_id: int,
     selection: Selection | None = None,
 ) -> dict[str, Any]:
     """Stage II in place on `model` (only the gate changes); -> the trainer's log history (and, with `selection`
@@ -330,14 +316,14 @@ def tune_gate(
     features, collator = [training_features(e) for e in examples], PadCollator(pad_id)
     scale = None
     if stage2.units == "mean_loss":
-        scale = mean_final_loss(model.eval(), DataLoader(features, batch_size=cfg.batch_size, collate_fn=collator))
+        scale = mean_final_loss(model.eval(), DataLoader(features, batch_size=cfg.per_device_train_batch_size, collate_fn=collator))
     k, gamma = scaled_target_args(stage2.k, stage2.gamma, stage2.units, scale)
     logger.info("Stage-II targets: w = sigmoid(%.4g (I - %.4g)) with I in nats (units %s, mean loss at loop T %s)",
                 k, gamma, stage2.units, "not measured" if scale is None else f"{scale:.4g}")
     snapshots = GateSnapshots(model, cfg.select_every) if cfg.select_every > 0 and selection is not None else None
     trainer = GateTrainer(
         model=model,
-        args=training_args(cfg, use_cpu=model.device.type == "cpu"),
+        args=trainer_args(cfg, use_cpu=model.device.type == "cpu"),
         train_dataset=features,
         data_collator=collator,
         callbacks=[snapshots] if snapshots else None,
@@ -526,11 +512,11 @@ __all__ = [
     "EvalRecipeConfig",
     "EvalSection",
     "GateRecipeConfig",
+    "GateTrainingConfig",
     "ModelSection",
     "SelectSection",
     "Selection",
     "Stage2Section",
-    "TrainingSection",
     "check_checkpoint",
     "run_eval",
     "run_gate",

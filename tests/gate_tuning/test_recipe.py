@@ -27,8 +27,8 @@ from looplm import LoopLMForCausalLM
 from tests.gate_tuning.conftest import make_checkpoint
 
 SHRINK = [
-    "data.train_rows=24", "data.eval_rows=6", "training.max_steps=4", "training.batch_size=8", "training.lr=0.05",
-    "training.logging_steps=2", "training.progress_bar=false", "eval.q_grid=[0.3, 0.8]",
+    "data.train_rows=24", "data.eval_rows=6", "training.max_steps=4", "training.per_device_train_batch_size=8", "training.learning_rate=0.05",
+    "training.logging_steps=2", "training.disable_tqdm=true", "eval.q_grid=[0.3, 0.8]",
     "eval.hidden_eps_grid=[0.5]", "eval.max_new_tokens=6", "eval.batch_size=4", "training.select_every=0",
     "data.val_rows=0",
 ]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gate_tuning.data import PadCollator, load_examples, training_features
-from gate_tuning.recipe import ModelSection, Stage2Section, TrainingSection, load_tokenizer, tune_gate
+from gate_tuning.recipe import GateTrainingConfig, ModelSection, Stage2Section, load_tokenizer, tune_gate
 from gate_tuning.stage2 import (
     GATE_PREFIX,
     continue_targets,
@@ -85,7 +85,8 @@ def test_only_the_gate_trains_and_the_lm_stays_bit_identical(checkpoint, tmp_pat
     before = {name: t.clone() for name, t in model.state_dict().items()}
     tokenizer = load_tokenizer(ModelSection(path=str(checkpoint)))
     examples = load_examples("synthetic", "train", 16, 3, tokenizer, 128)
-    cfg = TrainingSection(output_dir=str(tmp_path), max_steps=3, batch_size=8, lr=0.05, progress_bar=False)
+    cfg = GateTrainingConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8, learning_rate=0.05,
+                             disable_tqdm=True)
     tune_gate(model, examples, Stage2Section(), cfg, tokenizer.pad_token_id)
     after = model.state_dict()
     gate = [n for n in after if n.startswith(GATE_PREFIX)]
