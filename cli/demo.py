@@ -46,7 +46,7 @@ class DemoConfig:
     gate_overrides: list[str] = field(default_factory=lambda: [
         *RL_TASK, "data.train_rows=1024", "data.eval_rows=128", "training.max_steps=100",
         "eval.q_grid=[0.2,0.4,0.6,0.8,0.9]", "eval.hidden_eps_grid=[0.05,0.2]", "eval.kv_modes=[full,last]",
-        "training.progress_bar=false",
+        "training.disable_tqdm=true",
     ])
 
 
@@ -88,14 +88,16 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 
 
 def quiet_terminal() -> None:
-    """Progress bars for the stages' work only (none for dataset maps or weight loading), and no per-point
-    lines from the frontier (the report holds its table)."""
+    """Progress bars for the stages' work only (none for dataset maps or weight loading), and neither per-point
+    lines nor the table from the frontier (the report holds its table)."""
     import datasets
     import transformers
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("gate_tuning.frontier").setLevel(logging.WARNING)
+    # The gate recipe logs its frontier table when it ends; the demo's report prints that table once, after it.
+    logging.getLogger("gate_tuning.recipe").addFilter(lambda record: not str(record.msg).startswith("frontier ("))
 
 
 def _printing_into(path: Path, run):

@@ -4,6 +4,7 @@ is an error that names it and what is valid. Also: every real-scale config state
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Literal
 
 import torch
@@ -62,3 +63,30 @@ def test_real_scale_configs_state_their_hardware():
     for path in shipped:
         header = [line for line in path.read_text().splitlines() if line.startswith("#")]
         assert any(line.startswith("# Hardware assumed:") for line in header), path.name
+
+
+def test_the_demo_prints_the_frontier_table_once_in_its_report():
+    """The gate recipe logs its frontier table; in the demo the report prints it, so the log line is dropped."""
+    from cli.demo import quiet_terminal
+
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    log, collect = logging.getLogger("gate_tuning.recipe"), Collect()
+    filters, level = list(log.filters), log.level
+    log.addHandler(collect)
+    log.setLevel(logging.INFO)
+    try:
+        quiet_terminal()
+        log.info("frontier (%s):\n%s", "frontier.md", "| rule | param |")
+        log.info("chosen q %.3g: %.2f loops per token", 0.4, 2.29)
+    finally:
+        log.filters[:] = filters
+        log.removeHandler(collect)
+        log.setLevel(level)
+    assert collect.messages == ["chosen q 0.4: 2.29 loops per token"]
