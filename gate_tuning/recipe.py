@@ -316,7 +316,8 @@ def tune_gate(
     features, collator = [training_features(e) for e in examples], PadCollator(pad_id)
     scale = None
     if stage2.units == "mean_loss":
-        scale = mean_final_loss(model.eval(), DataLoader(features, batch_size=cfg.per_device_train_batch_size, collate_fn=collator))
+        batches = DataLoader(features, batch_size=cfg.per_device_train_batch_size, collate_fn=collator)
+        scale = mean_final_loss(model.eval(), batches)
     k, gamma = scaled_target_args(stage2.k, stage2.gamma, stage2.units, scale)
     logger.info("Stage-II targets: w = sigmoid(%.4g (I - %.4g)) with I in nats (units %s, mean loss at loop T %s)",
                 k, gamma, stage2.units, "not measured" if scale is None else f"{scale:.4g}")

@@ -63,6 +63,12 @@ def q_exit_step(gate_logits: torch.Tensor, q: float) -> torch.Tensor:
     return reached.long().argmax(dim=-1) + 1
 
 
+def q_exit_reached(log_survival_t: torch.Tensor, q: float | torch.Tensor) -> torch.Tensor:
+    """Q-exit's test after loop t, from log S_t: C(t) = 1 - S_t >= q. A threshold of 1 or more never exits early
+    (the last loop still ends every token), even where C(t) rounds to 1. q: one, or per token (broadcasts)."""
+    return (-torch.expm1(log_survival_t) >= q) & (q < 1.0)
+
+
 def exit_log_prob(
     gate_logits: torch.Tensor, exit_steps: torch.Tensor, num_loops: int, temperature: float = 1.0
 ) -> torch.Tensor:
@@ -100,5 +106,6 @@ __all__ = [
     "exit_log_prob",
     "exit_pdf",
     "log_survival",
+    "q_exit_reached",
     "q_exit_step",
 ]

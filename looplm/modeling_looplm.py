@@ -27,7 +27,7 @@ from transformers.utils import ModelOutput
 from .batch_invariant import exact_mode_aware
 from .cache import LoopKVCache, SlotKVCache
 from .configuration_looplm import LoopLMConfig
-from .exit_gate import check_threshold, log_survival
+from .exit_gate import check_threshold, log_survival, q_exit_reached
 
 # ----------------------------------------------------------------------------------------------------------
 # Building blocks
@@ -218,8 +218,7 @@ class ExitTracker:
             newly = ~self.exited & (self.exit_steps == loop + 1)
         elif self.threshold is not None and (torch.is_tensor(self.threshold) or self.threshold < 1.0):
             logits = torch.stack(gate_logits, dim=-1).float() / self.temperature
-            cdf = -torch.expm1(log_survival(logits)[..., -1])
-            newly = ~self.exited & (cdf >= self.threshold)
+            newly = ~self.exited & q_exit_reached(log_survival(logits)[..., -1], self.threshold)
         elif self.hidden_eps is not None:
             newly = ~self.exited & self._converged(h)
         else:
@@ -237,8 +236,14 @@ class ExitTracker:
         previous, self.previous_h = self.previous_h, h
         if previous is None:  # loop 1 has no previous normed state to compare with
             return torch.zeros(h.shape[:-1], dtype=torch.bool, device=h.device)
-        change = (h - previous).float().norm(dim=-1) / previous.float().norm(dim=-1).clamp(min=1e-12)
-        return change < self.hidden_eps
+        return hidden_converged(h, previous, self.hidden_eps)
+
+
+def hidden_converged(h: torch.Tensor, previous: torch.Tensor, eps: float) -> torch.Tensor:
+    """(...) bool: the hidden-state-difference rule, ||h_t - h_{t-1}|| / ||h_{t-1}|| < eps per token (relative,
+    so one eps fits any hidden size), on (..., D) normed states after loops t and t - 1."""
+    change = (h - previous).float().norm(dim=-1) / previous.float().norm(dim=-1).clamp(min=1e-12)
+    return change < eps
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -339,8 +344,9 @@ class _SlotAttention:
 
 
 class _DecodeExits:
-    """ExitTracker's rules for the decode fast path, kept for the running rows only: rows that exit leave the
-    running set (their state is final) instead of being masked, so deeper loops compute only for the rest."""
+    """ExitTracker's bookkeeping for the decode fast path, kept for the running rows only: rows that exit leave
+    the running set (their state is final) instead of being masked, so deeper loops compute only for the rest.
+    The rules themselves are shared with ExitTracker (`q_exit_reached`, `hidden_converged`)."""
 
     def __init__(self, b: int, num_loops: int, threshold, hidden_eps: float | None, device, temperature: float = 1.0):
         self.num_loops, self.hidden_eps, self.previous = num_loops, hidden_eps, None
@@ -386,18 +392,12 @@ class _DecodeExits:
     def _newly_exited(self, loop: int, h: torch.Tensor, gate_logit: torch.Tensor) -> torch.Tensor | None:
         if loop == self.num_loops - 1:
             return torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
-        if self.threshold is not None:
+        if self.threshold is not None:  # log S accumulated loop by loop: ExitTracker's cumsum, in the same order
             self.log_survival = self.log_survival + F.logsigmoid(-gate_logit.float() / self.temperature)
-            cdf = -torch.expm1(self.log_survival)
-            if isinstance(self.threshold, torch.Tensor):
-                return (cdf >= self.threshold) & (self.threshold < 1.0)
-            return cdf >= self.threshold if self.threshold < 1.0 else None
+            return q_exit_reached(self.log_survival, self.threshold)
         if self.hidden_eps is not None:
             previous, self.previous = self.previous, h
-            if previous is None:
-                return None
-            change = (h - previous).float().norm(dim=-1) / previous.float().norm(dim=-1).clamp(min=1e-12)
-            return change < self.hidden_eps
+            return None if previous is None else hidden_converged(h, previous, self.hidden_eps)
         return None
 
 

@@ -64,3 +64,20 @@ def test_per_row_thresholds_and_fused_weights_follow_the_parameters():
     cache.lengths -= 1  # decode the same position again
     after = model.decode_step(tokens, slots, cache).logits
     assert (after - before).abs().max() > 1e-3
+
+
+@torch.inference_mode()
+def test_per_token_q_of_one_never_exits_early_in_the_forward_or_the_decode_step():
+    """A saturated gate makes C(1) round to 1: a per-token q of 1 must still run every loop, in both paths
+    (sampled exits pass per-token q tensors), and any q below 1 exits at loop 1 in both."""
+    model = tiny_model()
+    model.model.early_exit_gate.bias.fill_(40.0)  # sigmoid(40) == 1.0 in fp32
+    T = model.config.total_ut_steps
+    ids = torch.tensor([PROMPTS[0]])
+    for q, expected in ((1.0, T), (0.99, 1)):
+        out = model(ids, exit_threshold=torch.full(ids.shape, q))
+        assert out.exit_steps.eq(expected).all(), (q, out.exit_steps)
+        cache = SlotKVCache(model.config, 1, T, capacity=16)
+        cache.load_prefill(0, prefill(model, PROMPTS[0]), 0, len(PROMPTS[0]))
+        step = model.decode_step(torch.tensor([3]), torch.arange(1), cache, exit_threshold=torch.tensor([[q]]))
+        assert step.exit_steps.tolist() == [expected]
