@@ -10,12 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from trl import GRPOConfig
 
 from configs import ConfigError, load_config
 from looplm.exit_gate import exit_log_pdf
-from looplm.tiny import tiny_model
-from looplm.tokenizer import build_tokenizer, fix_ouro_special_tokens
 from posttrain.grpo import (
     GRPODataSection,
     GRPOModelSection,
@@ -26,11 +23,10 @@ from posttrain.grpo import (
     load_policy,
 )
 from posttrain.loop_grpo import LoopGRPOTrainer, LoopRLConfig, exit_action_logps, rollout_exit_logps
-from posttrain.synthetic import arithmetic_traces
 from rewards import get_reward_funcs
 from rewards.depth import depth_penalty
 from rollout.engine import DepthConfig, RolloutRecord
-from tests.posttrain.test_grpo import length_reward
+from tests.posttrain.test_grpo import grpo_args, length_reward, logged, save_policy
 
 SAMPLED = DepthConfig(policy="sampled")
 EXIT_PARITY_MAX = 1e-5
@@ -38,29 +34,17 @@ EXIT_PARITY_MAX = 1e-5
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    rows = arithmetic_traces(200, seed=0)
-    tokenizer = build_tokenizer([m["content"] for r in rows for m in r["messages"]], vocab_size=300)
-    model = tiny_model("test", vocab_size=len(tokenizer), max_position_embeddings=1024, gate_std=0.3)
-    fix_ouro_special_tokens(tokenizer, model)
-    folder = tmp_path_factory.mktemp("depth_policy")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_policy(tmp_path_factory.mktemp("depth_policy"), gate_std=0.3)
 
 
 def make_trainer(model_dir, tmp_path, loop: LoopRLConfig, alpha: float = 0.0, lm: bool = True, gate: bool = False,
                  **args) -> LoopGRPOTrainer:
-    fields = dict(
-        output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, report_to="none", per_device_train_batch_size=8,
-        num_generations=4, max_completion_length=12, max_steps=2, logging_steps=1, learning_rate=1e-2,
-        save_strategy="no", gradient_checkpointing=False, beta=0.0, temperature=1.0, seed=0, disable_tqdm=True,
-    )
     cfg = GRPORecipeConfig(
         model=GRPOModelSection(path=str(model_dir), lm_trainable=lm, gate_trainable=gate),
         data=GRPODataSection(synthetic_rows=64, eval_rows=8),
         rollout=RolloutSection(engine="torch", depth=SAMPLED),
         loop=loop,
-        training=GRPOConfig(**(fields | args)),
+        training=grpo_args(tmp_path, **args),
     )
     train, _ = load_grpo_data(cfg.data)
     model, tokenizer = load_policy(cfg.model)
@@ -69,10 +53,6 @@ def make_trainer(model_dir, tmp_path, loop: LoopRLConfig, alpha: float = 0.0, lm
         train_dataset=train, processing_class=tokenizer, engine=build_engine(cfg.rollout, model, str(model_dir), tokenizer),
         depth=SAMPLED, loop=loop,
     )
-
-
-def logged(trainer: LoopGRPOTrainer, key: str) -> list[float]:
-    return [entry[key] for entry in trainer.state.log_history if key in entry]
 
 
 def params(trainer: LoopGRPOTrainer) -> dict[str, torch.Tensor]:

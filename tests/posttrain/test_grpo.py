@@ -44,17 +44,21 @@ ADAPTIVE = DepthConfig(policy="adaptive", exit_threshold=0.6)
 PARITY_MAX, PARITY_MEAN = 1e-4, 1e-6
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A random "test"-size LoopLM (spread-out gate: adaptive depth exits at every loop) and its tokenizer."""
+def save_policy(folder: Path, **model_overrides) -> Path:
+    """A random "test"-size LoopLM and a tokenizer trained on the synthetic task, saved in `folder`."""
     rows = arithmetic_traces(200, seed=0)
     tokenizer = build_tokenizer([m["content"] for r in rows for m in r["messages"]], vocab_size=300)
-    model = tiny_model("test", vocab_size=len(tokenizer), max_position_embeddings=1024)
+    model = tiny_model("test", vocab_size=len(tokenizer), max_position_embeddings=1024, **model_overrides)
     fix_ouro_special_tokens(tokenizer, model)
-    folder = tmp_path_factory.mktemp("tiny_policy")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """The policy with a spread-out gate (adaptive depth exits at every loop)."""
+    return save_policy(tmp_path_factory.mktemp("tiny_policy"))
 
 
 def length_reward(completions, **_) -> list[float]:
