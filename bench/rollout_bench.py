@@ -12,18 +12,19 @@ is the fair one (time spent descheduled is not counted); the pool part can only 
 2. adaptive vs fixed depth in our engine: average loops per decoded token, tokens/s;
 3. the Ray pool with 1 actor vs 2 actors (same total threads, and 1 actor x 1 thread);
 4. K/V bytes per token for each cache mode (formula and measured);
-5. the decode step at batch 1 and 32 (fixed length, no stop): our engine vs the engine before continuous
-   batching and the decode fast path (`baseline_rev`'s `rollout/torch_engine.py`, loaded from git history and run
-   in the same process, on the same model) vs `generate()`;
+5. the decode step at batch 1 and 32 (fixed length, no stop): our engine, eager and with `compile_decode`, vs
+   the engine before continuous batching and the decode fast path (`baseline_rev`'s rollout code, loaded from
+   git history and run in the same process, on the same model) vs `generate()`;
 6. the RL workload: `rl_prompts` prompts x `rl_samples` samples, variable lengths up to
-   `variable_max_new_tokens`, `max(batch_sizes)` rows decoded together: ours vs the baseline engine vs
-   `generate()` (batches of that many rows, the prompt's samples side by side), and ours at adaptive depth
-   (q = `exit_threshold`) against ours at fixed depth.
+   `variable_max_new_tokens`, `max(batch_sizes)` rows decoded together: ours (eager, and compiled) vs the
+   baseline engine vs `generate()` (batches of that many rows, the prompt's samples side by side), and ours at
+   adaptive depth (q = `exit_threshold`) against ours at fixed depth, both eager.
 Throughput counts completion tokens up to and including the first stop id of each row.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import subprocess
 import sys
@@ -62,6 +63,9 @@ class RolloutBenchConfig:
     rl_repeats: int = 1  # the RL workload's timed runs (each one is minutes for generate())
     # The engine before continuous batching and the decode fast path, for side-by-side ratios ("" skips it).
     baseline_rev: str = "13645de"
+    # decode_step and rl_workload also time our engine with `compile_decode` (its fixed-depth step as one
+    # torch.compile graph; compiled during the warm-up, not timed).
+    compile_decode: bool = True
     pool_prompts: int = 32
     pool_actors: list[int] = field(default_factory=lambda: [1, 2])  # [] skips the pool benchmark
     repeats: int = 4
@@ -285,21 +289,37 @@ def _ratio_row(timed: dict[str, Timing], row: dict[str, Any]) -> dict[str, Any]:
     """tok/s and tok per CPU second of each contender, and ours over each other one (both ways of timing)."""
     for name, t in timed.items():
         row[f"{name}_tokens"], row[f"{name}_tok_s"], row[f"{name}_tok_cpu_s"] = t.tokens, t.tokens / t.wall, t.tokens / t.cpu
-    for name in timed:
-        if name not in ("ours", "adaptive"):
-            row[f"ours_over_{name}"] = row["ours_tok_s"] / row[f"{name}_tok_s"]
-            row[f"ours_over_{name}_cpu"] = row["ours_tok_cpu_s"] / row[f"{name}_tok_cpu_s"]
+    for ours in ("ours", "compiled"):
+        for name in timed:
+            if ours in timed and name not in ("ours", "adaptive", "compiled"):
+                row[f"{ours}_over_{name}"] = row[f"{ours}_tok_s"] / row[f"{name}_tok_s"]
+                row[f"{ours}_over_{name}_cpu"] = row[f"{ours}_tok_cpu_s"] / row[f"{name}_tok_cpu_s"]
     return row
+
+
+def _compiled_model(model: LoopLMForCausalLM, config: RolloutBenchConfig) -> LoopLMForCausalLM | None:
+    """A copy of the model whose fixed-depth decode step is compiled, its graphs (one row, several rows) built by
+    a short warm-up here; None when `compile_decode` is off."""
+    if not config.compile_decode:
+        return None
+    compiled = copy.deepcopy(model)
+    compiled.model.compile_decode()
+    for rows in (1, 2):
+        prompts = _prompts(rows, config, model.config.vocab_size, config.seed + 7)
+        TorchEngine(compiled, max_batch_size=rows).generate(prompts, SamplingConfig(max_new_tokens=4))
+    return compiled
 
 
 def _decode_step(model: LoopLMForCausalLM, config: RolloutBenchConfig) -> list[dict[str, Any]]:
     """Fixed length (no stop): every row decodes max_new_tokens, so only the step differs."""
-    baseline = _baseline_engine(config.baseline_rev)
+    baseline, compiled = _baseline_engine(config.baseline_rev), _compiled_model(model, config)
     rows = []
     for batch in sorted({min(config.batch_sizes), max(config.batch_sizes)}):
         prompts = _prompts(batch, config, model.config.vocab_size, config.seed + batch)
         sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, seed=config.seed)
         engines = {"ours": TorchEngine(model, max_batch_size=batch)}
+        if compiled is not None:
+            engines["compiled"] = TorchEngine(compiled, max_batch_size=batch)
         if baseline is not None:
             engines["baseline"] = baseline(model, max_batch_size=batch)
         fns: dict[str, Callable[[int], int]] = {
@@ -329,6 +349,9 @@ def _rl_workload(model: LoopLMForCausalLM, config: RolloutBenchConfig) -> list[d
         "ours": lambda rep: _ours(TorchEngine(model, max_batch_size=batch), prompts, sampling, rep=rep),
         "adaptive": lambda rep: _ours(TorchEngine(model, max_batch_size=batch), prompts, sampling, adaptive, rep=rep),
     }
+    compiled = _compiled_model(model, config)
+    if compiled is not None:
+        fns["compiled"] = lambda rep: _ours(TorchEngine(compiled, max_batch_size=batch), prompts, sampling, rep=rep)
     if baseline is not None:
         fns["baseline"] = lambda rep: _ours(baseline(model, max_batch_size=batch), prompts, sampling, rep=rep)
     fns["generate"] = generate_all
@@ -352,6 +375,7 @@ def _rl_workload(model: LoopLMForCausalLM, config: RolloutBenchConfig) -> list[d
 
 
 def print_markdown(results: dict[str, Any]) -> None:
+    nan = float("nan")  # a contender the run left out
     tables = {
         "engine_vs_generate": (
             "| workload | batch | ours tok/s | generate() tok/s | ours / generate() | same, per CPU second |",
@@ -372,22 +396,23 @@ def print_markdown(results: dict[str, Any]) -> None:
             lambda r: f"| {r['mode']} | {r['bytes_per_token']} | {r['measured']:.0f} |",
         ),
         "decode_step": (
-            "| batch | ours tok/s | baseline tok/s | generate() tok/s | ours / baseline | same, per CPU s | "
-            "ours / generate() | same, per CPU s |",
-            lambda r: f"| {r['batch']} | {r['ours_tok_s']:.0f} | {r.get('baseline_tok_s', float('nan')):.0f} | "
-            f"{r['generate_tok_s']:.0f} | {r.get('ours_over_baseline', float('nan')):.2f}x | "
-            f"{r.get('ours_over_baseline_cpu', float('nan')):.2f}x | {r['ours_over_generate']:.2f}x | "
-            f"{r['ours_over_generate_cpu']:.2f}x |",
+            "| batch | ours tok/s | compiled tok/s | baseline tok/s | generate() tok/s | ours / baseline | "
+            "same, per CPU s | compiled / baseline | same, per CPU s | ours / generate() |",
+            lambda r: f"| {r['batch']} | {r['ours_tok_s']:.0f} | {r.get('compiled_tok_s', nan):.0f} | "
+            f"{r.get('baseline_tok_s', nan):.0f} | {r['generate_tok_s']:.0f} | {r.get('ours_over_baseline', nan):.2f}x | "
+            f"{r.get('ours_over_baseline_cpu', nan):.2f}x | {r.get('compiled_over_baseline', nan):.2f}x | "
+            f"{r.get('compiled_over_baseline_cpu', nan):.2f}x | {r['ours_over_generate']:.2f}x |",
         ),
         "rl_workload": (
             "| prompts x samples | batch | ours tok/s | baseline tok/s | generate() tok/s | ours / baseline | "
             "same, per CPU s | ours / generate() | same, per CPU s | ours adaptive tok/s | adaptive / fixed | "
-            "same, per CPU s |",
+            "same, per CPU s | compiled (fixed) tok/s | compiled / generate() |",
             lambda r: f"| {r['prompts']} x {r['samples']} | {r['batch']} | {r['ours_tok_s']:.0f} | "
-            f"{r.get('baseline_tok_s', float('nan')):.0f} | {r['generate_tok_s']:.0f} | "
-            f"{r.get('ours_over_baseline', float('nan')):.2f}x | {r.get('ours_over_baseline_cpu', float('nan')):.2f}x | "
+            f"{r.get('baseline_tok_s', nan):.0f} | {r['generate_tok_s']:.0f} | "
+            f"{r.get('ours_over_baseline', nan):.2f}x | {r.get('ours_over_baseline_cpu', nan):.2f}x | "
             f"{r['ours_over_generate']:.2f}x | {r['ours_over_generate_cpu']:.2f}x | {r['adaptive_tok_s']:.0f} | "
-            f"{r['adaptive_over_fixed']:.2f}x | {r['adaptive_over_fixed_cpu']:.2f}x |",
+            f"{r['adaptive_over_fixed']:.2f}x | {r['adaptive_over_fixed_cpu']:.2f}x | "
+            f"{r.get('compiled_tok_s', nan):.0f} | {r.get('compiled_over_generate', nan):.2f}x |",
         ),
     }
     for name, (header, row) in tables.items():

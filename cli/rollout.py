@@ -91,7 +91,7 @@ class RolloutRecipeConfig:
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     depth: DepthConfig = field(default_factory=DepthConfig)
-    engine: Literal["torch", "pool", "vllm"] = "pool"  # torch: in-process (max_batch_size from `pool`)
+    engine: Literal["torch", "pool", "vllm"] = "pool"  # torch: in-process (max_batch_size, compile_decode from `pool`)
     pool: PoolConfig = field(default_factory=PoolConfig)
     output: str = "runs/rollouts.jsonl"
 
@@ -228,9 +228,10 @@ def build_engine(
         return VLLMEngine(model, tokenizer=tokenizer, depth=depth)
     from rollout.torch_engine import TorchEngine
 
+    options = dict(tokenizer=tokenizer, depth=depth, max_batch_size=pool.max_batch_size, compile_decode=pool.compile_decode)
     if in_memory:
-        return TorchEngine(copy.deepcopy(model), tokenizer=tokenizer, depth=depth, max_batch_size=pool.max_batch_size)
-    return TorchEngine.from_pretrained(model, tokenizer=tokenizer, depth=depth, max_batch_size=pool.max_batch_size)
+        return TorchEngine(copy.deepcopy(model), **options)
+    return TorchEngine.from_pretrained(model, **options)
 
 
 def _close(engine: RolloutEngine) -> None:

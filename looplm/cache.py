@@ -277,26 +277,41 @@ class SlotKVCache:
     def plane(self, loop: int, layer: int) -> int:
         return loop * self.num_layers + layer if self.mode == "full" else layer
 
-    def store(
-        self, loop: int, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-        position: torch.Tensor | None = None,
-    ) -> int:
-        """Write (b, Hkv, d) K/V of the new token of each of `slots` at its position (`lengths[slots]`, passed in
-        by a caller that has it); -> the plane to attend to."""
-        p = self.plane(loop, layer)
+    def write_index(self, slots: torch.Tensor, position: torch.Tensor | None = None) -> torch.Tensor:
+        """(b * Hkv,) rows, in a plane seen as (slots * Hkv * capacity, d), of each slot's next position (its
+        length, or `position`) per K/V head: where `store` writes. Valid until the capacity changes."""
         pos = self.lengths[slots] if position is None else position
-        self.k[p, slots, :, pos] = k
-        self.v[p, slots, :, pos] = v
+        heads = torch.arange(self.k.shape[2], device=slots.device)
+        return ((slots[:, None] * self.k.shape[2] + heads) * self.capacity + pos[:, None]).reshape(-1)
+
+    def store(self, loop: int, layer: int, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> int:
+        """Write (b, Hkv, d) K/V of the new token of each of b slots at `index` (`write_index` of those slots);
+        -> the plane to attend to. One index_copy_ per tensor: indexing by (slot, :, position) costs 5-10x more."""
+        p = self.plane(loop, layer)
+        self._write(p, k, v, index)
         keep_shared_kv(self._pending, p, k, v, loop, self.mode, self.num_loops)  # "last": the plane holds it
         return p
 
+    def store_planes(self, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> None:
+        """Write (planes, b, Hkv, d) K/V of every plane at once, at `index` (`write_index`)."""
+        d = self.k.shape[-1]
+        per_plane = self.k[0].numel() // d  # rows of a plane seen as (slots * Hkv * capacity, d)
+        rows = (torch.arange(self.k.shape[0], device=index.device)[:, None] * per_plane + index).reshape(-1)
+        self.k.view(-1, d).index_copy_(0, rows, k.reshape(-1, d))
+        self.v.view(-1, d).index_copy_(0, rows, v.reshape(-1, d))
+
     def commit(self, slots: torch.Tensor) -> None:
         """End of a decode step: the shared modes keep their reduced K/V; the slots' lengths advance by one."""
-        pos = self.lengths[slots]
+        index = self.write_index(slots) if self._pending else None
         for p, (k, v) in self._pending.items():
-            self.k[p, slots, :, pos], self.v[p, slots, :, pos] = k, v
+            self._write(p, k, v, index)
         self._pending.clear()
         self.lengths[slots] += 1
+
+    def _write(self, plane: int, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> None:
+        d = self.k.shape[-1]
+        self.k[plane].view(-1, d).index_copy_(0, index, k.reshape(-1, d))
+        self.v[plane].view(-1, d).index_copy_(0, index, v.reshape(-1, d))
 
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes

@@ -13,6 +13,7 @@ calls `model.base_model(...)` and reads `.last_hidden_state`, sees each token's 
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,40 +251,82 @@ def hidden_converged(h: torch.Tensor, previous: torch.Tensor, eps: float) -> tor
 # Decode fast path: one token per sequence, the same math as the forward above, fewer and fused ops.
 
 
+def decode_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fast: bool) -> torch.Tensor:
+    """RMSNorm in the decode step, with a weight from `DecodeLayerWeights.norm_weight`.
+
+    Not `fast` (exact mode, or weights not in fp32): `rms_norm` itself, the training forward's ops. Otherwise
+    the same function in five ops instead of nine (a norm costs its ops' dispatch at decode sizes, and a token
+    runs 17 a loop), equal to fp32 rounding: x * rsqrt(mean(x^2) + eps) * w = x * rsqrt(|x|^2 + D eps) * (sqrt(D) w),
+    with sqrt(D) w stored.
+    """
+    if not fast:
+        return rms_norm(x, weight, eps)
+    r = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().add_(x.shape[-1] * eps).rsqrt_()  # (b, 1)
+    return (x * r).mul_(weight)
+
+
 @dataclass
 class DecodeLayerWeights:
     """One layer's weights for the decode step: fused projections, built from the checkpoint-named ones.
 
-    Each matrix has its (out, in) shape. `in_major` stores it transposed underneath (a `.t()` view of an (in, out)
-    tensor): F.linear then multiplies a few rows by a contiguous (in, out) matrix, 1.3-1.7x faster on this CPU at
-    1-32 rows when the weights are in cache (measured), equal to fp32 rounding. Exact mode keeps nn.Linear's
-    layout: its batch-invariant matmul must see the training forward's operands, bit for bit.
+    Exact mode keeps nn.Linear's (out, in) matrices for F.linear (its batch-invariant matmul must see the
+    training forward's operands, bit for bit) and the norm weights as they are. Otherwise each matrix is stored
+    (in, out), contiguous, for `torch.mm`: a few rows times a contiguous (in, out) matrix is 1.3-1.7x faster on
+    this CPU at 1-32 rows when the weights are in cache (measured), and one dispatch instead of F.linear's four;
+    fp32 norm weights hold sqrt(D) w for `decode_rms_norm`'s fast form. Both equal nn.Linear and rms_norm to
+    fp32 rounding.
     """
 
+    # (out, in) in exact mode, (in, out) otherwise
     qkv: torch.Tensor  # (H*d + 2*Hkv*d, D): q_proj, k_proj, v_proj stacked
     o: torch.Tensor  # (D, H*d)
     gate_up: torch.Tensor  # (2F, D): gate_proj, up_proj stacked
     down: torch.Tensor  # (D, F)
     norms: tuple[torch.Tensor, ...]  # input, input_2, post_attention, post_attention_2 RMSNorm weights
+    eps: float
+    heads: tuple[int, int, int]  # (H, Hkv, d)
+    exact: bool
+    fast_norm: bool  # `decode_rms_norm`'s fast form: fp32 weights outside exact mode
+
+    @staticmethod
+    def sources(layer: LoopLMDecoderLayer) -> tuple[nn.Module, ...]:
+        """The modules whose weights `of` reads, in its order (the decode cache's key checks their weights)."""
+        a, m = layer.self_attn, layer.mlp
+        return (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj, layer.input_layernorm,
+                layer.input_layernorm_2, layer.post_attention_layernorm, layer.post_attention_layernorm_2)
 
     @classmethod
-    def of(cls, layer: LoopLMDecoderLayer, in_major: bool = False) -> DecodeLayerWeights:
-        a, m = layer.self_attn, layer.mlp
+    def of(cls, layer: LoopLMDecoderLayer, exact: bool) -> DecodeLayerWeights:
+        q, k, v, o, gate, up, down, *norms = cls.sources(layer)
 
         def matrix(*linears: nn.Linear) -> torch.Tensor:
             w = torch.cat([lin.weight for lin in linears]).detach()
-            return w.t().contiguous().t() if in_major else w
+            return w if exact else w.t().contiguous()
 
+        fast_norm = cls.fast_norm_for(norms[0], exact)
         return cls(
-            qkv=matrix(a.q_proj, a.k_proj, a.v_proj),
-            o=matrix(a.o_proj),
-            gate_up=matrix(m.gate_proj, m.up_proj),
-            down=matrix(m.down_proj),
-            norms=tuple(n.weight.detach() for n in (
-                layer.input_layernorm, layer.input_layernorm_2, layer.post_attention_layernorm,
-                layer.post_attention_layernorm_2,
-            )),
+            qkv=matrix(q, k, v), o=matrix(o), gate_up=matrix(gate, up), down=matrix(down),
+            norms=tuple(cls.norm_weight(n, fast_norm) for n in norms), eps=norms[0].eps,
+            heads=(layer.self_attn.num_heads, layer.self_attn.num_kv_heads, layer.self_attn.head_dim), exact=exact,
+            fast_norm=fast_norm,
         )
+
+    @staticmethod
+    def fast_norm_for(norm: LoopLMRMSNorm, exact: bool) -> bool:
+        # In bf16, sqrt(D) w would be rounded once more, and rms_norm's fp32 detour matters: keep its ops.
+        return not exact and norm.weight.dtype == torch.float32
+
+    @staticmethod
+    def norm_weight(norm: LoopLMRMSNorm, fast: bool) -> torch.Tensor:
+        w = norm.weight.detach()
+        return w * w.shape[-1] ** 0.5 if fast else w
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """(b, in) -> (b, out) with one of this layer's matrices."""
+        return F.linear(x, weight) if self.exact else torch.mm(x, weight)
+
+    def norm(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        return decode_rms_norm(x, self.norms[i], self.eps, self.fast_norm)
 
 
 @dataclass
@@ -295,7 +338,8 @@ class DecodeStepOutput:
 
 
 class _SlotAttention:
-    """Attention of one new token per row over a SlotKVCache, for the rows still running at a loop.
+    """Attention of one new token per row over a SlotKVCache, for the rows still running at a loop; it writes
+    the rows' new K/V first (an exited row's K/V of its exit loop: "last exited").
 
     Every slot running: one batched call (masked when lengths differ). A few rows running (at most half the
     slots, e.g. the deeper loops of adaptive depth): one call per row over its own positions, which reads only
@@ -303,44 +347,133 @@ class _SlotAttention:
     and keep the running rows, which reads no more than the batched call.
     """
 
-    def __init__(self, cache: SlotKVCache, slots: torch.Tensor):
-        self.cache, self.position = cache, cache.lengths[slots]  # (b,) the new token's position in its slot
+    def __init__(self, cache: SlotKVCache, slots: torch.Tensor, num_layers: int):
+        self.cache, self.slots, self.position = cache, slots, cache.lengths[slots]  # (b,) new token's position
+        cache.reserve(int(self.position.max()) + 1)
+        self.write_index = cache.write_index(slots, self.position)  # where each row's new K/V goes
         self.n = int(self.position.max()) + 1
         self.slot_list, self.position_list = slots.tolist(), self.position.tolist()
+        self.loop, self.run, self.rows = 0, None, slots  # this loop; its running rows (local indices, slots)
         self.running: list[tuple[int, int]] = []  # (slot, positions to attend) of the rows running this loop
-        lengths = cache.lengths
-        # (S, 1, 1, n) additive: a slot attends to its positions up to and including the new one (finite
-        # everywhere, so a slot that is not fed never makes NaNs). None when every slot is fed at one length.
-        self.mask = None
-        if len(slots) < len(lengths) or int(lengths.min()) + 1 != self.n:
-            seen = torch.arange(self.n, device=lengths.device)[None] <= lengths[:, None]
-            self.mask = torch.zeros(seen.shape, dtype=cache.k.dtype, device=lengths.device).masked_fill_(
-                ~seen, float("-inf")
-            )[:, None, None]
+        self.last_kv: list = [None] * num_layers  # per layer (b, Hkv, d): each row's K/V at its latest loop
+        self.mask = _attention_mask(cache.lengths, self.n, len(slots) < len(cache.lengths), cache.k.dtype)
 
-    def start_loop(self, run: torch.Tensor | None) -> None:
-        """The rows running this loop: local indices into the step's slots (None: all)."""
+    def start_loop(self, loop: int, run: torch.Tensor | None) -> None:
+        """The rows running loop `loop`: local indices into the step's slots (None: all)."""
+        self.loop, self.run = loop, run
+        self.rows = self.slots if run is None else self.slots[run]
         local = range(len(self.slot_list)) if run is None else run.tolist()
         self.running = [(self.slot_list[i], self.position_list[i] + 1) for i in local]
 
-    def __call__(self, q: torch.Tensor, plane: int, rows: torch.Tensor) -> torch.Tensor:
-        """(b_run, H, d) queries of the running slots `rows` (sorted) -> (b_run, H, d)."""
-        slots = self.cache.k.shape[1]
+    def store_exited(self, loop: int) -> None:
+        """Every row exited before `loop`: its planes get the exited K/V, uncomputed."""
+        for layer, kv in enumerate(self.last_kv):
+            self.cache.store(loop, layer, *kv, self.write_index)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+        """(b_run, H, d) queries and (b_run, Hkv, d) K/V of the running rows at `layer` -> (b_run, H, d)."""
+        if self.run is not None:  # exited rows keep the K/V of their exit loop
+            k, v = self.last_kv[layer][0].index_copy(0, self.run, k), self.last_kv[layer][1].index_copy(0, self.run, v)
+        self.last_kv[layer] = (k, v)
+        plane = self.cache.store(self.loop, layer, k, v, self.write_index)
+        rows, slots = self.rows, self.cache.k.shape[1]
         if 2 * len(rows) <= slots and len(rows) < slots:
             k, v = self.cache.k[plane], self.cache.v[plane]  # (S, Hkv, capacity, d)
             return torch.cat([
-                self._sdpa(q[i : i + 1], k[s : s + 1, :, :n], v[s : s + 1, :, :n], None)
+                _sdpa(q[i : i + 1], k[s : s + 1, :, :n], v[s : s + 1, :, :n], None)
                 for i, (s, n) in enumerate(self.running)
             ])
         k, v = self.cache.k[plane, :, :, : self.n], self.cache.v[plane, :, :, : self.n]  # (S, Hkv, n, d)
         if len(rows) == slots:  # every slot (rows sorted and distinct)
-            return self._sdpa(q, k, v, self.mask)
+            return _sdpa(q, k, v, self.mask)
         q_all = q.new_zeros(slots, *q.shape[1:]).index_copy_(0, rows, q)
-        return self._sdpa(q_all, k, v, self.mask).index_select(0, rows)
+        return _sdpa(q_all, k, v, self.mask).index_select(0, rows)
 
-    def _sdpa(self, q, k, v, mask) -> torch.Tensor:
-        out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
-        return out[:, :, 0]  # (b, H, d)
+
+def _attention_mask(lengths: torch.Tensor, n: int, partial: bool, dtype: torch.dtype) -> torch.Tensor | None:
+    """(S, 1, 1, n) additive: a slot sees its positions up to its length (the held ones and the new one);
+    finite everywhere, so a slot that is not fed never makes NaNs. None when every slot is fed (not `partial`)
+    at one length."""
+    if not partial and int(lengths.min()) + 1 == n:
+        return None
+    seen = torch.arange(n, device=lengths.device)[None] <= lengths[:, None]
+    return torch.zeros(seen.shape, dtype=dtype, device=lengths.device).masked_fill_(~seen, float("-inf"))[:, None, None]
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(b, H, d) queries over (b, Hkv, n, d) keys and values -> (b, H, d)."""
+    out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+    return out[:, :, 0]
+
+
+def decode_layer(x: torch.Tensor, w: DecodeLayerWeights, rope: tuple[torch.Tensor, torch.Tensor], attend) -> torch.Tensor:
+    """One layer for one new token per row, (b, D) -> (b, D): `LoopLMDecoderLayer` with fused projections.
+    attend: (q (b, H, d), k, v (b, Hkv, d)) -> (b, H, d), the rows' attention over their past and new K/V."""
+    H, Hkv, d = w.heads
+    qkv = w.linear(w.norm(x, 0), w.qkv)  # (b, (H + 2 Hkv) d)
+    qk = qkv[:, : (H + Hkv) * d].view(-1, H + Hkv, d)
+    cos, sin = rope
+    qk = qk * cos + qk.roll(d // 2, dims=-1) * sin  # RoPE on q and k at once
+    attn = attend(qk[:, :H], qk[:, H:], qkv[:, (H + Hkv) * d :].view(-1, Hkv, d)).reshape(-1, H * d)
+    x = x + w.norm(w.linear(attn, w.o), 1)
+    gate, up = w.linear(w.norm(x, 2), w.gate_up).chunk(2, dim=-1)
+    return x + w.norm(w.linear(F.silu(gate) * up, w.down), 3)
+
+
+def decode_all_loops(
+    x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], k_past: torch.Tensor, v_past: torch.Tensor,
+    mask: torch.Tensor | None, layers: list[DecodeLayerWeights], final_norm: torch.Tensor, gate: torch.Tensor,
+    num_loops: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decode step at fixed depth, every row running every loop, as one function of tensors: no cache writes
+    and no decisions on values, so that `torch.compile` makes it one graph (`LoopLMModel.compile_decode`).
+
+    x: (b, D) embedded tokens; k_past, v_past: (T*L, b, Hkv, n, d) the rows' held K/V per plane; mask: (b, 1,
+    1, n) additive over those positions, or None. Each token attends to its past and to its own new K/V, which
+    the caller writes afterwards. -> (b, D) final state, (b, T) gate logits, (T*L, b, Hkv, d) new K and V.
+    """
+    new_k, new_v, gate_logits = [], [], []
+
+    def attend(q, k, v, plane):
+        new_k.append(k)
+        new_v.append(v)
+        return _attend_past_and_new(q, k, v, k_past[plane], v_past[plane], mask)
+
+    for loop in range(num_loops):
+        for i, w in enumerate(layers):
+            x = decode_layer(x, w, rope, functools.partial(attend, plane=loop * len(layers) + i))
+        x = decode_rms_norm(x, final_norm, layers[0].eps, layers[0].fast_norm)
+        gate_logits.append(F.linear(x, gate)[:, 0])
+    return x, torch.stack(gate_logits, -1), torch.stack(new_k), torch.stack(new_v)
+
+
+def _attend_past_and_new(q, k, v, k_past, v_past, mask) -> torch.Tensor:
+    """Softmax attention of (b, H, d) queries over (b, Hkv, n, d) past K/V and the rows' own (b, Hkv, d) new K/V
+    -> (b, H, d), without writing the new K/V into the past first: attention over the past comes with its
+    log-sum-exp, and the new key joins the softmax by weighting the two parts."""
+    b, H, d = q.shape
+    Hkv = k.shape[1]
+    q = q.reshape(b, Hkv, H // Hkv, d)  # the query heads of a K/V head as its query rows: GQA without copies
+    if q.device.type == "cpu":  # the fused kernel, which returns its log-sum-exp (written out, the compiler
+        # turned the one-row products into loops: 2x slower than this at 32 rows, measured)
+        past, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k_past, v_past, attn_mask=mask)
+    else:
+        past, lse = _attention_with_lse(q, k_past, v_past, mask)
+    new = (q.float() * k[:, :, None].float()).sum(-1) * d**-0.5  # (b, Hkv, g): each query's score on its new key
+    top = torch.maximum(lse, new)
+    w_past, w_new = (lse - top).exp(), (new - top).exp()
+    out = (past.float() * w_past[..., None] + v[:, :, None].float() * w_new[..., None]) / (w_past + w_new)[..., None]
+    return out.to(q.dtype).reshape(b, H, d)
+
+
+def _attention_with_lse(q, k, v, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, h, m, d) queries over (b, h, n, d) K/V, written out: -> (b, h, m, d) output and (b, h, m) fp32
+    log-sum-exp of the scaled scores (what the CPU flash kernel returns)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores + mask
+    lse = scores.logsumexp(-1)
+    return torch.matmul((scores - lse[..., None]).exp().to(v.dtype), v), lse
 
 
 class _DecodeExits:
@@ -584,77 +717,77 @@ class LoopLMModel(LoopLMPreTrainedModel):
         """
         if exit_threshold is not None and exit_hidden_eps is not None:
             raise ValueError("pass one depth rule: exit_threshold or exit_hidden_eps")
-        weights = self._decode_weights()
+        weights, final_norm = self._decode_weights()
         n_loops, (b,) = cache.num_loops, tokens.shape
         x = self.embed_tokens(tokens)  # (b, D)
-        attend = _SlotAttention(cache, slots)
-        cos, sin = (t[:, 0] for t in self.rotary_emb(attend.position[:, None], x.dtype))  # (b, 1, d): over heads
+        position = cache.lengths[slots]  # (b,) the new token's position in its slot
+        cos, sin = (t[:, 0] for t in self.rotary_emb(position[:, None], x.dtype))  # (b, 1, d): over heads
         # rotate_half(x) = roll(x, d/2) * [-1]*d/2 + [1]*d/2: the sign goes into sin, RoPE is three ops
         half = sin.shape[-1] // 2
         sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        compiled = self.__dict__.get("_compiled_decode")
+        if (compiled is not None and exit_threshold is None and exit_hidden_eps is None and not self.config.exact_mode
+                and cache.mode == "full" and b == cache.k.shape[1]):
+            return self._decode_compiled(compiled, x, (cos, sin), cache, slots, weights, final_norm)
+        attend = _SlotAttention(cache, slots, len(weights))
         exits = _DecodeExits(b, n_loops, exit_threshold, exit_hidden_eps, x.device, exit_temperature)
-        last_kv: list = [None] * len(self.layers)  # per layer (b, Hkv, d): each row's K/V at its latest loop
         for loop in range(n_loops):
             run = exits.running  # local indices of the rows still running (None: all)
-            rows = slots if run is None else slots[run]
-            if len(rows):
-                attend.start_loop(run)
+            if run is not None and len(run) == 0:
+                attend.store_exited(loop)
+                continue
+            attend.start_loop(loop, run)
             rope = (cos, sin) if run is None else (cos[run], sin[run])
             for i, w in enumerate(weights):
-                if len(rows):
-                    x, last_kv[i] = self._decode_layer(x, w, rope, attend, cache, loop, i, slots, run, last_kv[i])
-                else:  # every row exited: deeper planes get the exited K/V, uncomputed
-                    cache.store(loop, i, slots, *last_kv[i])
-            if len(rows):
-                x = rms_norm(x, self.norm.weight, self.norm.eps)  # (b_run, D)
-                x = exits.step(loop, x, self.early_exit_gate(x)[:, 0])
+                x = decode_layer(x, w, rope, functools.partial(attend, layer=i))
+            x = decode_rms_norm(x, final_norm, self.norm.eps, weights[0].fast_norm)  # (b_run, D)
+            x = exits.step(loop, x, self.early_exit_gate(x)[:, 0])
         cache.commit(slots)
         return DecodeStepOutput(exits.output, exits.steps, exits.gate_logits)
 
-    def _decode_layer(self, x, w: DecodeLayerWeights, rope, attend: _SlotAttention, cache: SlotKVCache, loop: int,
-                      layer: int, slots: torch.Tensor, run: torch.Tensor | None, last_kv):
-        """One layer for the running rows (local indices `run` of `slots`; None: all): (b_run, D) -> (b_run, D),
-        and the (b, Hkv, d) K/V of every row at its latest loop, which the cache stores for this loop."""
-        H, Hkv, d, eps = self._decode_dims
-        qkv = F.linear(rms_norm(x, w.norms[0], eps), w.qkv)  # (b_run, (H + 2 Hkv) d)
-        qk = qkv[:, : (H + Hkv) * d].view(-1, H + Hkv, d)
-        cos, sin = rope
-        qk = qk * cos + qk.roll(d // 2, dims=-1) * sin  # RoPE on q and k at once
-        q, k, v = qk[:, :H], qk[:, H:], qkv[:, (H + Hkv) * d :].view(-1, Hkv, d)
-        if run is None:
-            last_kv = (k, v)
-        else:  # exited rows keep the K/V of their exit loop
-            last_kv = (last_kv[0].index_copy(0, run, k), last_kv[1].index_copy(0, run, v))
-        plane = cache.store(loop, layer, slots, *last_kv, position=attend.position)
-        attn = attend(q, plane, slots if run is None else slots[run]).reshape(-1, H * d)  # (b_run, H*d)
-        x = x + rms_norm(F.linear(attn, w.o), w.norms[1], eps)
-        gate, up = F.linear(rms_norm(x, w.norms[2], eps), w.gate_up).chunk(2, dim=-1)
-        x = x + rms_norm(F.linear(F.silu(gate) * up, w.down), w.norms[3], eps)
-        return x, last_kv
+    def compile_decode(self, **compile_kwargs) -> None:
+        """Decode fixed-depth steps that feed every slot of the cache through `torch.compile(decode_all_loops)`:
+        one graph for all loops and layers instead of a thousand small ops a token. The first steps compile
+        (tens of seconds on CPU; a C++ compiler is needed there); other steps, exact mode, adaptive depth and the
+        shared cache modes keep the eager path. The compiled step equals the eager one to fp32 rounding."""
+        self.__dict__["_compiled_decode"] = torch.compile(decode_all_loops, **compile_kwargs)
 
-    def _decode_weights(self) -> list[DecodeLayerWeights]:
-        """Fused per-layer weights, rebuilt when any parameter changed (load_state_dict, an optimizer step and
-        `.to()` all change a parameter's version or storage) or exact mode was switched; not parameters, so the
-        state_dict is unchanged."""
+    def _decode_compiled(self, compiled, x, rope, cache: SlotKVCache, slots, weights, final_norm) -> DecodeStepOutput:
+        """Every slot of a "full" cache fed, fixed depth: the whole step in the compiled `decode_all_loops`."""
+        n_past = int(cache.lengths.max())
+        cache.reserve(n_past + 1)
+        index = cache.write_index(slots)
+        k_past, v_past = cache.k[:, :, :, :n_past], cache.v[:, :, :, :n_past]  # slots == every slot, in order
+        mask = _attention_mask(cache.lengths - 1, n_past, True, cache.k.dtype)  # held positions; always a tensor
+        for t in (x, *rope, k_past, v_past, mask):  # one graph whatever the rows and positions (b and n)
+            if t is not None:
+                for dim in (0, 1, 3) if t.dim() == 5 else (0, 3) if t is mask else (0,):
+                    torch._dynamo.maybe_mark_dynamic(t, dim)
+        hidden, gate_logits, new_k, new_v = compiled(
+            x, rope, k_past, v_past, mask, weights, final_norm, self.early_exit_gate.weight, cache.num_loops
+        )
+        cache.store_planes(new_k, new_v, index)
+        cache.commit(slots)
+        steps = torch.full((len(slots),), cache.num_loops, dtype=torch.long, device=x.device)
+        return DecodeStepOutput(hidden, steps, gate_logits.float())
+
+    def _decode_weights(self) -> tuple[list[DecodeLayerWeights], torch.Tensor]:
+        """Fused per-layer weights and the final norm's, rebuilt when any parameter changed (load_state_dict, an
+        optimizer step and `.to()` all change a parameter's version or storage) or exact mode was switched; not
+        parameters, so the state_dict is unchanged."""
         # (Parameters made under inference_mode have no version counter: only their storage is compared.)
+        # The weights are read straight from the modules `of` uses: walking `parameters()` cost 0.3 ms a step.
         exact = self.config.exact_mode
-        key = (exact, *((p.data_ptr(), -1 if p.is_inference() else p._version) for p in self.layers.parameters()))
+        weights = [m.weight for layer in self.layers for m in DecodeLayerWeights.sources(layer)] + [self.norm.weight]
+        key = (exact, *((w.data_ptr(), -1 if w.is_inference() else w._version) for w in weights))
         cached = self.__dict__.get("_decode_cache")
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                cached = (key, [DecodeLayerWeights.of(layer, in_major=not exact) for layer in self.layers])
+                layers = [DecodeLayerWeights.of(layer, exact) for layer in self.layers]
+                final = DecodeLayerWeights.norm_weight(self.norm, DecodeLayerWeights.fast_norm_for(self.norm, exact))
+                cached = (key, (layers, final))
             self.__dict__["_decode_cache"] = cached
         return cached[1]
-
-    @property
-    def _decode_dims(self) -> tuple[int, int, int, float]:
-        """(H, Hkv, d, eps), read once: a transformers config's attribute access costs microseconds."""
-        dims = self.__dict__.get("_decode_dims_cache")
-        if dims is None:
-            cfg = self.config
-            dims = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps)
-            self.__dict__["_decode_dims_cache"] = dims
-        return dims
 
     def _check_depth_args(self, num_loops, exit_steps, exit_threshold, B: int, S: int, hidden_eps=None) -> int:
         n_loops = self.config.total_ut_steps if num_loops is None else int(num_loops)

@@ -93,6 +93,7 @@ class RolloutSection:
     depth: DepthConfig = field(default_factory=DepthConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     max_batch_size: int = 32  # rows decoded together (in-process engine; the pool has its own)
+    compile_decode: bool = False  # in-process engine: torch.compile its fixed-depth step (the pool has its own)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # the in-process engine's device (auto: cuda when present)
     seed: int = 0  # base of each step's sampling seed (a resumed run draws the same noise at the same step)
 
@@ -223,7 +224,8 @@ def build_engine(cfg: RolloutSection, model: LoopLMForCausalLM, model_path: str,
 
     device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     return TorchEngine(
-        copy.deepcopy(model).to(device), tokenizer=tokenizer, depth=cfg.depth, max_batch_size=cfg.max_batch_size
+        copy.deepcopy(model).to(device), tokenizer=tokenizer, depth=cfg.depth, max_batch_size=cfg.max_batch_size,
+        compile_decode=cfg.compile_decode,
     )
 
 

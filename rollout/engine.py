@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import math
 import random
 from collections.abc import Mapping, Sequence
@@ -333,12 +334,18 @@ def gumbel_noise(keys: torch.Tensor, step: int | torch.Tensor, vocab_size: int) 
     The (B, V) part of the hash runs on int32 (`_mix32_int32`), the per-row part on int64 (`_mix32`): the same
     bits as `_mix32` on int64 throughout, at half the memory traffic over the vocabulary (2.2x faster at B = 32).
     """
-    tokens = torch.arange(vocab_size, dtype=torch.long, device=keys.device)
     steps = torch.as_tensor(step, dtype=torch.long, device=keys.device).reshape(-1, 1)  # (1, 1) or (B, 1)
     row = _mix32(keys[:, None].to(keys.device) + _mix32(steps * 0x9E3779B1 + 0x7F4A7C15))  # (B, 1)
-    h = _mix32_int32(_as_int32(row) ^ _as_int32(tokens * 0x85EBCA6B & _MASK32)[None, :])  # (B, V)
+    h = _mix32_int32(_as_int32(row) ^ _token_hash(vocab_size, keys.device)[None, :])  # (B, V)
     u = ((h >> 8) & 0xFFFFFF).float().add_(0.5).div_(float(1 << 24))  # (0, 1), 24 bits: exact in float32
     return u.log_().neg_().log_().neg_()
+
+
+@functools.lru_cache(maxsize=8)
+def _token_hash(vocab_size: int, device: torch.device) -> torch.Tensor:
+    """(V,) int32: the tokens' part of the noise hash, the same at every step (cached: 15% of a batch-1 draw)."""
+    tokens = torch.arange(vocab_size, dtype=torch.long, device=device)
+    return _as_int32(tokens * 0x85EBCA6B & _MASK32)
 
 
 def _as_int32(x: torch.Tensor) -> torch.Tensor:

@@ -47,10 +47,13 @@ class TorchEngine(RolloutEngine):
         depth: DepthConfig | None = None,
         max_batch_size: int = 32,
         policy_version: int = 0,
+        compile_decode: bool = False,
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model = model.eval()
+        if compile_decode:  # fixed-depth steps with every slot fed run as one compiled graph (see compile_decode)
+            self.model.model.compile_decode()
         self.tokenizer = tokenizer
         self.depth = depth or DepthConfig()
         self.depth.check()
@@ -161,7 +164,6 @@ class _ContinuousBatch:
 
     def _feed(self, slots: torch.Tensor, token: torch.Tensor, requests: torch.Tensor, steps: torch.Tensor) -> None:
         """Decode the sampled tokens of these slots: their next logits, and the depth each position ran at."""
-        self.cache.reserve(int(self.cache.lengths[slots].max()) + 1)
         sampled = self.depth.policy == "sampled"  # u keyed by (seed, request, step): slot- and actor-independent
         uniforms = exit_uniforms(self.keys[requests], steps) if sampled else None
         out = self.model.decode_step(token, slots, self.cache, **self.depth.decode_kwargs(uniforms))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from looplm import LoopKVCache
+from looplm import modeling_looplm as modeling
 from looplm.cache import SlotKVCache
 from tests.conftest import tiny_model
 
@@ -81,3 +83,30 @@ def test_per_token_q_of_one_never_exits_early_in_the_forward_or_the_decode_step(
         cache.load_prefill(0, prefill(model, PROMPTS[0]), 0, len(PROMPTS[0]))
         step = model.decode_step(torch.tensor([3]), torch.arange(1), cache, exit_threshold=torch.tensor([[q]]))
         assert step.exit_steps.tolist() == [expected]
+
+
+@torch.inference_mode()
+def test_attention_over_the_past_and_the_new_key_equals_attention_over_both():
+    """The compiled step's attention (the new K/V not yet in the cache) against SDPA over past + new, with GQA and
+    a mask; and the written-out form (off CPU) against the CPU kernel, log-sum-exp included."""
+    g = torch.Generator().manual_seed(0)
+    b, H, Hkv, n, d = 3, 4, 2, 7, 16
+    q, k, v = (torch.randn(b, h, d, generator=g) for h in (H, Hkv, Hkv))
+    k_past, v_past = torch.randn(2, b, Hkv, n, d, generator=g)
+    held = torch.tensor([7, 2, 5])  # row r holds positions < held[r]
+    mask = torch.zeros(b, 1, 1, n).masked_fill_(torch.arange(n) >= held[:, None, None, None], float("-inf"))
+    out = modeling._attend_past_and_new(q, k, v, k_past, v_past, mask)
+    keys, values = torch.cat([k_past, k[:, :, None]], 2), torch.cat([v_past, v[:, :, None]], 2)
+    full_mask = torch.cat([mask, torch.zeros(b, 1, 1, 1)], -1)
+    expected = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=full_mask, enable_gqa=True)[:, :, 0]
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    grouped = q.reshape(b, Hkv, H // Hkv, d)
+    kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(grouped, k_past, v_past, attn_mask=mask)
+    for ours, theirs in zip(modeling._attention_with_lse(grouped, k_past, v_past, mask), kernel, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+
+
+def test_the_fast_decode_norm_equals_rms_norm():
+    x, w = torch.randn(5, 64) * 3, torch.rand(64) + 0.5
+    torch.testing.assert_close(modeling.decode_rms_norm(x, w * 8.0, 1e-6, fast=True), modeling.rms_norm(x, w, 1e-6))
+    assert torch.equal(modeling.decode_rms_norm(x, w, 1e-6, fast=False), modeling.rms_norm(x, w, 1e-6))

@@ -35,3 +35,13 @@ def test_gpu_rollouts_replay_with_the_training_forward_whatever_the_batch(depth)
     alone = TorchEngine(model, max_batch_size=1).generate(prompts[:3], sampling, depth)
     assert [r.completion_ids for r in alone] == [r.completion_ids for r in records[:6]]
     assert [r.exit_steps for r in alone] == [r.exit_steps for r in records[:6]]
+
+
+def test_gpu_compiled_decode_replays_with_the_training_forward():
+    """`compile_decode` on CUDA: the written-out attention of the compiled step, held to the same bound."""
+    model = small_model().cuda()
+    sampling = SamplingConfig(n=2, max_new_tokens=24, seed=0)
+    records = TorchEngine(small_model().cuda(), max_batch_size=4, compile_decode=True).generate(mixed_prompts(8), sampling)
+    stats = check_parity(model, records, sampling).stats()
+    print(f"\n[our engine on GPU, compiled decode step] {stats}")
+    assert stats.max_abs_gap <= 1e-3 and stats.filtered_tokens == 0
