@@ -422,14 +422,14 @@ def decode_layer(x: torch.Tensor, w: DecodeLayerWeights, rope: tuple[torch.Tenso
 
 def decode_all_loops(
     x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], k_past: torch.Tensor, v_past: torch.Tensor,
-    mask: torch.Tensor | None, layers: list[DecodeLayerWeights], final_norm: torch.Tensor, gate: torch.Tensor,
+    mask: torch.Tensor, layers: list[DecodeLayerWeights], final_norm: torch.Tensor, gate: torch.Tensor,
     num_loops: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The decode step at fixed depth, every row running every loop, as one function of tensors: no cache writes
     and no decisions on values, so that `torch.compile` makes it one graph (`LoopLMModel.compile_decode`).
 
     x: (b, D) embedded tokens; k_past, v_past: (T*L, b, Hkv, n, d) the rows' held K/V per plane; mask: (b, 1,
-    1, n) additive over those positions, or None. Each token attends to its past and to its own new K/V, which
+    1, n) additive over those positions. Each token attends to its past and to its own new K/V, which
     the caller writes afterwards. -> (b, D) final state, (b, T) gate logits, (T*L, b, Hkv, d) new K and V.
     """
     new_k, new_v, gate_logits = [], [], []
@@ -747,7 +747,7 @@ class LoopLMModel(LoopLMPreTrainedModel):
 
     def compile_decode(self, **compile_kwargs) -> None:
         """Decode fixed-depth steps that feed every slot of the cache through `torch.compile(decode_all_loops)`:
-        one graph for all loops and layers instead of a thousand small ops a token. The first steps compile
+        one graph for all loops and layers instead of thousands of small ops a token. The first steps compile
         (tens of seconds on CPU; a C++ compiler is needed there); other steps, exact mode, adaptive depth and the
         shared cache modes keep the eager path. The compiled step equals the eager one to fp32 rounding."""
         self.__dict__["_compiled_decode"] = torch.compile(decode_all_loops, **compile_kwargs)
@@ -759,10 +759,9 @@ class LoopLMModel(LoopLMPreTrainedModel):
         index = cache.write_index(slots)
         k_past, v_past = cache.k[:, :, :, :n_past], cache.v[:, :, :, :n_past]  # slots == every slot, in order
         mask = _attention_mask(cache.lengths - 1, n_past, True, cache.k.dtype)  # held positions; always a tensor
-        for t in (x, *rope, k_past, v_past, mask):  # one graph whatever the rows and positions (b and n)
-            if t is not None:
-                for dim in (0, 1, 3) if t.dim() == 5 else (0, 3) if t is mask else (0,):
-                    torch._dynamo.maybe_mark_dynamic(t, dim)
+        for t, dims in ((x, (0,)), (rope[0], (0,)), (rope[1], (0,)), (k_past, (1, 3)), (v_past, (1, 3)), (mask, (0, 3))):
+            for dim in dims:  # one graph whatever the number of rows and positions
+                torch._dynamo.maybe_mark_dynamic(t, dim)
         hidden, gate_logits, new_k, new_v = compiled(
             x, rope, k_past, v_past, mask, weights, final_norm, self.early_exit_gate.weight, cache.num_loops
         )
