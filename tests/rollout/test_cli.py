@@ -120,7 +120,7 @@ def test_missing_prompts_file_is_a_config_error(tmp_path, capsys, model_dir):
 
 def test_bench_runs_its_rollout_benchmark_by_name(tmp_path):
     bench = RolloutBenchConfig(
-        model=str(tmp_path / "m"), init_random=InitConfig(size="test"),
+        model=str(tmp_path / "m"), init_random=InitConfig(size="small"),  # test_compiled_decode's size: one set of compiled graphs
         batch_sizes=[2], max_new_tokens=3, variable_max_new_tokens=6, stop_ids=8, pool_actors=[], repeats=1,
         rl_prompts=3, rl_samples=2,
     )
@@ -130,6 +130,7 @@ def test_bench_runs_its_rollout_benchmark_by_name(tmp_path):
     (rl,) = results["rl_workload"]
     assert rl["ours_tokens"] > 0 and rl["baseline_tokens"] > 0 and rl["generate_tokens"] > 0  # the baseline loaded
     assert rl["adaptive_tokens"] > 0 and rl["adaptive_over_fixed"] > 0
+    assert rl["compiled_tokens"] == rl["ours_tokens"]  # the compiled step decodes the same completions
     assert [r["batch"] for r in results["decode_step"]] == [2]
     full, *shared = results["kv_bytes_per_token"]
     assert full["measured"] == full["bytes_per_token"] == 4 * shared[0]["bytes_per_token"]
