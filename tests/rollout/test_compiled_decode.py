@@ -1,9 +1,8 @@
 """Our engine with `compile_decode`: its fixed-depth steps run as one torch.compile graph, and give what the eager
-engine and the training forward give. (Compiling the graphs, one row and several rows, takes about half a minute.)"""
+engine and the training forward give. (Compiling the graphs, one row and several rows, takes about a minute on a
+cold cache; the bench test in test_cli.py reuses them.)"""
 
 from __future__ import annotations
-
-import copy
 
 import pytest
 import torch
@@ -35,7 +34,7 @@ class CountingCalls:
 @pytest.fixture(scope="module")
 def compiled():
     """An engine whose model compiles its decode step (batch 4, so that the draining tail decodes one row)."""
-    engine = TorchEngine(copy.deepcopy(small_model()), max_batch_size=4, compile_decode=True)
+    engine = TorchEngine(small_model(), max_batch_size=4, compile_decode=True)
     calls = CountingCalls(engine.model.model.__dict__["_compiled_decode"])
     engine.model.model.__dict__["_compiled_decode"] = calls
     return engine, calls
