@@ -288,30 +288,30 @@ class SlotKVCache:
         """Write (b, Hkv, d) K/V of the new token of each of b slots at `index` (`write_index` of those slots);
         -> the plane to attend to. One index_copy_ per tensor: indexing by (slot, :, position) costs 5-10x more."""
         p = self.plane(loop, layer)
-        self._write(p, k, v, index)
+        self._write(self.k[p], self.v[p], index, k, v)
         keep_shared_kv(self._pending, p, k, v, loop, self.mode, self.num_loops)  # "last": the plane holds it
         return p
 
     def store_planes(self, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> None:
         """Write (planes, b, Hkv, d) K/V of every plane at once, at `index` (`write_index`)."""
-        d = self.k.shape[-1]
-        per_plane = self.k[0].numel() // d  # rows of a plane seen as (slots * Hkv * capacity, d)
+        per_plane = self.k[0].numel() // self.k.shape[-1]  # rows of a plane seen as (slots * Hkv * capacity, d)
         rows = (torch.arange(self.k.shape[0], device=index.device)[:, None] * per_plane + index).reshape(-1)
-        self.k.view(-1, d).index_copy_(0, rows, k.reshape(-1, d))
-        self.v.view(-1, d).index_copy_(0, rows, v.reshape(-1, d))
+        self._write(self.k, self.v, rows, k, v)
 
     def commit(self, slots: torch.Tensor) -> None:
         """End of a decode step: the shared modes keep their reduced K/V; the slots' lengths advance by one."""
         index = self.write_index(slots) if self._pending else None
         for p, (k, v) in self._pending.items():
-            self._write(p, k, v, index)
+            self._write(self.k[p], self.v[p], index, k, v)
         self._pending.clear()
         self.lengths[slots] += 1
 
-    def _write(self, plane: int, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> None:
-        d = self.k.shape[-1]
-        self.k[plane].view(-1, d).index_copy_(0, index, k.reshape(-1, d))
-        self.v[plane].view(-1, d).index_copy_(0, index, v.reshape(-1, d))
+    @staticmethod
+    def _write(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """K/V rows (..., d) into contiguous cache tensors seen as (rows, d)."""
+        d = keys.shape[-1]
+        keys.view(-1, d).index_copy_(0, rows, k.reshape(-1, d))
+        values.view(-1, d).index_copy_(0, rows, v.reshape(-1, d))
 
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes

@@ -303,18 +303,14 @@ class DecodeLayerWeights:
             w = torch.cat([lin.weight for lin in linears]).detach()
             return w if exact else w.t().contiguous()
 
-        fast_norm = cls.fast_norm_for(norms[0], exact)
+        # In bf16, sqrt(D) w would be rounded once more, and rms_norm's fp32 detour matters: keep its ops there.
+        fast_norm = not exact and norms[0].weight.dtype == torch.float32
         return cls(
             qkv=matrix(q, k, v), o=matrix(o), gate_up=matrix(gate, up), down=matrix(down),
             norms=tuple(cls.norm_weight(n, fast_norm) for n in norms), eps=norms[0].eps,
             heads=(layer.self_attn.num_heads, layer.self_attn.num_kv_heads, layer.self_attn.head_dim), exact=exact,
             fast_norm=fast_norm,
         )
-
-    @staticmethod
-    def fast_norm_for(norm: LoopLMRMSNorm, exact: bool) -> bool:
-        # In bf16, sqrt(D) w would be rounded once more, and rms_norm's fp32 detour matters: keep its ops.
-        return not exact and norm.weight.dtype == torch.float32
 
     @staticmethod
     def norm_weight(norm: LoopLMRMSNorm, fast: bool) -> torch.Tensor:
@@ -347,8 +343,8 @@ class _SlotAttention:
     and keep the running rows, which reads no more than the batched call.
     """
 
-    def __init__(self, cache: SlotKVCache, slots: torch.Tensor, num_layers: int):
-        self.cache, self.slots, self.position = cache, slots, cache.lengths[slots]  # (b,) new token's position
+    def __init__(self, cache: SlotKVCache, slots: torch.Tensor, position: torch.Tensor, num_layers: int):
+        self.cache, self.slots, self.position = cache, slots, position  # (b,) the new token's position
         cache.reserve(int(self.position.max()) + 1)
         self.write_index = cache.write_index(slots, self.position)  # where each row's new K/V goes
         self.n = int(self.position.max()) + 1
@@ -728,8 +724,8 @@ class LoopLMModel(LoopLMPreTrainedModel):
         compiled = self.__dict__.get("_compiled_decode")
         if (compiled is not None and exit_threshold is None and exit_hidden_eps is None and not self.config.exact_mode
                 and cache.mode == "full" and b == cache.k.shape[1]):
-            return self._decode_compiled(compiled, x, (cos, sin), cache, slots, weights, final_norm)
-        attend = _SlotAttention(cache, slots, len(weights))
+            return self._decode_compiled(compiled, x, (cos, sin), cache, slots, position, weights, final_norm)
+        attend = _SlotAttention(cache, slots, position, len(weights))
         exits = _DecodeExits(b, n_loops, exit_threshold, exit_hidden_eps, x.device, exit_temperature)
         for loop in range(n_loops):
             run = exits.running  # local indices of the rows still running (None: all)
@@ -752,11 +748,12 @@ class LoopLMModel(LoopLMPreTrainedModel):
         shared cache modes keep the eager path. The compiled step equals the eager one to fp32 rounding."""
         self.__dict__["_compiled_decode"] = torch.compile(decode_all_loops, **compile_kwargs)
 
-    def _decode_compiled(self, compiled, x, rope, cache: SlotKVCache, slots, weights, final_norm) -> DecodeStepOutput:
+    def _decode_compiled(self, compiled, x, rope, cache: SlotKVCache, slots, position, weights, final_norm
+                         ) -> DecodeStepOutput:
         """Every slot of a "full" cache fed, fixed depth: the whole step in the compiled `decode_all_loops`."""
-        n_past = int(cache.lengths.max())
+        n_past = int(position.max())
         cache.reserve(n_past + 1)
-        index = cache.write_index(slots)
+        index = cache.write_index(slots, position)
         k_past, v_past = cache.k[:, :, :, :n_past], cache.v[:, :, :, :n_past]  # slots == every slot, in order
         mask = _attention_mask(cache.lengths - 1, n_past, True, cache.k.dtype)  # held positions; always a tensor
         for t, dims in ((x, (0,)), (rope[0], (0,)), (rope[1], (0,)), (k_past, (1, 3)), (v_past, (1, 3)), (mask, (0, 3))):
@@ -783,7 +780,7 @@ class LoopLMModel(LoopLMPreTrainedModel):
         if cached is None or cached[0] != key:
             with torch.no_grad():
                 layers = [DecodeLayerWeights.of(layer, exact) for layer in self.layers]
-                final = DecodeLayerWeights.norm_weight(self.norm, DecodeLayerWeights.fast_norm_for(self.norm, exact))
+                final = DecodeLayerWeights.norm_weight(self.norm, layers[0].fast_norm)  # applied with that flag
                 cached = (key, (layers, final))
             self.__dict__["_decode_cache"] = cached
         return cached[1]
