@@ -22,11 +22,14 @@ def prefill(model, prompt: list[int]) -> LoopKVCache:
     return cache
 
 
+@pytest.mark.parametrize("call_bytes", [0, 1e12], ids=["a-call-per-row", "one-call-over-the-gap"])
 @pytest.mark.parametrize("depth", DEPTHS, ids=["fixed", "q-exit", "hidden-diff"])
 @torch.inference_mode()
-def test_decode_step_matches_the_cached_forward_in_any_slot(depth):
+def test_decode_step_matches_the_cached_forward_in_any_slot(depth, call_bytes, monkeypatch):
     """Rows of different lengths in slots 3, 0 and 2 of 4 (slot 1 empty): logits and exit depths of each row equal
-    a one-sequence cached forward's, with every exit loop present under Q-exit."""
+    a one-sequence cached forward's, with every exit loop present under Q-exit; whether attention runs a call per
+    row or one call over slots 0-3 (slot 1 attended and dropped, rows masked to their lengths)."""
+    monkeypatch.setattr(modeling, "_CALL_BYTES", call_bytes)
     model = tiny_model()
     slots_of = [3, 0, 2]
     cache = SlotKVCache(model.config, 4, model.config.total_ut_steps, capacity=4)  # grows while decoding
@@ -48,6 +51,18 @@ def test_decode_step_matches_the_cached_forward_in_any_slot(depth):
     assert cache.lengths.tolist() == [len(PROMPTS[1]) + 6, 0, len(PROMPTS[2]) + 6, len(PROMPTS[0]) + 6]
     if "exit_threshold" in depth:
         assert len(exits) >= 3, exits
+
+
+def test_attention_segments_batch_rows_unless_their_padding_costs_more_than_a_call():
+    # Four rows at one length in slots 0-3: one call. A long row among short ones: a call of its own.
+    assert modeling.attention_segments([0, 1, 2, 3], [50] * 4, 75) == [(0, 4, 50)]
+    segments = modeling.attention_segments([0, 1, 2, 3, 4], [40, 45, 300, 50, 40], 75)
+    assert segments == [(0, 2, 45), (2, 3, 300), (3, 5, 50)]
+    # Rows in slots 0 and 9 only (a deep loop of adaptive depth): one call would read the 8 slots between.
+    assert modeling.attention_segments([0, 9], [60, 60], 75) == [(0, 1, 60), (1, 2, 60)]
+    # A call cost of nothing: a call per row; a cost above any padding: one call.
+    assert modeling.attention_segments([0, 1, 2], [10, 20, 30], 0) == [(0, 1, 10), (1, 2, 20), (2, 3, 30)]
+    assert modeling.attention_segments([0, 1, 2], [10, 20, 30], 1e9) == [(0, 3, 30)]
 
 
 def test_per_row_thresholds_and_fused_weights_follow_the_parameters():
