@@ -393,6 +393,11 @@ class _SlotAttention:
         if run is None:
             self.plan_all = self.calls
 
+    def one_call(self) -> bool:
+        """Whether the plan for every row running is one call over every slot of the cache."""
+        self.start_loop(0, None)
+        return len(self.calls) == 1 and self.calls[0].rows == self.cache.k.shape[1]
+
     def store_exited(self, loop: int) -> None:
         """Every row exited before `loop`: its planes get the exited K/V, uncomputed."""
         for layer, kv in enumerate(self.last_kv):
@@ -778,11 +783,12 @@ class LoopLMModel(LoopLMPreTrainedModel):
         # rotate_half(x) = roll(x, d/2) * [-1]*d/2 + [1]*d/2: the sign goes into sin, RoPE is three ops
         half = sin.shape[-1] // 2
         sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-        compiled = self.__dict__.get("_compiled_decode")
-        if (compiled is not None and exit_threshold is None and exit_hidden_eps is None and not self.config.exact_mode
-                and cache.mode == "full" and b == cache.k.shape[1]):
-            return self._decode_compiled(compiled, x, (cos, sin), cache, slots, position, weights, final_norm)
         attend = _SlotAttention(cache, slots, position, len(weights))
+        compiled = self.__dict__.get("_compiled_decode")
+        # The graph attends over every slot up to the longest: taken where the eager step would make that one call.
+        if (compiled is not None and exit_threshold is None and exit_hidden_eps is None and not self.config.exact_mode
+                and cache.mode == "full" and b == cache.k.shape[1] and attend.one_call()):
+            return self._decode_compiled(compiled, x, (cos, sin), cache, slots, attend, weights, final_norm)
         exits = _DecodeExits(b, n_loops, exit_threshold, exit_hidden_eps, x.device, exit_temperature)
         for loop in range(n_loops):
             run = exits.running  # local indices of the rows still running (None: all)
@@ -805,12 +811,10 @@ class LoopLMModel(LoopLMPreTrainedModel):
         shared cache modes keep the eager path. The compiled step equals the eager one to fp32 rounding."""
         self.__dict__["_compiled_decode"] = torch.compile(decode_all_loops, **compile_kwargs)
 
-    def _decode_compiled(self, compiled, x, rope, cache: SlotKVCache, slots, position, weights, final_norm
-                         ) -> DecodeStepOutput:
+    def _decode_compiled(self, compiled, x, rope, cache: SlotKVCache, slots, attend: _SlotAttention, weights,
+                         final_norm) -> DecodeStepOutput:
         """Every slot of a "full" cache fed, fixed depth: the whole step in the compiled `decode_all_loops`."""
-        n_past = int(position.max())
-        cache.reserve(n_past + 1)
-        index = cache.write_index(slots, position)
+        n_past = attend.n - 1  # positions held by the longest slot
         k_past, v_past = cache.k[:, :, :, :n_past], cache.v[:, :, :, :n_past]  # slots == every slot, in order
         mask = _attention_mask(cache.lengths - 1, n_past, cache.k.dtype)  # (S, 1, 1, n_past) the held positions
         for t, dims in ((x, (0,)), (rope[0], (0,)), (rope[1], (0,)), (k_past, (1, 3)), (v_past, (1, 3)), (mask, (0, 3))):
@@ -819,7 +823,7 @@ class LoopLMModel(LoopLMPreTrainedModel):
         hidden, gate_logits, new_k, new_v = compiled(
             x, rope, k_past, v_past, mask, weights, final_norm, self.early_exit_gate.weight, cache.num_loops
         )
-        cache.store_planes(new_k, new_v, index)
+        cache.store_planes(new_k, new_v, attend.write_index)
         cache.commit(slots)
         steps = torch.full((len(slots),), cache.num_loops, dtype=torch.long, device=x.device)
         return DecodeStepOutput(hidden, steps, gate_logits.float())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from looplm import modeling_looplm as modeling
 from rollout.engine import SamplingConfig
 from rollout.parity import check_parity
 from rollout.torch_engine import TorchEngine
@@ -70,3 +71,18 @@ def test_adaptive_depth_keeps_the_eager_step(compiled):
     before = len(calls.rows)
     records = engine.generate(PROMPTS[:2], SamplingConfig(max_new_tokens=8, seed=0), ADAPTIVE)
     assert len(calls.rows) == before and len({e for r in records for e in r.exit_steps[:-1]}) > 1
+
+
+def test_rows_whose_padding_costs_more_than_a_call_keep_the_eager_step(compiled, monkeypatch):
+    """The graph attends over every slot up to the longest. With a call costing nothing, the planner splits rows
+    of different lengths (mixed prompts), so those steps run eagerly; rows at one length (a prompt's samples, as
+    the one-row tail) still run compiled."""
+    engine, calls = compiled
+    monkeypatch.setattr(modeling, "_CALL_BYTES", 0)
+    before = len(calls.rows)
+    records = engine.generate(PROMPTS, SAMPLING)
+    assert set(calls.rows[before:]) == {1}, calls.rows[before:]
+    reference = TorchEngine(small_model(), max_batch_size=4)
+    reference.load_weights(engine.model.state_dict(), version=0)  # an earlier test may have loaded others
+    eager = reference.generate(PROMPTS, SAMPLING)
+    assert [r.completion_ids for r in records] == [r.completion_ids for r in eager]
