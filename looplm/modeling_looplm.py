@@ -353,8 +353,8 @@ class _SlotAttention:
     that row's positions but costs a call. On CPU `attention_segments` splits the running rows (in slot order)
     into runs that minimise the two together, once a loop: a batch of rows at one length is one call, a long
     row among short ones (continuous batching: new requests next to old) gets its own, and so do the few rows of
-    the deeper loops of adaptive depth (gathering their planes would copy them first). On other devices a call
-    costs more than reading padding: one call over every slot.
+    the deeper loops of adaptive depth (gathering their planes would copy them first). On other devices, where a
+    call costs more than reading padding, one call spans the running rows.
     """
 
     def __init__(self, cache: SlotKVCache, slots: torch.Tensor, position: torch.Tensor, num_layers: int):
@@ -364,13 +364,12 @@ class _SlotAttention:
         self.n = int(self.position.max()) + 1
         self.slot_list, self.position_list = slots.tolist(), self.position.tolist()
         self.loop, self.run = 0, None  # this loop; its running rows (local indices)
-        self.calls: list[_AttentionCall] = []  # this loop's
+        self.calls: list[_AttentionCall] = []  # this loop's, planned by start_loop
         self.last_kv: list = [None] * num_layers  # per layer (b, Hkv, d): each row's K/V at its latest loop
-        self.mask = _attention_mask(cache.lengths, self.n, cache.k.dtype)  # (S, 1, 1, n)
         k = cache.k  # a call's cost in positions of a slot read (K and V); None: one call over every slot
         position_bytes = 2 * k.shape[2] * k.shape[4] * k.element_size()
         self.call_positions = _CALL_BYTES / position_bytes if k.device.type == "cpu" else None
-        self.plan_all: list | None = None  # the calls when every row runs (the same at every such loop)
+        self.plan_all: list[_AttentionCall] | None = None  # the calls when every row runs (the same at each loop)
 
     def start_loop(self, loop: int, run: torch.Tensor | None) -> None:
         """The rows running loop `loop`: local indices into the step's slots (None: all). Plans its calls."""
@@ -392,6 +391,11 @@ class _SlotAttention:
             self.calls.append(_AttentionCall(s0, s1, n, end - first, offsets, masked))
         if run is None:
             self.plan_all = self.calls
+
+    @functools.cached_property
+    def mask(self) -> torch.Tensor:
+        """(S, 1, 1, n) additive, for the calls over rows of different lengths (made at the first)."""
+        return _attention_mask(self.cache.lengths, self.n, self.cache.k.dtype)
 
     def one_call(self) -> bool:
         """Whether the plan for every row running is one call over every slot of the cache."""

@@ -203,8 +203,9 @@ class _ContinuousBatch:
                 self.prefills[p] = (cache, row, out.logits[row, -1])
 
     def _maybe_compact(self) -> None:
-        """Once the queue is empty and at most half the slots are live, drop the free slots: attention reads every
-        slot's cache, so the draining tail would otherwise pay for the empty ones (one copy halves that)."""
+        """Once the queue is empty and at most half the slots are live, drop the free slots (one copy): the draining
+        tail's rows are contiguous again, so attention batches them instead of a call per row or reading the free
+        slots between them, and the compiled step, which feeds every slot, can run."""
         live = (self.slot_request >= 0).nonzero()[:, 0]
         if self.next_request < len(self.budget) or len(live) == 0 or 2 * len(live) > len(self.slot_request):
             return
