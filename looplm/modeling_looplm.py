@@ -430,17 +430,20 @@ class _SlotAttention:
 # One attention call on CPU costs about as long as reading this much K/V (measured on one thread: about 25 us
 # a call beside 0.33 us per position of 5 K/V heads of 64, K and V in fp32: 7.7 GB/s).
 _CALL_BYTES = 192 * 1024
+# The most rows one planned call serves, so that planning costs O(rows x this) (0.1 ms at 32 rows); a larger
+# batch at one length takes a call per 32 rows, whose overhead is a few percent of what they read.
+_MAX_CALL_ROWS = 32
 
 
 def attention_segments(slots: list[int], lengths: list[int], call_positions: float) -> list[tuple[int, int, int]]:
     """Split rows (in slot order; row i attends `lengths[i]` positions of slot `slots[i]`) into runs, one
     attention call each, that minimise the positions read plus `call_positions` a call: a call over rows
-    first..end-1 reads every slot from slots[first] to slots[end - 1] up to the run's longest length.
-    -> (first, end, longest) per call, in order. Dynamic programming over the rows: O(rows^2), 0.1 ms at 32."""
+    first..end-1 reads every slot from slots[first] to slots[end - 1] up to the run's longest length, and serves
+    at most `_MAX_CALL_ROWS` rows. -> (first, end, longest) per call, in order. Dynamic programming over the rows."""
     best, cut = [0.0], [0]  # best[end]: the least cost of rows 0..end-1; cut[end]: its last run's first row
     for end in range(1, len(slots) + 1):
         top, longest, least, first_of_least = slots[end - 1] + 1, 0, float("inf"), 0
-        for first in range(end - 1, -1, -1):
+        for first in range(end - 1, max(end - _MAX_CALL_ROWS, 0) - 1, -1):
             longest = max(longest, lengths[first])
             cost = best[first] + (top - slots[first]) * longest
             if cost < least:

@@ -63,6 +63,9 @@ def test_attention_segments_batch_rows_unless_their_padding_costs_more_than_a_ca
     # A call cost of nothing: a call per row; a cost above any padding: one call.
     assert modeling.attention_segments([0, 1, 2], [10, 20, 30], 0) == [(0, 1, 10), (1, 2, 20), (2, 3, 30)]
     assert modeling.attention_segments([0, 1, 2], [10, 20, 30], 1e9) == [(0, 3, 30)]
+    # A large batch at one length: calls of at most _MAX_CALL_ROWS rows (planning stays linear in the rows).
+    many = modeling.attention_segments(list(range(100)), [50] * 100, 75)
+    assert len(many) == 4 and max(end - first for first, end, _ in many) == modeling._MAX_CALL_ROWS
 
 
 def test_per_row_thresholds_and_fused_weights_follow_the_parameters():
