@@ -75,8 +75,8 @@ def test_adaptive_depth_keeps_the_eager_step(compiled):
 
 def test_rows_whose_padding_costs_more_than_a_call_keep_the_eager_step(compiled, monkeypatch):
     """The graph attends over every slot up to the longest. With a call costing nothing, the planner splits rows
-    of different lengths (mixed prompts), so those steps run eagerly; rows at one length (a prompt's samples, as
-    the one-row tail) still run compiled."""
+    of different lengths (mixed prompts), so those steps run eagerly; only the one-row steps of the draining tail
+    still run compiled."""
     engine, calls = compiled
     monkeypatch.setattr(modeling, "_CALL_BYTES", 0)
     before = len(calls.rows)
