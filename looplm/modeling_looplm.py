@@ -358,15 +358,15 @@ class _SlotAttention:
     """
 
     def __init__(self, cache: SlotKVCache, slots: torch.Tensor, position: torch.Tensor, num_layers: int):
-        self.cache, self.slots, self.position = cache, slots, position  # (b,) the new token's position
-        cache.reserve(int(self.position.max()) + 1)
-        self.write_index = cache.write_index(slots, self.position)  # where each row's new K/V goes
-        self.n = int(self.position.max()) + 1
-        self.slot_list, self.position_list = slots.tolist(), self.position.tolist()
+        self.cache, self.device = cache, slots.device  # position: (b,) each row's new token's position
+        self.n = int(position.max()) + 1  # positions the longest row attends
+        cache.reserve(self.n)
+        self.write_index = cache.write_index(slots, position)  # where each row's new K/V goes
+        self.slot_list, self.position_list = slots.tolist(), position.tolist()
         self.loop, self.run = 0, None  # this loop; its running rows (local indices)
         self.calls: list[_AttentionCall] = []  # this loop's, planned by start_loop
         self.last_kv: list = [None] * num_layers  # per layer (b, Hkv, d): each row's K/V at its latest loop
-        k = cache.k  # a call's cost in positions of a slot read (K and V); None: one call over every slot
+        k = cache.k  # a call's cost in positions of a slot read (K and V); None: one call spans the running rows
         position_bytes = 2 * k.shape[2] * k.shape[4] * k.element_size()
         self.call_positions = _CALL_BYTES / position_bytes if k.device.type == "cpu" else None
         self.plan_all: list[_AttentionCall] | None = None  # the calls when every row runs (the same at each loop)
@@ -386,7 +386,7 @@ class _SlotAttention:
         self.calls = []
         for first, end, n in segments:
             s0, s1 = slots[first], slots[end - 1] + 1
-            offsets = None if s1 - s0 == end - first else torch.tensor(slots[first:end], device=self.slots.device) - s0
+            offsets = None if s1 - s0 == end - first else torch.tensor(slots[first:end], device=self.device) - s0
             masked = offsets is not None or min(lengths[first:end]) < n
             self.calls.append(_AttentionCall(s0, s1, n, end - first, offsets, masked))
         if run is None:
