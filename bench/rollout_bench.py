@@ -50,6 +50,9 @@ class RolloutBenchConfig:
     # torch threads for the in-process comparisons. One, so that their CPU-time throughput (reported beside the
     # wall-clock one) stays meaningful on a machine shared with other jobs; the pool part uses `pool_threads`.
     threads: int = 1
+    # Where the in-process parts run: "cuda" on a GPU machine (the pool part's actors stay on CPU). On a GPU a
+    # step's cost is its launches more than its rows, which changes what adaptive depth saves.
+    device: str = "cpu"
     pool_threads: int = 2  # CPUs for the pool part: layouts 1 x 1, then a x (pool_threads / a) for each a
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
     prompt_min_len: int = 16
@@ -80,12 +83,14 @@ def run_rollout_bench(config: RolloutBenchConfig) -> dict[str, Any]:
     unknown = sorted(set(config.parts) - set(PARTS))
     if unknown:
         raise ValueError(f"unknown rollout bench part(s) {unknown}; known: {list(PARTS)}")
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"rollout.device={config.device!r}, but CUDA is not available here")
     torch.set_num_threads(config.threads)
     folder = ensure_model(config.model, config.init_random)
-    model = LoopLMForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    model = LoopLMForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(config.device).eval()
     params = sum(p.numel() for p in model.parameters())
     print(f"# rollout bench: {params / 1e6:.2f}M-parameter LoopLM (T={model.config.total_ut_steps}), fp32, "
-          f"{config.threads} threads")
+          f"{config.device}, {config.threads} threads")
     parts = {
         "engine_vs_generate": lambda: _engine_vs_generate(model, config),
         "adaptive_vs_fixed": lambda: _adaptive_vs_fixed(model, config),
@@ -143,12 +148,12 @@ def _hf_generate(model: LoopLMForCausalLM, prompts: list[list[int]], max_new: in
         ids[i, width - len(p) :], mask[i, width - len(p) :] = torch.tensor(p), 1
     with torch.inference_mode():
         out = model.generate(
-            ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new,
+            ids.to(model.device), attention_mask=mask.to(model.device), do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new,
             eos_token_id=stops or None, pad_token_id=0,
         )[:, width:]
     if not stops:
         return out.numel()
-    is_stop = torch.isin(out, torch.tensor(stops))
+    is_stop = torch.isin(out, torch.tensor(stops, device=out.device))
     lengths = torch.where(is_stop.any(1), is_stop.int().argmax(1) + 1, out.shape[1])
     return int(lengths.sum())
 
@@ -250,7 +255,7 @@ def _pool_actors(folder: str, vocab: int, config: RolloutBenchConfig) -> list[di
 
 def _kv_bytes(model: LoopLMForCausalLM) -> list[dict[str, Any]]:
     rows = []
-    ids = torch.randint(0, model.config.vocab_size, (1, 100))
+    ids = torch.randint(0, model.config.vocab_size, (1, 100)).to(model.device)
     for mode in KV_MODES:
         cache = LoopKVCache(model.config, mode=mode)
         with torch.inference_mode():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from bench.rollout_bench import RolloutBenchConfig
 from bench.run import BenchConfig, run_bench
@@ -116,6 +117,14 @@ def test_missing_prompts_file_is_a_config_error(tmp_path, capsys, model_dir):
             f"prompts.file={tmp_path / 'nope.jsonl'}"]
     assert main(argv) == 2
     assert "prompts.file: " in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error for a machine without CUDA")
+def test_bench_on_cuda_says_so_where_there_is_no_gpu(tmp_path):
+    bench = RolloutBenchConfig(model=str(tmp_path / "m"), device="cuda")
+    with pytest.raises(ValueError, match="rollout.device='cuda', but CUDA is not available"):
+        run_bench(BenchConfig(benchmarks=["rollout"], rollout=bench, output_dir=str(tmp_path / "out")))
+    assert not (tmp_path / "m").exists()  # it stops before building a model
 
 
 def test_bench_runs_its_rollout_benchmark_by_name(tmp_path):

@@ -45,3 +45,18 @@ def test_gpu_compiled_decode_replays_with_the_training_forward():
     stats = check_parity(model, records, sampling).stats()
     print(f"\n[our engine on GPU, compiled decode step] {stats}")
     assert stats.max_abs_gap <= 1e-3 and stats.filtered_tokens == 0
+
+
+def test_gpu_rollout_bench_measures_its_parts_on_the_gpu(tmp_path):
+    """`rollout.device=cuda`: the decode step, adaptive vs fixed depth and the RL workload run on the GPU."""
+    from bench.rollout_bench import RolloutBenchConfig, run_rollout_bench
+    from cli.rollout import InitConfig
+
+    results = run_rollout_bench(RolloutBenchConfig(
+        model=str(tmp_path / "m"), init_random=InitConfig(size="small"), device="cuda", batch_sizes=[1, 4],
+        max_new_tokens=4, variable_max_new_tokens=8, stop_ids=8, rl_prompts=4, rl_samples=2, repeats=1,
+        compile_decode=False, baseline_rev="", parts=["decode_step", "adaptive_vs_fixed", "rl_workload"],
+    ))  # (no baseline: a copy of the tree may come without its git history)
+    (rl,) = results["rl_workload"]
+    assert rl["ours_tokens"] > 0 and rl["generate_tokens"] > 0 and rl["adaptive_over_fixed"] > 0
+    assert {r["batch"] for r in results["adaptive_vs_fixed"]} == {1, 4}
