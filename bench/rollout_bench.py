@@ -50,8 +50,8 @@ class RolloutBenchConfig:
     # torch threads for the in-process comparisons. One, so that their CPU-time throughput (reported beside the
     # wall-clock one) stays meaningful on a machine shared with other jobs; the pool part uses `pool_threads`.
     threads: int = 1
-    # Where the in-process parts run: "cuda" on a GPU machine (the pool part's actors stay on CPU). On a GPU a
-    # step's cost is its launches more than its rows, which changes what adaptive depth saves.
+    # Where the in-process parts run: "cuda" on a GPU machine (the pool part's actors stay on CPU), to measure
+    # there what this CPU's numbers cannot tell, such as what adaptive depth saves at batch 32.
     device: str = "cpu"
     pool_threads: int = 2  # CPUs for the pool part: layouts 1 x 1, then a x (pool_threads / a) for each a
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
@@ -148,8 +148,8 @@ def _hf_generate(model: LoopLMForCausalLM, prompts: list[list[int]], max_new: in
         ids[i, width - len(p) :], mask[i, width - len(p) :] = torch.tensor(p), 1
     with torch.inference_mode():
         out = model.generate(
-            ids.to(model.device), attention_mask=mask.to(model.device), do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new,
-            eos_token_id=stops or None, pad_token_id=0,
+            ids.to(model.device), attention_mask=mask.to(model.device), do_sample=True, temperature=1.0, top_k=0,
+            top_p=1.0, max_new_tokens=max_new, eos_token_id=stops or None, pad_token_id=0,
         )[:, width:]
     if not stops:
         return out.numel()

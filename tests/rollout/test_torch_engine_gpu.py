@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench.rollout_bench import RolloutBenchConfig, run_rollout_bench
+from cli.rollout import InitConfig
 from rollout.engine import DepthConfig, SamplingConfig
 from rollout.parity import check_exit_parity, check_parity
 from rollout.torch_engine import TorchEngine
@@ -49,9 +51,6 @@ def test_gpu_compiled_decode_replays_with_the_training_forward():
 
 def test_gpu_rollout_bench_measures_its_parts_on_the_gpu(tmp_path):
     """`rollout.device=cuda`: the decode step, adaptive vs fixed depth and the RL workload run on the GPU."""
-    from bench.rollout_bench import RolloutBenchConfig, run_rollout_bench
-    from cli.rollout import InitConfig
-
     results = run_rollout_bench(RolloutBenchConfig(
         model=str(tmp_path / "m"), init_random=InitConfig(size="small"), device="cuda", batch_sizes=[1, 4],
         max_new_tokens=4, variable_max_new_tokens=8, stop_ids=8, rl_prompts=4, rl_samples=2, repeats=1,
