@@ -259,9 +259,9 @@ def _kv_bytes(model: LoopLMForCausalLM) -> list[dict[str, Any]]:
     for mode in KV_MODES:
         cache = LoopKVCache(model.config, mode=mode)
         with torch.inference_mode():
-            model(ids[:, :90], past_key_values=cache)
+            model(ids[:, :90], cache=cache)
             for i in range(90, 100):  # a few decode steps, so the shared modes' commit path is measured too
-                model(ids[:, i : i + 1], past_key_values=cache)
+                model(ids[:, i : i + 1], cache=cache)
         formula = LoopKVCache.bytes_per_token(model.config, mode)
         rows.append({"mode": mode, "bytes_per_token": formula, "measured": cache.nbytes() / ids.shape[1]})
     return rows

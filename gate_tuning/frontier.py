@@ -92,7 +92,7 @@ def teacher_forced(
     device, num_loops = model.device, depth.num_loops or model.config.total_ut_steps
     cache = LoopKVCache(model.config, mode=depth.kv_mode)
     ids, mask = _left_pad([e.prompt_ids for e in batch], device)  # (B, P)
-    first = model(ids, attention_mask=mask, past_key_values=cache, num_loops=num_loops, logits_to_keep=1)
+    first = model(ids, attention_mask=mask, cache=cache, num_loops=num_loops, logits_to_keep=1)
     # Position j of the fed completion (its token j) predicts token j + 1; the last token is never fed back.
     targets = _right_pad([e.completion_ids for e in batch], IGNORE_INDEX, device)  # (B, W + 1)
     fed = targets[:, :-1].clamp(min=0)
@@ -104,7 +104,7 @@ def teacher_forced(
         end = min(start + chunk, width)
         out = model(
             fed[:, start:end], attention_mask=torch.cat([mask, fed_mask[:, :end].long()], dim=1),
-            past_key_values=cache, num_loops=num_loops, **depth.decode_kwargs(),
+            cache=cache, num_loops=num_loops, **depth.decode_kwargs(),
         )
         piece = targets[:, start + 1 : end + 1]
         ce_sum += F.cross_entropy(out.logits.float().transpose(1, 2), piece, reduction="sum").item()

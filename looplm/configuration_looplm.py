@@ -25,7 +25,7 @@ class LoopLMConfig(PreTrainedConfig):
     """
 
     model_type = "ouro"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache"]
     default_theta = 1_000_000.0  # Ouro's final checkpoints; transformers moves `rope_theta` into `rope_parameters`
 
     vocab_size: int = 512

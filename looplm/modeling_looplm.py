@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.generation.utils import ALL_CACHE_NAMES
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
@@ -30,6 +31,11 @@ from .batch_invariant import exact_mode_aware
 from .cache import LoopKVCache, SlotKVCache
 from .configuration_looplm import LoopLMConfig
 from .exit_gate import check_threshold, log_survival, q_exit_reached
+
+# transformers 5.24 renamed the KV cache `past_key_values` -> `cache` (forward kwargs, outputs, generate()'s
+# model_kwargs). The model speaks the new name only; generate() on 5.23 keeps the cache under the old key,
+# which the three generation hooks below translate.
+GENERATE_CACHE_KEY = "cache" if "cache" in ALL_CACHE_NAMES else "past_key_values"
 
 # ----------------------------------------------------------------------------------------------------------
 # Building blocks
@@ -133,9 +139,9 @@ class LoopLMDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = LoopLMRMSNorm(config.hidden_size, eps)
         self.post_attention_layernorm_2 = LoopLMRMSNorm(config.hidden_size, eps)
 
-    def forward(self, h, rope, mask, is_causal, active, last_kv, loop, layer_idx, past_key_values=None):
+    def forward(self, h, rope, mask, is_causal, active, last_kv, loop, layer_idx, cache=None):
         attn, new_kv = self.self_attn(
-            self.input_layernorm(h), rope, mask, is_causal, active, last_kv, past_key_values, loop, layer_idx
+            self.input_layernorm(h), rope, mask, is_causal, active, last_kv, cache, loop, layer_idx
         )
         h = h + self.input_layernorm_2(attn)
         h = h + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(h)))
@@ -606,7 +612,7 @@ class _DecodeExits:
 @dataclass
 class LoopLMModelOutput(ModelOutput):
     last_hidden_state: torch.FloatTensor | None = None  # (B, S, D) each token's state at its exit loop
-    past_key_values: LoopKVCache | None = None
+    cache: LoopKVCache | None = None
     exit_steps: torch.LongTensor | None = None  # (B, S) in 1..num_loops
     gate_logits: torch.FloatTensor | None = None  # (B, S, loops run) exit-gate logits per loop
     loop_hidden_states: tuple[torch.FloatTensor, ...] | None = None  # per loop (B, S, D), if asked for
@@ -616,7 +622,7 @@ class LoopLMModelOutput(ModelOutput):
 class LoopLMCausalLMOutput(ModelOutput):
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None  # (B, S, V) from each token's exit loop
-    past_key_values: LoopKVCache | None = None
+    cache: LoopKVCache | None = None
     exit_steps: torch.LongTensor | None = None
     gate_logits: torch.FloatTensor | None = None
     loop_hidden_states: tuple[torch.FloatTensor, ...] | None = None
@@ -629,7 +635,7 @@ class LoopLMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["LoopLMDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
     _supports_sdpa = True
 
     @classmethod
@@ -689,7 +695,7 @@ class LoopLMModel(LoopLMPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: LoopKVCache | None = None,
+        cache: LoopKVCache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         num_loops: int | None = None,
@@ -712,11 +718,11 @@ class LoopLMModel(LoopLMPreTrainedModel):
         B, S, _ = h.shape
         n_loops = self._check_depth_args(num_loops, exit_steps, exit_threshold, B, S, exit_hidden_eps)
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None and not self.training:
-            past_key_values = LoopKVCache(self.config)
-        if past_key_values is not None:
-            past_key_values.start_forward(n_loops)
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None and not self.training:
+            cache = LoopKVCache(self.config)
+        if cache is not None:
+            cache.start_forward(n_loops)
+        past_len = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask, past_len, S, h.device)
         mask, is_causal = build_attention_mask(attention_mask, position_ids, S, past_len)
@@ -729,7 +735,7 @@ class LoopLMModel(LoopLMPreTrainedModel):
             active = exits.active
             for i, layer in enumerate(self.layers):
                 h, last_kv[i] = layer(
-                    h, rope, mask, is_causal, active, last_kv[i], loop, i, past_key_values=past_key_values
+                    h, rope, mask, is_causal, active, last_kv[i], loop, i, cache=cache
                 )
             h = self.norm(h)  # the normed state feeds the next loop and the gate
             gate_logits.append(self.early_exit_gate(h).squeeze(-1))  # (B, S)
@@ -737,13 +743,13 @@ class LoopLMModel(LoopLMPreTrainedModel):
                 loop_states.append(h)
             exits.step(loop, h, gate_logits)
             if exits.all_exited and loop + 1 < n_loops:
-                self._fill_skipped_loops(past_key_values, last_kv, loop + 1, n_loops)
+                self._fill_skipped_loops(cache, last_kv, loop + 1, n_loops)
                 break
-        if past_key_values is not None:
-            past_key_values.commit()
+        if cache is not None:
+            cache.commit()
         return LoopLMModelOutput(
             last_hidden_state=exits.output,
-            past_key_values=past_key_values,
+            cache=cache,
             exit_steps=exits.steps,
             gate_logits=torch.stack(gate_logits, dim=-1),
             loop_hidden_states=tuple(loop_states) if output_loop_states else None,
@@ -908,7 +914,7 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: LoopKVCache | None = None,
+        cache: LoopKVCache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -926,7 +932,7 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             num_loops=num_loops,
@@ -947,7 +953,7 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
         return LoopLMCausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=out.past_key_values,
+            cache=out.cache,
             exit_steps=out.exit_steps,
             gate_logits=out.gate_logits,
             loop_hidden_states=out.loop_hidden_states if output_loop_states else None,
@@ -965,17 +971,25 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
     # -- generation: transformers' own `generate()` with our cache ------------------------------------------
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
-            model_kwargs["past_key_values"] = LoopKVCache(self.config)
+        if model_kwargs.get(GENERATE_CACHE_KEY) is None and generation_config.use_cache is not False:
+            model_kwargs[GENERATE_CACHE_KEY] = LoopKVCache(self.config)
             return None
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
         inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if GENERATE_CACHE_KEY != "cache" and GENERATE_CACHE_KEY in inputs:  # transformers 5.23
+            inputs["cache"] = inputs.pop(GENERATE_CACHE_KEY)
         if is_first_iteration:
             inputs.pop("exit_threshold", None)  # the prompt's prefill always runs at full depth
             inputs.pop("exit_hidden_eps", None)
         return inputs
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        if outputs.cache is not None:  # transformers 5.23 looks for `outputs.past_key_values` only
+            model_kwargs[GENERATE_CACHE_KEY] = outputs.cache
+        return model_kwargs
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' save, with the architecture named as vLLM and Ouro's code know it.

@@ -197,7 +197,7 @@ class _ContinuousBatch:
         for group in _length_groups(prompts, [len(self.prompt_ids[p]) for p in prompts]):
             cache = LoopKVCache(self.model.config, mode=self.depth.kv_mode)
             ids, mask = _left_pad([self.prompt_ids[p] for p in group], self.device)  # (U, P)
-            out = self.model(ids, attention_mask=mask, past_key_values=cache, num_loops=self.depth.num_loops,
+            out = self.model(ids, attention_mask=mask, cache=cache, num_loops=self.depth.num_loops,
                              logits_to_keep=1)
             for row, p in enumerate(group):
                 self.prefills[p] = (cache, row, out.logits[row, -1])

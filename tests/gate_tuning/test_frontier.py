@@ -68,8 +68,8 @@ def test_adaptive_teacher_forced_loss_replays_with_its_exit_steps(setup):
     from looplm import LoopKVCache
 
     cache = LoopKVCache(model.config)
-    model(ids[:, : len(e.prompt_ids)], past_key_values=cache)
-    chunk_steps = model(ids[:, len(e.prompt_ids) :], past_key_values=cache, exit_threshold=0.5).exit_steps
+    model(ids[:, : len(e.prompt_ids)], cache=cache)
+    chunk_steps = model(ids[:, len(e.prompt_ids) :], cache=cache, exit_threshold=0.5).exit_steps
     steps = torch.cat([torch.full((1, len(e.prompt_ids)), 4), chunk_steps], dim=1)
     logits = model(ids, exit_steps=steps, use_cache=False).logits[0, len(e.prompt_ids) - 1 :]
     want = F.cross_entropy(logits, torch.tensor(e.completion_ids), reduction="sum").item()

@@ -42,9 +42,9 @@ def test_exit_is_the_first_loop_whose_relative_change_is_below_eps(model):
 def test_cached_decoding_matches_the_parallel_forward(model):
     ids = torch.randint(3, 99, (4, 24), generator=torch.Generator().manual_seed(1))
     cache = LoopKVCache(model.config)
-    logits, steps = [model(ids[:, :6], past_key_values=cache).logits], [torch.full((4, 6), 4)]
+    logits, steps = [model(ids[:, :6], cache=cache).logits], [torch.full((4, 6), 4)]
     for i in range(6, 24):
-        out = model(ids[:, i : i + 1], past_key_values=cache, exit_hidden_eps=EPS)
+        out = model(ids[:, i : i + 1], cache=cache, exit_hidden_eps=EPS)
         logits.append(out.logits)
         steps.append(out.exit_steps)
     steps = torch.cat(steps, dim=1)
@@ -52,8 +52,8 @@ def test_cached_decoding_matches_the_parallel_forward(model):
     torch.testing.assert_close(torch.cat(logits, 1), replay, rtol=0, atol=1e-5)
     # A one-chunk forward of the same tokens after the same prefill decides the same exits.
     cache = LoopKVCache(model.config)
-    model(ids[:, :6], past_key_values=cache)
-    chunk = model(ids[:, 6:], past_key_values=cache, exit_hidden_eps=EPS)
+    model(ids[:, :6], cache=cache)
+    chunk = model(ids[:, 6:], cache=cache, exit_hidden_eps=EPS)
     assert torch.equal(chunk.exit_steps, steps[:, 6:])
 
 

@@ -18,7 +18,7 @@ DEPTHS = [{}, {"exit_threshold": 0.6}, {"exit_hidden_eps": 0.3}]
 @torch.inference_mode()
 def prefill(model, prompt: list[int]) -> LoopKVCache:
     cache = LoopKVCache(model.config)
-    model(torch.tensor([prompt]), past_key_values=cache)
+    model(torch.tensor([prompt]), cache=cache)
     return cache
 
 
@@ -44,7 +44,7 @@ def test_decode_step_matches_the_cached_forward_in_any_slot(depth, call_bytes, m
         cache.reserve(int(cache.lengths.max()) + 1)
         out = model.decode_step(tokens[order], slots, cache, **depth)
         for j, i in enumerate(order.tolist()):
-            ref = model(tokens[i].view(1, 1), past_key_values=references[i], **depth)
+            ref = model(tokens[i].view(1, 1), cache=references[i], **depth)
             torch.testing.assert_close(out.logits[j], ref.logits[0, -1], atol=2e-5, rtol=0)
             assert int(out.exit_steps[j]) == int(ref.exit_steps[0, 0])
             exits.add(int(out.exit_steps[j]))

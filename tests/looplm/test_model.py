@@ -19,7 +19,7 @@ def decode_incrementally(model, ids, prompt_len, exit_steps=None, mode="full", n
         kwargs = {} if exit_steps is None else {"exit_steps": exit_steps[:, sl]}
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask[:, : sl.stop]
-        return model(ids[:, sl], past_key_values=cache, num_loops=num_loops, **kwargs).logits
+        return model(ids[:, sl], cache=cache, num_loops=num_loops, **kwargs).logits
 
     logits = [call(slice(0, prompt_len))]
     logits += [call(slice(i, i + 1)) for i in range(prompt_len, ids.shape[1])]
@@ -149,10 +149,10 @@ def test_adaptive_decoding_records_exits_that_replay_exactly():
     model = tiny_model()
     ids = torch.randint(3, 99, (4, 30))
     cache = LoopKVCache(model.config)
-    logits = [model(ids[:, :6], past_key_values=cache).logits]
+    logits = [model(ids[:, :6], cache=cache).logits]
     steps = [torch.full((4, 6), 4)]
     for i in range(6, 30):
-        out = model(ids[:, i : i + 1], past_key_values=cache, exit_threshold=0.6)
+        out = model(ids[:, i : i + 1], cache=cache, exit_threshold=0.6)
         logits.append(out.logits)
         steps.append(out.exit_steps)
     steps = torch.cat(steps, dim=1)
@@ -259,10 +259,10 @@ def test_loops_after_every_token_exited_are_not_computed(model):
     model.model.layers[0].register_forward_hook(lambda *args: calls.append(1))
     ids = torch.randint(3, 99, (2, 7))
     cache = LoopKVCache(model.config)
-    model(ids[:, :6], past_key_values=cache)
+    model(ids[:, :6], cache=cache)
     assert len(calls) == 4  # prefill: every loop
     calls.clear()
-    out = model(ids[:, 6:], past_key_values=cache, exit_steps=torch.ones(2, 1, dtype=torch.long))
+    out = model(ids[:, 6:], cache=cache, exit_steps=torch.ones(2, 1, dtype=torch.long))
     assert len(calls) == 1 and out.exit_steps.eq(1).all()
     # ... yet every (loop, layer) plane holds the new token, deeper loops its loop-1 K/V ("last exited").
     assert all(plane.get_seq_length() == 7 for plane in cache.layers)
