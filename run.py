@@ -3,10 +3,13 @@
     python run.py                                   # the small CPU end-to-end demo
     python run.py <recipe> [--config FILE] [key=value ...]
     python run.py [<recipe>] --help                 # the recipes' keys, types and defaults
+    python run.py demo fresh=true                   # keys are key=value; e.g. the demo, started over
 
 Each recipe is a `*Config` dataclass and a function taking it; the YAML file and the overrides only change
-the dataclass defaults (unknown keys fail with the key named). The resolved config is printed, and recipes
-that write outputs save it beside them.
+the dataclass defaults (unknown keys fail with the key named). The terminal gets a few lines of the resolved
+config (`--print-config`: all of it); recipes save it whole beside their outputs. A mistake in what was given
+(config, data, paths, values) is one line and exit status 2; `--traceback` (or LOOPRL_TRACEBACK=1) also shows
+where it was raised. Any other error is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import warnings
 
 import yaml
 
-from configs import ConfigError, describe, describe_training_args, load_config, to_dict
+from configs import ConfigError, UserError, describe, describe_training_args, load_config, to_dict
 
 logger = logging.getLogger("run")
 
@@ -54,27 +57,46 @@ SUMMARIES = {
 }
 
 
+# The resolved config's keys shown on the terminal (where present); the rest is saved with the outputs.
+SUMMARY_KEYS = ("model.path", "model", "data.train", "training.max_steps", "training.output_dir", "output_dir", "output")
+
+
 class UsageError(ValueError):
     """A recipe name or option that run.py does not know."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """-> recipe (default demo), config, overrides, help. The first word is the recipe unless it is a key=value."""
+    """-> recipe (default demo), config, overrides and the flags. The first word is the recipe unless it is a
+    key=value; `help` is --help."""
     parser = argparse.ArgumentParser(prog="run.py", add_help=False)
     parser.add_argument("--config", default=None)
     parser.add_argument("-h", "--help", action="store_true")
+    parser.add_argument("--print-config", action="store_true")
+    parser.add_argument("--traceback", action="store_true")
     parser.add_argument("words", nargs="*")
     try:
-        args = parser.parse_intermixed_args(argv)  # overrides may come before or after --config
-    except SystemExit:  # argparse has printed the problem (an unknown --option)
+        args, unknown = parser.parse_known_intermixed_args(argv)  # overrides may come before or after --config
+    except SystemExit:  # argparse has printed the problem (e.g. --config without a file)
         raise UsageError("run.py --help lists the recipes and their keys") from None
     words = list(args.words)
+    if words[:1] == ["help"]:
+        words, args.help = words[1:], True
     recipe = words.pop(0) if words and "=" not in words[0] else "demo"
     if recipe not in RECIPES:
         close = difflib.get_close_matches(recipe, list(RECIPES), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise UsageError(f"unknown recipe {recipe!r}{hint}; recipes: {', '.join(RECIPES)}")
-    return argparse.Namespace(recipe=recipe, config=args.config, overrides=words, help=args.help)
+    if unknown:
+        raise UsageError(_option_hint(unknown[0], recipe))
+    return argparse.Namespace(recipe=recipe, config=args.config, overrides=words, help=args.help,
+                              print_config=args.print_config, traceback=args.traceback)
+
+
+def _option_hint(option: str, recipe: str) -> str:
+    """`--fresh` or `--model.path=x`: a recipe key given as an option; point to its key=value form."""
+    key, sep, value = option.lstrip("-").partition("=")
+    return (f"{option} is not an option (those are --config, --help, --print-config, --traceback); a recipe's keys "
+            f"go as key=value: python run.py {recipe} {key}={value if sep else 'true'}   (run.py {recipe} --help lists them)")
 
 
 def config_class(recipe: str) -> type:
@@ -112,7 +134,8 @@ def _show(value: object) -> str:
 
 def setup_logging() -> None:
     """Recipes log through `logging`: show their INFO lines plainly, keep the libraries' chatter down."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # force: the handler writes to the sys.stderr of this call (a second main() in one process, as in tests)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "ray"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # Ray sets its "ray" logger back to INFO when imported; levels on its child loggers stay. Hidden: the
@@ -139,18 +162,46 @@ def main(argv: list[str] | None = None) -> int:
 
     module_name, config_name, function_name = RECIPES[args.recipe]
     module = importlib.import_module(module_name)
+    show_traceback = args.traceback or os.environ.get("LOOPRL_TRACEBACK", "") not in ("", "0")
     try:
         config = load_config(getattr(module, config_name), args.config, args.overrides)
-    except ConfigError as err:
-        print(f"run.py {args.recipe}: {err}\n(`run.py {args.recipe} --help` lists its keys)", file=sys.stderr)
-        return 2
-    logger.info("# run.py %s: resolved config\n%s", args.recipe, yaml.safe_dump(to_dict(config), sort_keys=False))
-    try:
+        if args.print_config:
+            logger.info("# run.py %s: resolved config\n%s", args.recipe, yaml.safe_dump(to_dict(config), sort_keys=False))
+        else:
+            logger.info("%s", config_summary(args, config))
         getattr(module, function_name)(config)
-    except ConfigError as err:  # a recipe's up-front checks of paths in its config (before any model work)
-        print(f"run.py {args.recipe}: {err}", file=sys.stderr)
+    except UserError as err:  # what the user gave, not the program: one line
+        if show_traceback:
+            raise
+        keys = f" (`run.py {args.recipe} --help` lists its keys)" if isinstance(err, ConfigError) else ""
+        print(f"run.py {args.recipe}: {one_line(err)}{keys}", file=sys.stderr)
         return 2
     return 0
+
+
+def one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+def config_summary(args: argparse.Namespace, config: object) -> str:
+    """A few lines: where the config came from and its main keys (the whole of it is saved with the outputs)."""
+    source = args.config or "defaults"
+    if args.overrides:
+        source += f" + {len(args.overrides)} override(s)"
+    flat = _flatten(to_dict(config))
+    keys = "  ".join(f"{k}={_show(flat[k])}" for k in SUMMARY_KEYS if k in flat)
+    return (f"# run.py {args.recipe}: {source}\n#   {keys}\n"
+            f"#   the full resolved config is saved with the outputs; --print-config prints it here")
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 def argv_names_recipe(argv: list[str] | None) -> bool:

@@ -16,6 +16,7 @@ from bench.exact_bench import ExactBenchConfig
 from bench.loss_memory import LossMemoryBenchConfig
 from bench.ouro_cpu import OuroCPUBenchConfig
 from bench.rollout_bench import RolloutBenchConfig
+from configs import save_config
 
 # name -> (module, function taking this benchmark's section of BenchConfig)
 BENCHMARKS: dict[str, tuple[str, str]] = {
@@ -43,6 +44,7 @@ class BenchConfig:
 
 def run_bench(config: BenchConfig) -> dict[str, Any]:
     results = {}
+    save_config(config, Path(config.output_dir) / "bench_config.yaml")  # the resolved config beside the results
     for name in config.benchmarks:
         module, function = BENCHMARKS[name]
         results[name] = getattr(importlib.import_module(module), function)(getattr(config, name))

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from configs import CONFIG_DIR, load_config, save_config
+from configs.inputs import DEMO_OUTPUT_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ RL_TASK = ["data.task.operators=+", "data.task.modulus=10"]
 
 @dataclass
 class DemoConfig:
-    output_dir: str = "outputs/demo"
+    output_dir: str = DEMO_OUTPUT_DIR
     fresh: bool = False  # true: delete earlier stages' outputs and run every stage again
     sft_config: str = str(CONFIG_DIR / "sft_tiny.yaml")
     sft_overrides: list[str] = field(default_factory=lambda: [

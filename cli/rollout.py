@@ -22,7 +22,8 @@ from typing import Any, Literal
 
 import torch
 
-from configs import ConfigError, save_config
+from configs import ConfigError, UserError, save_config
+from configs.inputs import model_folder
 from looplm import LoopLMConfig, LoopLMForCausalLM
 from looplm.tiny import TINY_SIZES, tiny_model
 from rollout.engine import (
@@ -153,18 +154,6 @@ def ensure_model(path: str, init: InitConfig) -> Path:
     return init_model(dataclasses.replace(init, output=str(folder)))
 
 
-def model_folder(path: str) -> Path:
-    """An existing model folder; a missing one is a config error that says how to create a random model."""
-    folder = Path(path)
-    if not (folder / "config.json").exists():
-        what = "no such folder" if not folder.exists() else "no config.json in it"
-        raise ConfigError(
-            f"model: {folder}: {what} (expected a LoopLM or Ouro checkpoint folder). To create a random tiny "
-            f"model there: python run.py init --config configs/init_tiny.yaml output={folder}"
-        )
-    return folder
-
-
 def load_tokenizer(model: Path, tokenizer: str | None) -> Any:
     path = Path(tokenizer) if tokenizer else model
     if tokenizer is None and not (path / "tokenizer_config.json").exists():
@@ -181,13 +170,13 @@ def load_prompts(config: PromptsConfig, vocab_size: int) -> list[Prompt]:
         return [torch.randint(0, vocab_size, (n,), generator=g).tolist() for n in lengths]
     path = Path(config.file)
     if not path.is_file():
-        raise ConfigError(f"prompts.file: {path}: no such file (expected a JSONL file of prompts)")
+        raise UserError(f"prompts.file: {path}: no such file (expected a JSONL file of prompts)")
     prompts = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
             prompts.append(_prompt_from_json(_json_line(line, f"{path}:{number}"), f"{path}:{number}"))
     if not prompts:
-        raise ValueError(f"{path}: no prompts in it (expected one JSON prompt per line)")
+        raise UserError(f"{path}: no prompts in it (expected one JSON prompt per line)")
     return prompts
 
 
@@ -195,7 +184,7 @@ def _json_line(line: str, where: str) -> Any:
     try:
         return json.loads(line)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: not JSON ({err.msg}, column {err.colno}); {PROMPT_LINE}") from None
+        raise UserError(f"{where}: not JSON ({err.msg}, column {err.colno}); {PROMPT_LINE}") from None
 
 
 PROMPT_LINE = "expected one JSON prompt per line: a list of ids, or an object with prompt_ids / messages / prompt"
@@ -210,7 +199,7 @@ def _prompt_from_json(item: Any, where: str) -> Prompt:
         for key in ("prompt_ids", "messages", "prompt"):
             if key in item:
                 return item[key]
-    raise ValueError(f"{where}: got {json.dumps(item)[:80]}; {PROMPT_LINE}")
+    raise UserError(f"{where}: got {json.dumps(item)[:80]}; {PROMPT_LINE}")
 
 
 def build_engine(

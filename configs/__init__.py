@@ -37,7 +37,14 @@ CONFIG_DIR = Path(__file__).resolve().parent
 Origin = Callable[[str], str]
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """A mistake in what the user gave (a config, a data file, a path, a value). `run.py` prints its message on
+    one line and exits 2, without a traceback (`--traceback` or LOOPRL_TRACEBACK=1 shows it); any other
+    exception is a bug in the program and keeps its traceback. The message says what, where and what was
+    expected."""
+
+
+class ConfigError(UserError):
     """A config file or override that does not fit its dataclass."""
 
 
@@ -375,6 +382,6 @@ def _plain(value: Any) -> Any:
 
 
 __all__ = [
-    "CONFIG_DIR", "ConfigError", "describe", "describe_training_args", "from_dict", "load_config", "save_config",
+    "CONFIG_DIR", "ConfigError", "UserError", "describe", "describe_training_args", "from_dict", "load_config", "save_config",
     "to_dict",
 ]

@@ -26,6 +26,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainingArgumen
 
 import looplm
 from configs import save_config
+from configs.inputs import model_folder
 from looplm import KV_MODES, LoopLMConfig, LoopLMForCausalLM
 from looplm.exit_gate import check_threshold
 from looplm.tokenizer import fix_ouro_special_tokens
@@ -201,9 +202,7 @@ class EvalRecipeConfig:
 
 def check_checkpoint(path: str | Path) -> LoopLMConfig:
     """The folder's config has T >= 2 and its weights hold the exit gate; read from disk, nothing computed."""
-    folder = Path(path)
-    if not path or not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"model.path: no checkpoint folder with a config.json at {str(path)!r}")
+    folder = model_folder(str(path), "model.path")  # a missing one: one line naming the command that makes it
     config = LoopLMConfig.from_pretrained(str(folder))
     if config.total_ut_steps < 2:
         raise ValueError(f"{folder}: total_ut_steps = {config.total_ut_steps}; exit rules need T >= 2 loops")

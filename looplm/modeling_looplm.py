@@ -26,6 +26,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.generation.utils import ALL_CACHE_NAMES
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .batch_invariant import exact_mode_aware
 from .cache import LoopKVCache, SlotKVCache
@@ -33,8 +34,9 @@ from .configuration_looplm import LoopLMConfig
 from .exit_gate import check_threshold, log_survival, q_exit_reached
 
 # transformers 5.24 renamed the KV cache `past_key_values` -> `cache` (forward kwargs, outputs, generate()'s
-# model_kwargs). The model speaks the new name only; generate() on 5.23 keeps the cache under the old key,
-# which the three generation hooks below translate.
+# model_kwargs). The model speaks the new name; a caller's `past_key_values=` still works, with a FutureWarning
+# (transformers' `deprecate_kwarg`, as on its own models). generate() on 5.23 keeps the cache under the old
+# key, which the three generation hooks below translate.
 GENERATE_CACHE_KEY = "cache" if "cache" in ALL_CACHE_NAMES else "past_key_values"
 
 # ----------------------------------------------------------------------------------------------------------
@@ -690,6 +692,7 @@ class LoopLMModel(LoopLMPreTrainedModel):
         self.embed_tokens = value
 
     @exact_mode_aware  # config.exact_mode: batch-invariant kernels (looplm.batch_invariant)
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # as transformers' own models do
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -909,6 +912,7 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     @exact_mode_aware
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

@@ -35,6 +35,8 @@ import pyarrow.compute as pc
 from datasets import Dataset, Features, List, Value, load_dataset
 from datasets.table import InMemoryTable
 
+from configs import UserError
+from configs.inputs import hub_errors
 from rewards.dapo import INVALID, extract_answer
 
 if TYPE_CHECKING:  # only for type hints: the synthetic task builds its traces with `format_trace` (here)
@@ -86,16 +88,17 @@ def _load_raw(source: str, split: str) -> Dataset:
     if path.is_file():
         builder = FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
-            raise ValueError(f"{source}: unsupported file type {path.suffix!r}; expected one of {sorted(FILE_BUILDERS)}")
+            raise UserError(f"{source}: unsupported file type {path.suffix!r}; expected one of {sorted(FILE_BUILDERS)}")
         try:
             return load_dataset(builder, data_files={"train": str(path)}, split="train")
         except Exception as error:  # not JSON, or arrow cannot build one table from the rows
-            raise ValueError(_unreadable(path, error)) from error
+            raise UserError(_unreadable(path, error)) from error
     if path.is_dir():
         return load_dataset(str(path), split=split)
     if path.suffix.lower() in FILE_BUILDERS or source.startswith((".", "/")):
-        raise FileNotFoundError(f"{source}: no such file or folder")
-    return load_dataset(source, split=split)
+        raise UserError(f"{source}: no such file or folder (and not a hub dataset name)")
+    with hub_errors("data", source):
+        return load_dataset(source, split=split)
 
 
 def _unreadable(path: Path, error: Exception) -> str:
@@ -126,22 +129,22 @@ def _head(dataset: Dataset, max_rows: int | None) -> Dataset:
 
 def _check_messages(messages: Any, where: str, field: str, role_key: str = "role", content_key: str = "content") -> None:
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where}: '{field}' must be a non-empty list of messages, got {messages!r:.80}")
+        raise UserError(f"{where}: '{field}' must be a non-empty list of messages, got {messages!r:.80}")
     for j, message in enumerate(messages):
         if not isinstance(message, Mapping):
-            raise ValueError(f"{where}: {field}[{j}] must be a {{{role_key}, {content_key}}} dict, got {message!r:.80}")
+            raise UserError(f"{where}: {field}[{j}] must be a {{{role_key}, {content_key}}} dict, got {message!r:.80}")
         for key in (role_key, content_key):
             if message.get(key) is None:
-                raise ValueError(f"{where}: {field}[{j}] has no '{key}'")
+                raise UserError(f"{where}: {field}[{j}] has no '{key}'")
         if not isinstance(message[content_key], str):
-            raise ValueError(f"{where}: {field}[{j}]['{content_key}'] must be a string")
+            raise UserError(f"{where}: {field}[{j}]['{content_key}'] must be a string")
 
 
 def _chat_messages(messages: Any, where: str, field: str) -> list[Message]:
     _check_messages(messages, where, field)
     for j, message in enumerate(messages):
         if message["role"] not in ROLES:
-            raise ValueError(f"{where}: {field}[{j}] has role {message['role']!r}; expected one of {ROLES}")
+            raise UserError(f"{where}: {field}[{j}] has role {message['role']!r}; expected one of {ROLES}")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
@@ -149,13 +152,13 @@ def _sharegpt_messages(turns: Any, where: str) -> list[Message]:
     _check_messages(turns, where, "conversations", role_key="from", content_key="value")
     for j, turn in enumerate(turns):
         if turn["from"] not in SHAREGPT_ROLES:
-            raise ValueError(f"{where}: conversations[{j}] has from={turn['from']!r}; expected one of {sorted(SHAREGPT_ROLES)}")
+            raise UserError(f"{where}: conversations[{j}] has from={turn['from']!r}; expected one of {sorted(SHAREGPT_ROLES)}")
     return [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]
 
 
 def _require_assistant(messages: list[Message], where: str, field: str) -> list[Message]:
     if not any(m["role"] == "assistant" for m in messages):
-        raise ValueError(f"{where}: '{field}' has no assistant message to train on")
+        raise UserError(f"{where}: '{field}' has no assistant message to train on")
     return messages
 
 
@@ -182,7 +185,7 @@ def _sft_schema(columns: list[str], name: str) -> str:
         return "conversations"
     if "prompt" in columns and "completion" in columns:
         return "prompt_completion"
-    raise ValueError(f"{name}: unknown SFT schema; columns found: {columns}; accepted: {ACCEPTED_SFT_SCHEMAS}")
+    raise UserError(f"{name}: unknown SFT schema; columns found: {columns}; accepted: {ACCEPTED_SFT_SCHEMAS}")
 
 
 def load_sft_dataset(
@@ -249,7 +252,7 @@ def _record_skipped(problems: list[str], skipped: list[str], source: str) -> Non
 def _non_empty(dataset: Dataset, source: str, read: int, skipped: int) -> Dataset:
     if len(dataset) == 0:
         reason = f"all {read} rows read were malformed and skipped" if skipped else f"{read} rows read"
-        raise ValueError(f"{source}: no rows left to train on ({reason})")
+        raise UserError(f"{source}: no rows left to train on ({reason})")
     return dataset
 
 
@@ -322,7 +325,7 @@ def drop_long_rows(data: SFTData, tokenizer: Any, max_length: int) -> SFTData:
     if n_train or n_eval:
         logger.warning("dropped rows longer than max_length=%d tokens: train %d, eval %d", max_length, n_train, n_eval)
     if len(train) == 0:
-        raise ValueError(f"no training rows left: all {n_train} are longer than training.max_length={max_length}")
+        raise UserError(f"no training rows left: all {n_train} are longer than training.max_length={max_length}")
     return SFTData(train, evals, {"train": n_train, "eval": n_eval})
 
 
@@ -384,30 +387,30 @@ def _chunks(column: pa.ChunkedArray) -> list[tuple[int, pa.Array]]:
 def _check_prompt_chunk(chunk: pa.Array, offset: int, name: str) -> None:
     bad = _first_true(pc.less(pc.list_value_length(chunk), 1))
     if bad is not None:
-        raise ValueError(f"{name} row {offset + bad}: 'prompt' must be a non-empty list of {{role, content}} messages")
+        raise UserError(f"{name} row {offset + bad}: 'prompt' must be a non-empty list of {{role, content}} messages")
     flat, parents = pc.list_flatten(chunk), pc.list_parent_indices(chunk)
     for key in ("role", "content"):
         missing = _first_true(pc.or_(pc.is_null(flat), pc.is_null(pc.struct_field(flat, key))))
         if missing is not None:
             row = parents[missing].as_py()
             position = missing - (chunk.offsets[row].as_py() - chunk.offsets[0].as_py())
-            raise ValueError(f"{name} row {offset + row}: prompt[{position}] has no '{key}'")
+            raise UserError(f"{name} row {offset + row}: prompt[{position}] has no '{key}'")
 
 
 def _struct_field(table: pa.Table, column: str, key: str, name: str, expected: str) -> pa.ChunkedArray:
     """`table[column][key]`, with errors naming the first row where it is missing."""
     if column not in table.column_names:
-        raise ValueError(f"{name}: no '{column}' column (expected {expected}); columns found: {table.column_names}")
+        raise UserError(f"{name}: no '{column}' column (expected {expected}); columns found: {table.column_names}")
     values = table.column(column)
     if not pa.types.is_struct(values.type) or values.type.get_field_index(key) < 0:
         row = _first_row(values, lambda v: not isinstance(v, dict) or v.get(key) is None)
-        raise ValueError(
+        raise UserError(
             f"{name} row {row}: {column} has no '{key}' (expected {expected}; the column reads as {values.type})"
         )
     field = pc.struct_field(values, key)
     bad = _first_true(pc.or_(pc.is_null(values), pc.is_null(field)))
     if bad is not None:
-        raise ValueError(f"{name} row {bad}: {column} has no '{key}' (expected {expected})")
+        raise UserError(f"{name} row {bad}: {column} has no '{key}' (expected {expected})")
     return field
 
 
@@ -418,14 +421,14 @@ def _has_key(table: pa.Table, column: str, key: str) -> bool:
 
 def _check_prompts(table: pa.Table, name: str) -> pa.ChunkedArray:
     if "prompt" not in table.column_names:
-        raise ValueError(f"{name}: no 'prompt' column; columns found: {table.column_names}")
+        raise UserError(f"{name}: no 'prompt' column; columns found: {table.column_names}")
     prompts = table.column("prompt")
     item = prompts.type.value_type if pa.types.is_list(prompts.type) or pa.types.is_large_list(prompts.type) else None
     if item is None or not pa.types.is_struct(item) or {"role", "content"} - {f.name for f in item}:
         row = _first_row(prompts, lambda v: not (
             isinstance(v, list) and v and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in v)
         ))
-        raise ValueError(
+        raise UserError(
             f"{name} row {row}: 'prompt' must be a non-empty list of {{role, content}} messages "
             f"(the column reads as {prompts.type})"
         )
@@ -437,11 +440,11 @@ def _check_prompts(table: pa.Table, name: str) -> pa.ChunkedArray:
 def _ground_truths(table: pa.Table, name: str) -> pa.ChunkedArray:
     truths = _struct_field(table, "reward_model", "ground_truth", name, "{ground_truth, style}")
     if not (pa.types.is_string(truths.type) or pa.types.is_large_string(truths.type) or pa.types.is_integer(truths.type)):
-        raise ValueError(f"{name}: reward_model.ground_truth must be a string or an integer, found type {truths.type}")
+        raise UserError(f"{name}: reward_model.ground_truth must be a string or an integer, found type {truths.type}")
     truths = pc.cast(truths, pa.string())
     empty = _first_true(pc.equal(pc.utf8_trim_whitespace(truths), ""))
     if empty is not None:
-        raise ValueError(f"{name} row {empty}: reward_model.ground_truth is empty")
+        raise UserError(f"{name} row {empty}: reward_model.ground_truth is empty")
     return truths
 
 
@@ -500,13 +503,13 @@ CALCULATOR = re.compile(r"<<[^>]*>>")
 def _gsm8k_parts(question: Any, answer: Any, where: str) -> tuple[str, str, str]:
     """(question, worked steps without calculator annotations, final number without commas)."""
     if not isinstance(question, str) or not question.strip():
-        raise ValueError(f"{where}: 'question' must be a non-empty string")
+        raise UserError(f"{where}: 'question' must be a non-empty string")
     if not isinstance(answer, str) or "####" not in answer:
-        raise ValueError(f"{where}: 'answer' must be a string ending in '#### N', got {answer!r:.80}")
+        raise UserError(f"{where}: 'answer' must be a string ending in '#### N', got {answer!r:.80}")
     steps, final = answer.rsplit("####", 1)
     final = final.strip().replace(",", "")
     if not final:
-        raise ValueError(f"{where}: 'answer' has nothing after '####'")
+        raise UserError(f"{where}: 'answer' has nothing after '####'")
     return question, CALCULATOR.sub("", steps).strip(), final
 
 
@@ -536,7 +539,7 @@ def load_gsm8k(
     dataset = _head(_load_raw(source, split), max_rows)
     missing = {"question", "answer"} - set(dataset.column_names)
     if missing:
-        raise ValueError(f"{source}: not GSM8K; missing {sorted(missing)}; columns found: {dataset.column_names}")
+        raise UserError(f"{source}: not GSM8K; missing {sorted(missing)}; columns found: {dataset.column_names}")
     outputs = {"prompt": MESSAGES, "ground_truth": Value("string")} if form == "grpo" else {"messages": MESSAGES}
     return _convert_rows(
         dataset,

@@ -27,7 +27,8 @@ from transformers.trainer_callback import ProgressCallback
 from trl import GRPOConfig
 
 import looplm
-from configs import save_config
+from configs import UserError, save_config
+from configs.inputs import hub_errors, model_source
 from looplm import LoopLMForCausalLM
 from looplm.tokenizer import CHAT_TEMPLATE, fix_ouro_special_tokens
 from posttrain.callbacks import CompactProgress
@@ -197,9 +198,10 @@ def load_grpo_data(cfg: GRPODataSection) -> tuple[Dataset, Dataset]:
 
 
 def load_policy(cfg: GRPOModelSection) -> tuple[LoopLMForCausalLM, PreTrainedTokenizerBase]:
-    model = LoopLMForCausalLM.from_pretrained(cfg.path, dtype=torch.float32)
+    with hub_errors("model.path", model_source(cfg.path)):  # a missing folder: one line naming its command
+        model = LoopLMForCausalLM.from_pretrained(cfg.path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path or cfg.path)
     model.config.exact_mode = cfg.exact_mode  # shipped with the config to the engine's copy
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path or cfg.path)
     if not tokenizer.chat_template:
         tokenizer.chat_template = CHAT_TEMPLATE
     fix_ouro_special_tokens(tokenizer, model)
@@ -293,7 +295,7 @@ def resume_arg(args: GRPOConfig) -> str | None:
             logger.info("no complete checkpoint in %s: fresh start", args.output_dir)
         return found
     if value is not None and not Path(value).is_dir():
-        raise FileNotFoundError(f"training.resume_from_checkpoint: no checkpoint folder {value}")
+        raise UserError(f"training.resume_from_checkpoint: no checkpoint folder {value}")
     return value
 
 

@@ -41,7 +41,8 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
 import looplm
-from configs import save_config
+from configs import UserError, save_config
+from configs.inputs import hub_errors, model_source
 from looplm import LoopLMConfig, LoopLMForCausalLM, exit_log_pdf
 from looplm.losses import final_loop_loss, mean_loop_loss, per_loop_token_losses, stage1_loss
 from looplm.tokenizer import CHAT_TEMPLATE, THINK_CLOSE, THINK_OPEN, build_tokenizer, fix_ouro_special_tokens
@@ -164,12 +165,15 @@ def build_model_and_tokenizer(
     cfg: ModelSection, corpus: Sequence[str] | None = None, seed: int = 0
 ) -> tuple[LoopLMForCausalLM, PreTrainedTokenizerBase]:
     """Load (or build) the LoopLM and its tokenizer, with the chat template and Ouro's bos/eos fix applied."""
+    if cfg.path is not None:
+        model_source(cfg.path)  # a missing local folder: one line naming its command, before any work
     tokenizer = load_tokenizer(cfg, corpus)
     if cfg.path is None:
         torch.manual_seed(seed)
         model = LoopLMForCausalLM(tiny_model_config(cfg, tokenizer))
     else:
-        model = LoopLMForCausalLM.from_pretrained(cfg.path, dtype=torch.float32)
+        with hub_errors("model.path", cfg.path):
+            model = LoopLMForCausalLM.from_pretrained(cfg.path, dtype=torch.float32)
         if cfg.total_ut_steps is not None:
             model.config.total_ut_steps = cfg.total_ut_steps
     ensure_think_tokens(tokenizer, model)
@@ -182,7 +186,8 @@ def load_tokenizer(cfg: ModelSection, corpus: Sequence[str] | None) -> PreTraine
     source = cfg.tokenizer_path or cfg.path
     if source is None:
         return build_tokenizer(corpus, vocab_size=cfg.tokenizer_vocab_size)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    with hub_errors("model.tokenizer_path" if cfg.tokenizer_path else "model.path", source):
+        tokenizer = AutoTokenizer.from_pretrained(source)
     if cfg.chat_template == "looprl":
         tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
@@ -362,7 +367,7 @@ def resume_checkpoint(args: SFTConfig) -> str | None:
             logger.info("training.resume_from_checkpoint=%s: no checkpoint in %s, fresh start", value, args.output_dir)
         return found
     if value is not None and not Path(value).is_dir():
-        raise FileNotFoundError(f"training.resume_from_checkpoint: no checkpoint folder {value}")
+        raise UserError(f"training.resume_from_checkpoint: no checkpoint folder {value}")
     return value
 
 

@@ -7,10 +7,11 @@ import dataclasses
 import logging
 from typing import Literal
 
+import pytest
 import torch
 
-from configs import CONFIG_DIR, describe
-from run import RECIPES, main
+from configs import CONFIG_DIR, UserError, describe, load_config
+from run import RECIPES, config_class, config_summary, main, parse_args
 
 
 @dataclasses.dataclass
@@ -90,3 +91,52 @@ def test_the_demo_prints_the_frontier_table_once_in_its_report():
         log.removeHandler(collect)
         log.setLevel(level)
     assert collect.messages == ["chosen q 0.4: 2.29 loops per token"]
+
+
+@pytest.mark.parametrize(("argv", "form"), [
+    (["--fresh"], "python run.py demo fresh=true"),
+    (["grpo", "--model.path=x"], "python run.py grpo model.path=x"),
+])
+def test_an_option_that_is_a_key_points_to_the_key_value_form(capsys, argv, form):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert form in err and len(err.strip().splitlines()) == 1
+
+
+def test_help_as_a_word_is_help(capsys):
+    assert main(["help"]) == 0
+    assert "\ngrpo: " in capsys.readouterr().out
+
+
+def test_a_missing_model_folder_is_one_line_or_a_traceback_on_request(tmp_path, capsys, monkeypatch):
+    argv = ["grpo", "--config", str(CONFIG_DIR / "grpo_tiny.yaml"), f"model.path={tmp_path / 'sft'}",
+            f"training.output_dir={tmp_path / 'out'}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"run.py grpo: model.path: {tmp_path / 'sft'}: no such folder" in err and "run.py init" in err
+    assert "Traceback" not in err and len([line for line in err.splitlines() if line.startswith("run.py")]) == 1
+    with pytest.raises(UserError, match="no such folder"):
+        main([*argv, "--traceback"])
+    monkeypatch.setenv("LOOPRL_TRACEBACK", "1")
+    with pytest.raises(UserError, match="no such folder"):
+        main(argv)
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    import cli.rollout
+
+    def broken(config):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(cli.rollout, "run_init", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        main(["init"])
+
+
+def test_the_terminal_gets_a_summary_of_the_config():
+    args = parse_args(["grpo", "--config", "configs/grpo_tiny.yaml", "training.max_steps=3"])
+    config = load_config(config_class("grpo"), args.config, args.overrides)
+    text = config_summary(args, config)
+    assert len(text.splitlines()) == 3
+    assert "configs/grpo_tiny.yaml + 1 override(s)" in text and "training.max_steps=3" in text
+    assert "model.path='outputs/demo/sft'" in text and "--print-config" in text

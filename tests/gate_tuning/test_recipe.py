@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from configs import CONFIG_DIR, ConfigError, load_config
+from configs import CONFIG_DIR, ConfigError, UserError, load_config
 from gate_tuning import recipe
 from gate_tuning.recipe import (
     EvalRecipeConfig,
@@ -143,5 +143,5 @@ def test_bad_settings_fail_at_load_time(checkpoint, tmp_path, override, message)
 
 
 def test_a_missing_folder_is_named(tmp_path, no_compute):
-    with pytest.raises(FileNotFoundError, match="no checkpoint folder"):
+    with pytest.raises(UserError, match="model.path: .*nowhere: no such folder"):
         run_gate(gate_cfg(tmp_path / "nowhere", tmp_path / "out"))

@@ -281,3 +281,15 @@ def test_cached_decoding_is_the_same_function_in_float64():
     full = model(ids, exit_steps=steps, use_cache=False).logits.log_softmax(-1)
     incremental = decode_incrementally(model, ids, prompt_len=6, exit_steps=steps)[0].log_softmax(-1)
     assert (full - incremental).abs().max().item() <= 1e-12
+
+
+def test_the_cache_keeps_transformers_old_name_with_a_warning(model):
+    """transformers 5.24 renamed past_key_values -> cache; old callers (and old code in bench's baselines) work."""
+    model.eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 6))
+    new = LoopKVCache(model.config)
+    model(ids[:, :5], cache=new)
+    with pytest.warns(FutureWarning, match="past_key_values"):
+        old = LoopKVCache(model.config)
+        model(ids[:, :5], past_key_values=old)
+    torch.testing.assert_close(model(ids[:, 5:], cache=old).logits, model(ids[:, 5:], cache=new).logits)

@@ -12,6 +12,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from configs import UserError
 from posttrain.data import (
     SFTData,
     drop_overlong,
@@ -129,7 +130,7 @@ def test_unknown_schema_lists_columns_and_accepted_schemas(tmp_path: Path) -> No
 
 
 def test_missing_local_file_is_not_sent_to_the_hub(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UserError, match="absent.jsonl: no such file or folder"):
         load_sft_dataset(str(tmp_path / "absent.jsonl"))
 
 
