@@ -138,6 +138,8 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "ray"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # huggingface_hub's retry warnings for an unreachable hub: our one line says so (configs.inputs.hub_errors).
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     # Ray sets its "ray" logger back to INFO when imported; levels on its child loggers stay. Hidden: the
     # "Started a local Ray instance" line, and the warning at every local ray.init that token auth is on by
     # default (the pool keeps that default).

@@ -63,7 +63,7 @@ def hub_errors(key: str, name: str | None) -> Iterator[None]:
         if name is None or Path(name).exists():
             raise
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{key}: {name!r} is no local folder, and loading it from the Hugging Face hub failed: "
+        raise UserError(f"{key}: {name!r} is not a local folder, and loading it from the Hugging Face hub failed: "
                         f"{reason}") from err
 
 

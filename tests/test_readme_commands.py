@@ -24,7 +24,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 # Kept out: what a CPU machine cannot run, or cannot run in minutes.
-NEEDS_MORE = ("/path/to", "...", "ouro_1.4b", "cuda", "ouro_cpu", "<recipe>", "X.yaml")
+NEEDS_MORE = ("/path/to", "...", "ouro_1.4b", "cuda", "ouro_cpu", "<recipe>", "X.yaml",
+              "fresh=true")  # the demo again from scratch: the first command is that run
 
 # Appended to each kept command of that recipe: the same code paths at a small size.
 SMALL: dict[str, list[str]] = {
