@@ -112,7 +112,9 @@ def _show(value: object) -> str:
 
 def setup_logging() -> None:
     """Recipes log through `logging`: show their INFO lines plainly, keep the libraries' chatter down."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Under torchrun / accelerate launch only the main process (RANK 0) tells the story; the others warn.
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="%(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "ray"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # Ray sets its "ray" logger back to INFO when imported; levels on its child loggers stay. Hidden: the
