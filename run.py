@@ -134,8 +134,10 @@ def _show(value: object) -> str:
 
 def setup_logging() -> None:
     """Recipes log through `logging`: show their INFO lines plainly, keep the libraries' chatter down."""
+    # Under torchrun / accelerate launch only the main process (RANK 0) tells the story; the others warn.
+    main_process = int(os.environ.get("RANK", "0")) == 0
     # force: the handler writes to the sys.stderr of this call (a second main() in one process, as in tests)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="%(message)s", force=True)
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "ray"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # huggingface_hub's retry warnings for an unreachable hub: our one line says so (configs.inputs.hub_errors).

@@ -239,7 +239,7 @@ def _pool_actors(folder: str, vocab: int, config: RolloutBenchConfig) -> list[di
     rows = []
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(num_cpus=config.pool_threads, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=config.pool_threads, include_dashboard=False, log_to_driver=False)
     try:
         for actors, threads in dict.fromkeys(layouts):
             with RolloutPool(folder, PoolConfig(num_actors=actors, threads_per_actor=threads)) as pool:

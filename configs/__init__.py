@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import enum
 import inspect
+import logging
 import sys
 import types
 import typing
@@ -295,12 +296,19 @@ def _training_args_diff(args: Any) -> dict[str, Any]:
 
 
 def _rebuilds(cls: type[Any], kwargs: dict[str, Any], fields: list[dataclasses.Field], state: dict[str, Any]) -> bool:
+    # A trial build sets up devices: under torchrun, one without use_cpu warns that the process group does not
+    # match its parallel mode. Trials are not the run's arguments: keep them quiet.
+    args_logger = logging.getLogger("transformers.training_args")
+    level = args_logger.level
+    args_logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return _fields_state(cls(**kwargs), fields) == state
     except (TypeError, ValueError):
         return False
+    finally:
+        args_logger.setLevel(level)
 
 
 def _fields_state(args: Any, fields: list[dataclasses.Field]) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from posttrain.loop_grpo import (
     latest_complete_checkpoint,
 )
 from posttrain.sft import LoraSection
+from posttrain.shared_rollouts import check_launch
 from posttrain.synthetic import ArithmeticTask, to_dataset
 from rewards import get_reward_funcs
 from rollout.engine import DepthConfig, RolloutEngine, SamplingConfig
@@ -258,13 +259,14 @@ class MetricsFile(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         """On resume, drop the rows a killed run wrote after its last checkpoint: no step is logged twice."""
-        if self.path.exists():
+        if state.is_world_process_zero and self.path.exists():
             rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
             kept = [r for r in rows if r["step"] <= state.global_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs or "reward" not in logs:  # eval and end-of-training summaries carry no reward
+        # Only the main process writes (the logged metrics already cover every process's part of the batch).
+        if not state.is_world_process_zero or not logs or "reward" not in logs:  # eval/summary logs have no reward
             return
         row = {"step": state.global_step} | {self.ALIASES.get(k, k): v for k, v in logs.items()}
         with self.path.open("a") as f:
@@ -304,19 +306,30 @@ def resume_arg(args: GRPOConfig) -> str | None:
 
 
 def run_grpo(config: GRPORecipeConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
-    """Train with GRPO/DAPO; -> results (also `<output_dir>/results.json`)."""
+    """Train with GRPO/DAPO; -> results (also `<output_dir>/results.json`).
+
+    Under `torchrun` / `accelerate launch` every process runs this; the main process alone owns the rollout
+    engine (one Ray pool for the job), evaluates, and writes the config, metrics, results and model."""
     args = config.training
+    if args.ddp_find_unused_parameters is None:  # under DDP: only a gate trained without the exit action gets no grad
+        args.ddp_find_unused_parameters = config.model.gate_trainable and not config.loop.exit_action
+    check_launch(args.world_size, args.use_cpu)
+    main = args.process_index == 0
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / CONFIG_FILE)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / CONFIG_FILE)
     train, held = load_grpo_data(config.data)
     model, tokenizer = load_policy(config.model)
     reward_funcs = get_reward_funcs(config.rewards.names, **config.rewards.options)
-    engine = build_engine(config.rollout, model, config.model.path, tokenizer)
+    engine = build_engine(config.rollout, model, config.model.path, tokenizer) if main else None
+    if args.world_size > 1:
+        logger.info("%d training processes share the main process's %s engine", args.world_size, config.rollout.engine)
     try:
-        results: dict[str, Any] = {"train_rows": len(train), "eval_rows": len(held), "seed": args.seed}
+        results: dict[str, Any] = {"train_rows": len(train), "eval_rows": len(held), "seed": args.seed,
+                                   "processes": args.world_size}
         resume = resume_arg(args)
-        if config.eval.num_prompts and not resume:
+        if main and config.eval.num_prompts and not resume:
             results["before"] = evaluate(engine, tokenizer, held, config)
         trainer = LoopGRPOTrainer(
             model=model, reward_funcs=reward_funcs, args=args, train_dataset=train, processing_class=tokenizer,
@@ -330,16 +343,18 @@ def run_grpo(config: GRPORecipeConfig, callbacks: list[TrainerCallback] | None =
         results |= {"global_step": trainer.state.global_step, "train_loss": train_output.training_loss,
                     "completions_generated": trainer.completions_generated}
         final = final_policy(trainer)
-        engine.load_weights(final.state_dict(), version=trainer.state.global_step)
-        if config.eval.num_prompts:
-            results["after"] = evaluate(engine, tokenizer, held, config)
-        save_model(final, tokenizer, out / MODEL_DIR)
+        if main:
+            engine.load_weights(final.state_dict(), version=trainer.state.global_step)
+            if config.eval.num_prompts:
+                results["after"] = evaluate(engine, tokenizer, held, config)
+            save_model(final, tokenizer, out / MODEL_DIR)
     finally:
         close = getattr(engine, "close", None)
         if close is not None:
             close()
-    (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=float) + "\n")
-    log_summary(results)
+    if main:
+        (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=float) + "\n")
+        log_summary(results)
     return results
 
 

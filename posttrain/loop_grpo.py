@@ -35,19 +35,22 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 
 from looplm import exit_log_pdf
 from looplm.exit_gate import exit_log_prob
 from posttrain.callbacks import NonFiniteGuard
+from posttrain.shared_rollouts import SharedEngine, full_state_dict
 from rollout.engine import DepthConfig, RolloutEngine, RolloutRecord, SamplingConfig, processed_logprobs
 from rollout.parity import k3_kl
 
@@ -174,29 +177,46 @@ def rollout_exit_logps(records: Sequence[RolloutRecord], completion_width: int) 
 
 
 def parity_metrics(
-    rollout_logps: torch.Tensor, trainer_logps: torch.Tensor, mask: torch.Tensor
+    rollout_logps: torch.Tensor, trainer_logps: torch.Tensor, mask: torch.Tensor, gather: Gather | None = None
 ) -> dict[str, float]:
-    """(B, C) x 2 and a (B, C) mask -> max and mean |dlogp| and the k3 KL estimate over the completion tokens."""
+    """(B, C) x 2 and a (B, C) mask -> max and mean |dlogp| and the k3 KL estimate over the completion tokens.
+
+    gather: stacks each training process's (k,) partial sums into (processes, k) (the trainer passes
+    accelerate's gather), so every process reports the whole batch's numbers; None: this process's alone."""
     keep = mask.bool()
-    rollout, trainer = rollout_logps[keep].double(), trainer_logps[keep].double()
-    if rollout.numel() == 0:
-        return {"parity/max_abs": 0.0, "parity/mean_abs": 0.0, "parity/kl": 0.0}
+    rollout, trainer = rollout_logps[keep].double().cpu(), trainer_logps[keep].double().cpu()
     gap = (rollout - trainer).abs()
+    parts = torch.stack([
+        gap.max() if gap.numel() else torch.zeros((), dtype=torch.float64), gap.sum(),
+        k3_kl(rollout, trainer).double().sum(), torch.tensor(float(gap.numel()), dtype=torch.float64),
+    ])
+    parts = (gather or _alone)(parts)  # (processes, 4)
+    tokens = parts[:, 3].sum().clamp(min=1.0)
     return {
-        "parity/max_abs": gap.max().item(),
-        "parity/mean_abs": gap.mean().item(),
-        "parity/kl": k3_kl(rollout, trainer).mean().item(),
+        "parity/max_abs": parts[:, 0].max().item(),
+        "parity/mean_abs": (parts[:, 1].sum() / tokens).item(),
+        "parity/kl": (parts[:, 2].sum() / tokens).item(),
     }
 
 
-def exit_metrics(records: Sequence[RolloutRecord], num_loops: int) -> dict[str, float]:
+def exit_metrics(records: Sequence[RolloutRecord], num_loops: int, gather: Gather | None = None) -> dict[str, float]:
     """Mean exit loop of the decoded positions that ran (each completion's last token never does) and its
-    histogram, as fractions per loop."""
-    steps = torch.tensor([s for r in records for s in r.exit_steps[:-1]] or [num_loops], dtype=torch.float32)
-    hist = torch.bincount(steps.long(), minlength=num_loops + 1)[1:].float() / steps.numel()
-    return {"loops/mean_exit_loop": steps.mean().item()} | {
-        f"loops/exit_frac_{t + 1}": v for t, v in enumerate(hist.tolist())
-    }
+    histogram, as fractions per loop, over every training process's records (`gather`: see parity_metrics)."""
+    steps = torch.tensor([s for r in records for s in r.exit_steps[:-1]], dtype=torch.long)
+    counts = torch.bincount(steps, minlength=num_loops + 1)[1:].double()  # (T,)
+    counts = (gather or _alone)(counts).sum(0)
+    if counts.sum() == 0:  # no position ran (one-token completions): report full depth, as the engine ran it
+        counts[-1] = 1.0
+    hist = counts / counts.sum()
+    mean = (hist * torch.arange(1, num_loops + 1, dtype=torch.float64)).sum().item()
+    return {"loops/mean_exit_loop": mean} | {f"loops/exit_frac_{t + 1}": v for t, v in enumerate(hist.tolist())}
+
+
+Gather = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _alone(parts: torch.Tensor) -> torch.Tensor:
+    return parts[None]
 
 
 def importance_weights(
@@ -225,14 +245,15 @@ def importance_weights(
 class LoopGRPOTrainer(GRPOTrainer):
     """GRPOTrainer whose rollouts come from a LoopRL engine and whose update replays their depths.
 
-    engine: where completions come from (its weights are synced from the trainer's model every step).
+    engine: where completions come from (its weights are synced from the trainer's model every step). With several
+    training processes, the main process's engine serves them all (`SharedEngine`); the others pass None.
     depth: the rollout's depth policy. rollout_seed: base seed of the engine's sampling noise (per step).
     """
 
     def __init__(
         self,
         *args,
-        engine: RolloutEngine,
+        engine: RolloutEngine | None,
         depth: DepthConfig,
         loop: LoopRLConfig | None = None,
         dynamic_sampling: DynamicSamplingConfig | None = None,
@@ -240,10 +261,18 @@ class LoopGRPOTrainer(GRPOTrainer):
         **kwargs,
     ):
         super().__init__(*args, rollout_func=self._rollout_func, **kwargs)
-        self.engine, self.depth = engine, depth
+        self.engine = SharedEngine(engine, self.accelerator.process_index, self.accelerator.num_processes)
+        self.depth = depth
         self.loop = loop or LoopRLConfig()
         self.add_callback(NonFiniteGuard(self.loop.max_consecutive_nonfinite_steps))
         self.dynamic = dynamic_sampling or DynamicSamplingConfig()
+        if self.accelerator.num_processes > 1 and self.args.per_device_train_batch_size % self.num_generations:
+            raise ValueError(
+                f"training.per_device_train_batch_size={self.args.per_device_train_batch_size} with "
+                f"{self.accelerator.num_processes} processes: it must be a multiple of training.num_generations="
+                f"{self.num_generations}, so that each process holds whole groups (rollouts and dynamic sampling "
+                "work per group)"
+            )
         self.rollout_seed = rollout_seed
         self.num_loops = self._policy().config.total_ut_steps
         if self._policy().config.exact_mode:
@@ -271,9 +300,13 @@ class LoopGRPOTrainer(GRPOTrainer):
     def _sync_weights(self) -> int:
         version = self.state.global_step
         if self.engine.policy_version != version or not self._weights_synced:
-            self.engine.load_weights(policy_state_dict(self.accelerator.unwrap_model(self.model)), version)
+            self.engine.load_weights(gathered_policy_state(self.accelerator, self.model), version)
             self._weights_synced = True
         return version
+
+    def _gather(self, parts: torch.Tensor) -> torch.Tensor:
+        """(k,) partial sums of this process -> (processes, k): the metrics cover the whole batch."""
+        return self.accelerator.gather(parts[None].to(self.accelerator.device)).cpu()
 
     def _sampling(self, n: int) -> SamplingConfig:
         args = self.args
@@ -295,11 +328,13 @@ class LoopGRPOTrainer(GRPOTrainer):
         stale = {r.policy_version for r in records} - {version}
         if stale:
             raise RuntimeError(f"rollout records carry policy versions {sorted(stale)}, expected {version}")
-        self.completions_generated += len(records)
-        self._phase("generate", time.perf_counter() - start)
-        self._metrics["train"]["rollout/tokens_per_s"].append(
-            sum(len(r.completion_ids) for r in records) / max(time.perf_counter() - start, 1e-9)
-        )
+        seconds = time.perf_counter() - start
+        self._phase("generate", seconds)
+        # Every process's completions and tokens: the engine generated them all in `seconds`.
+        count, tokens = self._gather(torch.tensor([len(records), sum(len(r.completion_ids) for r in records)],
+                                                  dtype=torch.float64)).sum(0).tolist()
+        self.completions_generated += int(count)
+        self._metrics["train"]["rollout/tokens_per_s"].append(tokens / max(seconds, 1e-9))
         return records
 
     def _rollout_func(self, prompts: list, trainer: GRPOTrainer) -> dict[str, list]:
@@ -322,10 +357,12 @@ class LoopGRPOTrainer(GRPOTrainer):
         }
 
     def _log_rollout_metrics(self, records: Sequence[RolloutRecord]) -> None:
-        for name, value in exit_metrics(records, self.num_loops).items():
+        for name, value in exit_metrics(records, self.num_loops, self._gather).items():
             self._metrics["train"][name].append(value)
-        truncated = sum(r.finish_reason == "length" for r in records) / len(records)
-        self._metrics["train"]["completions/truncated_frac"].append(truncated)
+        truncated, count = self._gather(
+            torch.tensor([sum(r.finish_reason == "length" for r in records), len(records)], dtype=torch.float64)
+        ).sum(0).tolist()
+        self._metrics["train"]["completions/truncated_frac"].append(truncated / max(count, 1.0))
         self._metrics["train"]["rollout/completions_total"].append(float(self.completions_generated))
 
     # -- one generation batch: rollouts, rewards, trainer log-probs, parity --------------------------------
@@ -361,7 +398,7 @@ class LoopGRPOTrainer(GRPOTrainer):
                 rollout_exit = rollout_exit_logps(self._records, width).to(exit_logps.device)
                 metrics |= {
                     name.replace("parity/", "parity/exit_"): value
-                    for name, value in parity_metrics(rollout_exit, exit_logps, completion_mask).items()
+                    for name, value in parity_metrics(rollout_exit, exit_logps, completion_mask, self._gather).items()
                 }
                 if old is None:
                     output["old_per_token_logps"] = trainer_logps + exit_logps
@@ -376,7 +413,7 @@ class LoopGRPOTrainer(GRPOTrainer):
                         else self._get_per_token_logps_and_entropies(self.model, ids, mask, width, batch)[0]
                     )
         rollout_logps = output["sampling_per_token_logps"]
-        metrics = parity_metrics(rollout_logps, trainer_logps, completion_mask) | metrics
+        metrics = parity_metrics(rollout_logps, trainer_logps, completion_mask, self._gather) | metrics
         for name, value in metrics.items():
             self._metrics["train"][name].append(value)
         worst = max(metrics["parity/max_abs"], metrics.get("parity/exit_max_abs", 0.0))
@@ -555,7 +592,9 @@ class LoopGRPOTrainer(GRPOTrainer):
                 (kept if take else dropped).append((row, records))
                 refilled += int(take and rounds > 0)
             rounds += 1
-            missing = wanted - len(kept)
+            # Every process runs the same rounds of the same size (generation and rewards are collective): the
+            # most groups any process still misses.
+            missing = int(self._gather(torch.tensor([float(wanted - len(kept))])).max())
             if missing == 0 or rounds > self.dynamic.max_retries:
                 break
             candidates = self._fresh_rows(math.ceil(missing * self.dynamic.oversample), rounds)
@@ -581,6 +620,8 @@ class LoopGRPOTrainer(GRPOTrainer):
         prompts = [row["prompt"] for row in repeated]
         start = time.perf_counter()
         per_func = self._calculate_rewards(repeated, prompts, completions, [r.completion_ids for r in records])
+        # TRL gathers every process's rewards (equal counts: the rounds are the same size); keep this process's.
+        per_func = per_func.view(self.accelerator.num_processes, len(records), -1)[self.accelerator.process_index]
         self._phase("reward", time.perf_counter() - start)
         rewards = (per_func * self.reward_weights.to(per_func.device)).nansum(dim=1).view(len(rows), G)
         informative = (rewards.max(dim=1).values - rewards.min(dim=1).values > 1e-6).tolist()
@@ -588,7 +629,8 @@ class LoopGRPOTrainer(GRPOTrainer):
 
     def _fresh_rows(self, count: int, attempt: int) -> list[dict[str, Any]]:
         """Prompts drawn from the training set by a seed of (run seed, step, round): resumable."""
-        rng = random.Random(self.rollout_seed * 7919 + self.state.global_step * 101 + attempt)
+        process = self.accelerator.process_index  # each process draws its own prompts
+        rng = random.Random(self.rollout_seed * 7919 + self.state.global_step * 101 + attempt + process * 1_000_003)
         data = self.train_dataset
         return [data[rng.randrange(len(data))] for _ in range(count)]
 
@@ -669,6 +711,20 @@ def _entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+def gathered_policy_state(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The policy's full weights in the main process (the engine's owner), None in the others. Under FSDP every
+    process must call it: accelerate gathers the shards into the full state dict on the main process. Under DDP
+    the main process's replica is the policy: the others compute nothing."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        if hasattr(accelerator.unwrap_model(model), "merge_adapter"):
+            raise NotImplementedError("rollout weights of a LoRA model under FSDP: not supported (use DDP or full FT)")
+        state = full_state_dict(accelerator.unwrap_model(model))
+        return state if accelerator.is_main_process else None
+    if not accelerator.is_main_process:
+        return None
+    return policy_state_dict(accelerator.unwrap_model(model))
+
+
 def policy_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The LoopLM's weights as its checkpoint names them; a LoRA model's adapters are merged in (and out again)."""
     if not hasattr(model, "merge_adapter"):
@@ -691,6 +747,7 @@ __all__ = [
     "LoopRLConfig",
     "exit_action_logps",
     "exit_metrics",
+    "gathered_policy_state",
     "importance_weights",
     "latest_complete_checkpoint",
     "loop_credit_weights",

@@ -49,6 +49,7 @@ from looplm.tokenizer import CHAT_TEMPLATE, THINK_CLOSE, THINK_OPEN, build_token
 from posttrain.callbacks import CompactProgress
 from posttrain.data import SFTData, corpus_of, drop_long_rows, load_sft_data
 from posttrain.evaluation import sample_check
+from posttrain.shared_rollouts import check_launch
 from posttrain.synthetic import ArithmeticTask
 from rollout.engine import SamplingConfig
 
@@ -403,6 +404,7 @@ def save_output(
 
 def run_sft(config: SFTRecipeConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
     """Train, save a loadable folder, check it; -> results (also written to <output_dir>/sft_results.json)."""
+    check_launch(config.training.world_size, config.training.use_cpu)
     seed_everything(config.training.seed)
     if config.training.disable_tqdm:
         quiet_progress_bars()
@@ -421,6 +423,8 @@ def run_sft(config: SFTRecipeConfig, callbacks: list[TrainerCallback] | None = N
     if data.eval is not None:
         results["eval_after"] = trainer.evaluate()
     results["exit_history"] = exit_history(trainer.state.log_history)
+    if not trainer.is_world_process_zero():  # under torchrun / accelerate launch the main process saves and checks
+        return results
     probe = probe_batch(trainer) if config.lora.enabled else None
     adapter_logits = lora_effect(trainer, probe, results) if probe is not None else None
     out = save_output(final_model(trainer), tokenizer, config, config.training.output_dir)

@@ -1,6 +1,12 @@
 """The Ray actor pool: N rollout actors, each a `TorchEngine`, behind the same `generate` interface.
 
-* `ray.init()` starts a local cluster, or joins one with `ray_address` ("auto", "host:port").
+* Ray: `ray_address` ("auto", "host:port") joins a running (multi-node) cluster; without it (and without
+  `RAY_ADDRESS`) the pool starts a private local Ray, even when a cluster already runs on this machine (a running
+  one is named in the log, with the setting that joins it). The log says which it did.
+* Each actor holds `threads_per_actor` CPUs and `gpus_per_actor` GPUs (a fraction shares a GPU, e.g. with a
+  trainer process); with `placement` pack or spread they sit in one Ray placement group (a bundle per actor),
+  packed onto few nodes or spread over many. Inside, the engine runs on the GPU Ray assigned (CUDA visible),
+  else on CPU, in the policy's dtype; the pool logs each actor's node and device once.
 * Weights go out once per policy version: `ray.put` once (as NumPy arrays, which actors on a node read
   zero-copy from the object store), every actor loads the same object; records carry that version.
 * Prompts are split into contiguous chunks, queued; each actor is handed the next chunk as it frees up, so a
@@ -24,12 +30,14 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import ray
 import torch
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from looplm import LoopLMConfig, LoopLMForCausalLM
 
@@ -51,8 +59,16 @@ logger = logging.getLogger(__name__)
 class PoolConfig:
     num_actors: int = 2
     threads_per_actor: int = 1  # torch CPU threads (and Ray CPUs reserved) per actor
-    ray_address: str | None = None  # None: start a local Ray; "auto" or "host:port": join a running cluster
-    num_cpus: int | None = None  # CPUs of a local Ray (None: all); ignored when joining
+    ray_address: str | None = None  # None: a private local Ray (or RAY_ADDRESS); "auto" / "host:port": join a cluster
+    num_cpus: int | None = None  # CPUs of a private local Ray (None: all); ignored when joining
+    # GPUs Ray reserves for each actor: 1 for a GPU of its own, a fraction (0.5) to share one, e.g. with a trainer
+    # process. The engine runs on the GPU Ray assigns; with 0 it runs on CPU threads.
+    gpus_per_actor: float = 0.0
+    # none: each actor placed on its own by Ray; pack / spread: one placement group, a bundle per actor (CPUs and
+    # GPUs above), on as few nodes as fit (pack) or over as many nodes as possible (spread). Soft: a bundle whose
+    # node is lost is placed again wherever it fits.
+    placement: Literal["none", "pack", "spread"] = "none"
+    placement_timeout_s: float = 120.0  # how long to wait for the cluster to place the actors before failing
     max_batch_size: int = 32  # rows decoded together inside one actor
     # Each actor decodes fixed-depth steps through torch.compile (LoopLMModel.compile_decode): 1.4x at batch 1 on
     # CPU after a compile of tens of seconds per actor (a C++ compiler is needed). Worth it for long runs.
@@ -75,6 +91,16 @@ class PoolConfig:
             raise ValueError(f"pool.chunk_prompts must be >= 1 or null, got {self.chunk_prompts}")
         if self.actor_timeout_s is not None and self.actor_timeout_s <= 0:
             raise ValueError(f"pool.actor_timeout_s must be > 0 or null, got {self.actor_timeout_s}")
+        if self.gpus_per_actor < 0 or (self.gpus_per_actor > 1 and self.gpus_per_actor != int(self.gpus_per_actor)):
+            raise ValueError(
+                f"pool.gpus_per_actor must be a fraction in [0, 1] or a whole number, got {self.gpus_per_actor}"
+            )
+        if self.placement not in ("none", "pack", "spread"):
+            raise ValueError(f"pool.placement must be none, pack or spread, got {self.placement!r}")
+
+    def bundle(self) -> dict[str, float]:
+        """The Ray resources one actor holds."""
+        return {"CPU": float(self.threads_per_actor)} | ({"GPU": self.gpus_per_actor} if self.gpus_per_actor else {})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -102,19 +128,21 @@ def unpack_state_dict(packed: Mapping[str, tuple[np.ndarray, str]]) -> dict[str,
 
 
 class RolloutWorker:
-    """One actor: a TorchEngine on `threads` CPU threads, built from a model folder or a shipped config."""
+    """One actor: a TorchEngine on `threads` CPU threads, or on the GPU Ray assigned it, built from a model folder
+    or a shipped config."""
 
     def __init__(self, model: str | dict, tokenizer: Any, max_batch_size: int, threads: int, version: int,
                  compile_decode: bool = False):
         torch.set_num_threads(threads)
+        self.device = actor_device()
         if isinstance(model, str):
             net = LoopLMForCausalLM.from_pretrained(model, dtype=torch.float32)
         else:
             model = dict(model)
             dtype = getattr(torch, model.pop("weights_dtype", "float32"))  # a bf16 policy decodes in bf16
             net = LoopLMForCausalLM(LoopLMConfig.from_dict(model)).to(dtype)  # weights follow via load_weights
-        self.engine = TorchEngine(net, tokenizer=tokenizer, max_batch_size=max_batch_size, policy_version=version,
-                                  compile_decode=compile_decode)
+        self.engine = TorchEngine(net.to(self.device), tokenizer=tokenizer, max_batch_size=max_batch_size,
+                                  policy_version=version, compile_decode=compile_decode)
 
     def load_weights(self, packed: dict, version: int) -> int:
         self.engine.load_weights(unpack_state_dict(packed), version)
@@ -129,9 +157,26 @@ class RolloutWorker:
         """The actor's process id (operators and tests signal a stuck or misbehaving actor by it)."""
         return os.getpid()
 
-    def identity(self) -> tuple[str, int]:
-        """(node id, pid): the pool SIGKILLs a hung actor itself only when it runs on the driver's node."""
-        return ray.get_runtime_context().get_node_id(), os.getpid()
+    def identity(self) -> ActorIdentity:
+        """Where the actor runs: the pool SIGKILLs a hung actor itself only when it runs on the driver's node."""
+        context = ray.get_runtime_context()
+        return ActorIdentity(context.get_node_id(), os.getpid(), str(self.device), [str(g) for g in ray.get_gpu_ids()])
+
+
+@dataclass(frozen=True)
+class ActorIdentity:
+    node_id: str
+    pid: int
+    device: str  # where its engine runs: "cpu", "cuda:0", ...
+    gpu_ids: list[str]  # the GPUs Ray assigned it (declared ones too, on a machine without CUDA)
+
+
+def actor_device() -> torch.device:
+    """The GPU Ray assigned this actor when CUDA can see it (Ray sets CUDA_VISIBLE_DEVICES), else the CPU: a GPU
+    declared to Ray on a machine without CUDA (a test cluster) leaves the engine on CPU threads."""
+    if ray.get_gpu_ids() and torch.cuda.is_available():
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
 
 
 class RolloutPool(RolloutEngine):
@@ -153,11 +198,9 @@ class RolloutPool(RolloutEngine):
         self.depth = depth or DepthConfig()
         self.depth.check()
         self.tokenizer = tokenizer
-        self._owns_ray = not ray.is_initialized()
-        if self._owns_ray:
-            num_cpus = None if self.config.ray_address else self.config.num_cpus
-            ray.init(address=self.config.ray_address, num_cpus=num_cpus, include_dashboard=False)
-        self._remote = ray.remote(RolloutWorker).options(num_cpus=self.config.threads_per_actor, max_restarts=0)
+        self._owns_ray = connect_ray(self.config)
+        self._placement = self._place_bundles()
+        self._remote = ray.remote(RolloutWorker)
         self._weights: ray.ObjectRef | None = None
         if isinstance(model, LoopLMForCausalLM):
             self.limits = ModelLimits.from_config(model.config)
@@ -167,16 +210,60 @@ class RolloutPool(RolloutEngine):
             self._source = str(model)
             self.limits = ModelLimits.from_config(LoopLMConfig.from_pretrained(self._source))
         self.policy_version = policy_version
-        self.actors = [self._new_actor() for _ in range(self.config.num_actors)]
+        self.actors = [self._new_actor(i) for i in range(self.config.num_actors)]
         ray.get([a.ping.remote() for a in self.actors])  # fail here, not in the first generate
-        # Asked of every actor as it starts, so that a hung one can be killed even though it answers nothing.
+        # Asked of every actor as it starts, so that a hung one can be killed even though it answers nothing, and a
+        # replacement gets work only once it answers (its start-up is not counted against a chunk's timeout).
         self._identities = [a.identity.remote() for a in self.actors]
         self.replacements = 0  # actors replaced over the pool's life
+        self._log_placement()
 
-    def _new_actor(self):
+    def _place_bundles(self) -> PlacementGroup | None:
+        """A placement group of one bundle per actor (placement pack / spread), ready before any actor starts."""
         cfg = self.config
-        actor = self._remote.remote(self._source, self.tokenizer, cfg.max_batch_size, cfg.threads_per_actor,
-                                    self.policy_version, cfg.compile_decode)
+        if cfg.placement == "none":
+            return None
+        group = placement_group([cfg.bundle()] * cfg.num_actors, strategy=cfg.placement.upper())
+        try:
+            ray.get(group.ready(), timeout=cfg.placement_timeout_s)
+        except GetTimeoutError:
+            remove_placement_group(group)
+            raise RuntimeError(
+                f"rollout.pool: the Ray cluster could not place {cfg.num_actors} actors of {cfg.bundle()} "
+                f"(placement {cfg.placement}) in {cfg.placement_timeout_s:g} s; it has {ray.cluster_resources()}"
+            ) from None
+        return group
+
+    def _resources(self, index: int) -> dict[str, Any]:
+        """Ray options of actor `index`: its CPUs and GPUs, in its bundle of the placement group if there is one."""
+        options: dict[str, Any] = {
+            "num_cpus": self.config.threads_per_actor, "num_gpus": self.config.gpus_per_actor, "max_restarts": 0,
+        }
+        if self._placement is not None:
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                self._placement, placement_group_bundle_index=index
+            )
+        return options
+
+    def _log_placement(self) -> None:
+        where = ray.get(self._identities)
+        nodes = sorted({w.node_id for w in where})
+        devices = ", ".join(f"{w.device}" + (f" (GPU {','.join(w.gpu_ids)})" if w.gpu_ids else "") for w in where)
+        logger.info(
+            "rollout pool: %d actors on %d node(s), placement %s; engines on %s", len(where), len(nodes),
+            self.config.placement, devices,
+        )
+
+    def placement(self) -> list[ActorIdentity]:
+        """Where each actor runs now (node, pid, device, GPUs), in actor order."""
+        return ray.get([a.identity.remote() for a in self.actors])
+
+    def _new_actor(self, index: int):
+        cfg = self.config
+        actor = self._remote.options(**self._resources(index)).remote(
+            self._source, self.tokenizer, cfg.max_batch_size, cfg.threads_per_actor, self.policy_version,
+            cfg.compile_decode,
+        )
         if self._weights is not None:
             actor.load_weights.remote(self._weights, self.policy_version)  # ordered before any later call
         return actor
@@ -200,11 +287,12 @@ class RolloutPool(RolloutEngine):
         )
         chunks = _chunks(len(prompt_ids), self._chunk_prompts(len(prompt_ids), sampling.n))
         queue = deque(range(len(chunks)))
-        idle = deque(range(len(self.actors)))
         pending: dict[ray.ObjectRef, tuple[int, int, float]] = {}  # -> (actor, chunk, started)
-        # A replacement actor gets work once it answers, so that its start-up (seconds) is not counted against
-        # the chunk's timeout: identity ref of each starting actor -> its index.
-        starting: dict[ray.ObjectRef, int] = {}
+        # An actor gets work once it answers, so that a replacement's start-up (seconds; longer while its lost node's
+        # bundle waits for room) is not counted against a chunk's timeout: identity ref of each starting actor -> index.
+        answered, _ = ray.wait(self._identities, num_returns=len(self._identities), timeout=0)
+        starting = {ref: i for i, ref in enumerate(self._identities) if ref not in answered}
+        idle = deque(i for i in range(len(self.actors)) if self._identities[i] in answered)
         results: dict[int, list[RolloutRecord]] = {}
         replaced = 0
         while queue or pending:
@@ -270,7 +358,7 @@ class RolloutPool(RolloutEngine):
                 os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(Exception):  # already gone is fine
             ray.kill(self.actors[i], no_restart=True)
-        self.actors[i] = self._new_actor()
+        self.actors[i] = self._new_actor(i)
         self._identities[i] = self.actors[i].identity.remote()
         self.replacements += 1
 
@@ -280,16 +368,19 @@ class RolloutPool(RolloutEngine):
         if not ready:
             return None
         try:
-            node, pid = ray.get(ready[0])
+            where: ActorIdentity = ray.get(ready[0])
         except Exception:  # noqa: BLE001 - the actor died before answering: nothing to kill
             return None
-        return pid if node == ray.get_runtime_context().get_node_id() else None
+        return where.pid if where.node_id == ray.get_runtime_context().get_node_id() else None
 
     def close(self) -> None:
-        """Kill the actors (and stop Ray if this pool started it)."""
+        """Kill the actors, free their placement group (and stop Ray if this pool started it)."""
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.actors = []
+        if self._placement is not None:
+            remove_placement_group(self._placement)
+            self._placement = None
         if self._owns_ray:
             ray.shutdown()
 
@@ -298,6 +389,41 @@ class RolloutPool(RolloutEngine):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def connect_ray(config: PoolConfig) -> bool:
+    """Join the cluster `ray_address` (or RAY_ADDRESS) names, or start a private local Ray; log which.
+    -> whether this call started Ray (and so the pool stops it). A Ray already initialised in this process is
+    used as it is."""
+    if ray.is_initialized():
+        return False
+    address = config.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, include_dashboard=False)
+        logger.info("rollout pool: joined the Ray cluster at %s (%s)", address, _resources_text())
+        return True
+    running = _running_cluster()
+    # "local" starts a new instance even where `ray start` left one running (a bare ray.init() would join it).
+    context = ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=False)
+    running = running if running != context.address_info.get("gcs_address") else None
+    hint = f"; a Ray cluster also runs on this machine ({running}): rollout.pool.ray_address=auto joins it" if running else ""
+    logger.info("rollout pool: started a private local Ray (%s)%s", _resources_text(), hint)
+    return True
+
+
+def _resources_text() -> str:
+    res = ray.cluster_resources()
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    return f"{nodes} node(s), {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs"
+
+
+def _running_cluster() -> str | None:
+    """The address of a cluster `ray start` left on this machine (Ray's own record of it), if any."""
+    from ray._private.utils import read_ray_address  # noqa: PLC0415 - private, and only for this log line
+
+    with contextlib.suppress(Exception):
+        return read_ray_address()
+    return None
 
 
 def _chunks(count: int, size: int) -> list[tuple[int, int]]:

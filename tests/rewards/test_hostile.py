@@ -31,7 +31,7 @@ HOSTILE = [(answer, "7") for answer in HANGS] + [("{" * 200 + "1" + "}" * 200, "
 
 @pytest.fixture(scope="module")
 def actor():
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     yield RewardActor.remote()
     ray.shutdown()
 

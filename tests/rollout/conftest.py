@@ -39,7 +39,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray of 2 CPUs for one test module (a module's pools hold its CPUs until the module ends)."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -119,7 +119,7 @@ def test_exit_logprob_parity_through_the_pool():
     model = tiny_model("small", gate_std=0.1)
     prompts = mixed_prompts(8, low=1, high=60)
     sampling = SamplingConfig(n=2, max_new_tokens=24, seed=11)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         with RolloutPool(model, PoolConfig(num_actors=2, threads_per_actor=1, max_batch_size=4)) as pool:
             for tau in (1.0, 2.0):
