@@ -39,7 +39,7 @@ def test_a_missing_demo_output_names_the_demo(tmp_path, monkeypatch):
 
 
 def test_an_unreachable_hub_is_one_line_and_local_errors_pass_through(tmp_path):
-    with pytest.raises(UserError, match=r"^model.path: 'org/name' is no local folder, .*: We couldn't connect$"):
+    with pytest.raises(UserError, match=r"^model.path: 'org/name' is not a local folder, .*: We couldn't connect$"):
         with hub_errors("model.path", "org/name"):
             raise OSError("We couldn't connect\nto the hub, and more lines")
     with pytest.raises(OSError, match="disk"):
