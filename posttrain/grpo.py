@@ -321,8 +321,6 @@ def run_grpo(config: GRPORecipeConfig, callbacks: list[TrainerCallback] | None =
     model, tokenizer = load_policy(config.model)
     reward_funcs = get_reward_funcs(config.rewards.names, **config.rewards.options)
     engine = build_engine(config.rollout, model, config.model.path, tokenizer) if main else None
-    if args.world_size > 1:
-        logger.info("%d training processes share the main process's %s engine", args.world_size, config.rollout.engine)
     try:
         results: dict[str, Any] = {"train_rows": len(train), "eval_rows": len(held), "seed": args.seed,
                                    "processes": args.world_size}

@@ -262,6 +262,11 @@ class LoopGRPOTrainer(GRPOTrainer):
     ):
         super().__init__(*args, rollout_func=self._rollout_func, **kwargs)
         self.engine = SharedEngine(engine, self.accelerator.process_index, self.accelerator.num_processes)
+        if self.accelerator.num_processes > 1:
+            logger.info(
+                "%d training processes (%s) share the main process's rollout engine", self.accelerator.num_processes,
+                self.accelerator.distributed_type.value,
+            )
         self.depth = depth
         self.loop = loop or LoopRLConfig()
         self.add_callback(NonFiniteGuard(self.loop.max_consecutive_nonfinite_steps))
