@@ -97,10 +97,16 @@ class RolloutSection:
     compile_decode: bool = False  # in-process engine: torch.compile its fixed-depth step (the pool has its own)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # the in-process engine's device (auto: cuda when present)
     seed: int = 0  # base of each step's sampling seed (a resumed run draws the same noise at the same step)
+    # 0: synchronous (each step's rollouts use that step's weights). k > 0: the engine generates the next k batches
+    # while the trainer updates; a batch is used at most k steps after the weights that made it, corrected by
+    # importance sampling (needs loop.importance_sampling_correction; one training process; posttrain/async_rollouts.py).
+    max_staleness: int = 0
 
     def __post_init__(self) -> None:
         self.depth.check()
         self.pool.check()
+        if self.max_staleness < 0:
+            raise ValueError(f"rollout.max_staleness must be >= 0, got {self.max_staleness}")
         if self.engine == "vllm" and self.depth.policy != "fixed":
             raise ValueError(
                 "rollout.engine=vllm with rollout.depth.policy=adaptive: vLLM's Ouro model always runs every loop "
@@ -333,6 +339,7 @@ def run_grpo(config: GRPORecipeConfig, callbacks: list[TrainerCallback] | None =
             callbacks=[MetricsFile(out / METRICS_FILE), *(callbacks or [])],
             engine=engine, depth=config.rollout.depth, loop=config.loop,
             dynamic_sampling=config.dynamic_sampling, rollout_seed=config.rollout.seed,
+            max_staleness=config.rollout.max_staleness,
         )
         compact_progress(trainer)
         train_output = trainer.train(resume_from_checkpoint=resume)

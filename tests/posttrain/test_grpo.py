@@ -76,7 +76,7 @@ def grpo_args(tmp_path: Path, **overrides) -> GRPOConfig:
 
 
 def make_trainer(model_dir, tmp_path, depth=ADAPTIVE, loop=None, dynamic=None, reward=length_reward, engine="torch",
-                 rows=64, exact_mode=False, **args) -> LoopGRPOTrainer:
+                 rows=64, exact_mode=False, max_staleness=0, **args) -> LoopGRPOTrainer:
     cfg = GRPORecipeConfig(
         model=GRPOModelSection(path=str(model_dir), exact_mode=exact_mode),
         data=GRPODataSection(synthetic_rows=rows, eval_rows=8),
@@ -88,7 +88,7 @@ def make_trainer(model_dir, tmp_path, depth=ADAPTIVE, loop=None, dynamic=None, r
     return LoopGRPOTrainer(
         model=model, reward_funcs=[reward], args=cfg.training, train_dataset=train, processing_class=tokenizer,
         engine=build_engine(cfg.rollout, model, str(model_dir), tokenizer), depth=depth, loop=loop or LoopRLConfig(),
-        dynamic_sampling=dynamic,
+        dynamic_sampling=dynamic, max_staleness=max_staleness,
     )
 
 
