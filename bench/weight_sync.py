@@ -109,7 +109,7 @@ def _sync_per_actor(state: dict[str, torch.Tensor], holders: list) -> dict[str, 
     start = time.perf_counter()
     packed = pack_state_dict(state)
     copy = max(ray.get([h.load.remote(packed) for h in holders]))  # serialised into the store once per call
-    return {"put_s": float("nan"), "actor_copy_s": copy, "total_s": time.perf_counter() - start}
+    return {"put_s": None, "actor_copy_s": copy, "total_s": time.perf_counter() - start}  # put inside the calls
 
 
 def _interleaved(ways: dict[str, Any], repeats: int, nbytes: int, actors: int) -> dict[str, dict[str, float]]:
@@ -123,9 +123,13 @@ def _interleaved(ways: dict[str, Any], repeats: int, nbytes: int, actors: int) -
             runs[name].append(sync())
     puts = {"object_store": nbytes, "per_actor": nbytes * actors}
     return {
-        name: {key: sorted(r[key] for r in rs)[repeats // 2] for key in rs[0]} | {"bytes_put": puts[name]}
+        name: {key: _median([r[key] for r in rs]) for key in rs[0]} | {"bytes_put": puts[name]}
         for name, rs in runs.items()
     }
+
+
+def _median(values: list[float | None]) -> float | None:
+    return None if values[0] is None else sorted(values)[len(values) // 2]
 
 
 def print_markdown(results: dict[str, Any]) -> None:
@@ -135,7 +139,7 @@ def print_markdown(results: dict[str, Any]) -> None:
     for size, r in results["sizes"].items():
         for way in ("object_store", "per_actor"):
             w = r[way]
-            put = "-" if w["put_s"] != w["put_s"] else f"{w['put_s']:.3f}"
+            put = "-" if w["put_s"] is None else f"{w['put_s']:.3f}"
             print(f"| {size} ({r['parameters'] / 1e6:.1f}M) | {r['dtype']} | {r['bytes_per_sync'] / 1e6:.0f} | {way} | "
                   f"{w['bytes_put'] / 1e6:.0f} MB | {put} | {w['actor_copy_s']:.3f} | {w['total_s']:.3f} |")
     for size, r in results["sizes"].items():
