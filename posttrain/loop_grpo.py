@@ -771,7 +771,8 @@ def latest_complete_checkpoint(output_dir: str | Path) -> str | None:
             found.append((int(step), folder))
         else:
             logger.warning("%s was not completely written (crash during save?): set aside", folder)
-            folder.rename(folder.with_name(folder.name + ".incomplete"))
+            with contextlib.suppress(FileNotFoundError):  # every training process looks; one of them moves it
+                folder.rename(folder.with_name(folder.name + ".incomplete"))
     return str(max(found)[1]) if found else None
 
 
