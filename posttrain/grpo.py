@@ -37,6 +37,7 @@ from posttrain.loop_grpo import (
     DynamicSamplingConfig,
     LoopGRPOTrainer,
     LoopRLConfig,
+    gathered_policy_state,
     latest_complete_checkpoint,
 )
 from posttrain.sft import LoraSection
@@ -345,12 +346,13 @@ def run_grpo(config: GRPORecipeConfig, callbacks: list[TrainerCallback] | None =
         train_output = trainer.train(resume_from_checkpoint=resume)
         results |= {"global_step": trainer.state.global_step, "train_loss": train_output.training_loss,
                     "completions_generated": trainer.completions_generated}
-        final = final_policy(trainer)
+        state = gathered_policy_state(trainer.accelerator, trainer.model)  # every process: FSDP gathers shards
         if main:
-            engine.load_weights(final.state_dict(), version=trainer.state.global_step)
+            engine.load_weights(state, version=trainer.state.global_step)
             if config.eval.num_prompts:
                 results["after"] = evaluate(engine, tokenizer, held, config)
-            save_model(final, tokenizer, out / MODEL_DIR)
+            # Under FSDP the main process's modules hold shards: the gathered weights are what it saves.
+            save_model(final_policy(trainer), tokenizer, out / MODEL_DIR, state if trainer.is_fsdp_enabled else None)
     finally:
         close = getattr(engine, "close", None)
         if close is not None:
@@ -380,10 +382,14 @@ def final_policy(trainer: LoopGRPOTrainer) -> LoopLMForCausalLM:
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
-def save_model(model: LoopLMForCausalLM, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
-    """A folder our engines, `AutoModelForCausalLM` (after `import looplm`) and vLLM load."""
+def save_model(
+    model: LoopLMForCausalLM, tokenizer: PreTrainedTokenizerBase, folder: Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """A folder our engines, `AutoModelForCausalLM` (after `import looplm`) and vLLM load (`state_dict`: the
+    weights to write instead of the model's own, e.g. gathered from FSDP shards)."""
     model.config.use_cache = True
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, state_dict=state_dict)
     tokenizer.save_pretrained(folder)
 
 
