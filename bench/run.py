@@ -16,6 +16,7 @@ from bench.exact_bench import ExactBenchConfig
 from bench.loss_memory import LossMemoryBenchConfig
 from bench.ouro_cpu import OuroCPUBenchConfig
 from bench.rollout_bench import RolloutBenchConfig
+from bench.weight_sync import WeightSyncBenchConfig
 from configs import save_config
 
 # name -> (module, function taking this benchmark's section of BenchConfig)
@@ -24,6 +25,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "loss_memory": ("bench.loss_memory", "run_loss_memory_bench"),
     "ouro_cpu": ("bench.ouro_cpu", "run_ouro_cpu_bench"),
     "exact": ("bench.exact_bench", "run_exact_bench"),
+    "weight_sync": ("bench.weight_sync", "run_weight_sync_bench"),
 }
 
 
@@ -34,6 +36,7 @@ class BenchConfig:
     loss_memory: LossMemoryBenchConfig = field(default_factory=LossMemoryBenchConfig)
     ouro_cpu: OuroCPUBenchConfig = field(default_factory=OuroCPUBenchConfig)
     exact: ExactBenchConfig = field(default_factory=ExactBenchConfig)
+    weight_sync: WeightSyncBenchConfig = field(default_factory=WeightSyncBenchConfig)
     output_dir: str = "runs/bench"
 
     def __post_init__(self) -> None:

@@ -297,10 +297,10 @@ def _training_args_diff(args: Any) -> dict[str, Any]:
 
 def _rebuilds(cls: type[Any], kwargs: dict[str, Any], fields: list[dataclasses.Field], state: dict[str, Any]) -> bool:
     # A trial build sets up devices: under torchrun, one without use_cpu warns that the process group does not
-    # match its parallel mode. Trials are not the run's arguments: keep them quiet.
+    # match its parallel mode. Trials are not the run's arguments: drop that warning (the logger's level stays, as
+    # disable_tqdm's default is derived from it).
     args_logger = logging.getLogger("transformers.training_args")
-    level = args_logger.level
-    args_logger.setLevel(logging.ERROR)
+    args_logger.addFilter(_no_parallel_mode_warning)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -308,7 +308,11 @@ def _rebuilds(cls: type[Any], kwargs: dict[str, Any], fields: list[dataclasses.F
     except (TypeError, ValueError):
         return False
     finally:
-        args_logger.setLevel(level)
+        args_logger.removeFilter(_no_parallel_mode_warning)
+
+
+def _no_parallel_mode_warning(record: logging.LogRecord) -> bool:
+    return "parallel_mode" not in record.getMessage()
 
 
 def _fields_state(args: Any, fields: list[dataclasses.Field]) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from posttrain.loop_grpo import (
     DynamicSamplingConfig,
     LoopGRPOTrainer,
     LoopRLConfig,
+    gathered_policy_state,
     latest_complete_checkpoint,
 )
 from posttrain.sft import LoraSection
@@ -98,10 +99,16 @@ class RolloutSection:
     compile_decode: bool = False  # in-process engine: torch.compile its fixed-depth step (the pool has its own)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # the in-process engine's device (auto: cuda when present)
     seed: int = 0  # base of each step's sampling seed (a resumed run draws the same noise at the same step)
+    # 0: synchronous (each step's rollouts use that step's weights). k > 0: the engine generates the next k batches
+    # while the trainer updates; a batch is used at most k steps after the weights that made it, corrected by
+    # importance sampling (needs loop.importance_sampling_correction; one training process; posttrain/async_rollouts.py).
+    max_staleness: int = 0
 
     def __post_init__(self) -> None:
         self.depth.check()
         self.pool.check()
+        if self.max_staleness < 0:
+            raise ValueError(f"rollout.max_staleness must be >= 0, got {self.max_staleness}")
         if self.engine == "vllm" and self.depth.policy != "fixed":
             raise ValueError(
                 "rollout.engine=vllm with rollout.depth.policy=adaptive: vLLM's Ouro model always runs every loop "
@@ -323,8 +330,6 @@ def run_grpo(config: GRPORecipeConfig, callbacks: list[TrainerCallback] | None =
     model, tokenizer = load_policy(config.model)
     reward_funcs = get_reward_funcs(config.rewards.names, **config.rewards.options)
     engine = build_engine(config.rollout, model, config.model.path, tokenizer) if main else None
-    if args.world_size > 1:
-        logger.info("%d training processes share the main process's %s engine", args.world_size, config.rollout.engine)
     try:
         results: dict[str, Any] = {"train_rows": len(train), "eval_rows": len(held), "seed": args.seed,
                                    "processes": args.world_size}
@@ -337,17 +342,19 @@ def run_grpo(config: GRPORecipeConfig, callbacks: list[TrainerCallback] | None =
             callbacks=[MetricsFile(out / METRICS_FILE), *(callbacks or [])],
             engine=engine, depth=config.rollout.depth, loop=config.loop,
             dynamic_sampling=config.dynamic_sampling, rollout_seed=config.rollout.seed,
+            max_staleness=config.rollout.max_staleness,
         )
         compact_progress(trainer)
         train_output = trainer.train(resume_from_checkpoint=resume)
         results |= {"global_step": trainer.state.global_step, "train_loss": train_output.training_loss,
                     "completions_generated": trainer.completions_generated}
-        final = final_policy(trainer)
+        state = gathered_policy_state(trainer.accelerator, trainer.model)  # every process: FSDP gathers shards
         if main:
-            engine.load_weights(final.state_dict(), version=trainer.state.global_step)
+            engine.load_weights(state, version=trainer.state.global_step)
             if config.eval.num_prompts:
                 results["after"] = evaluate(engine, tokenizer, held, config)
-            save_model(final, tokenizer, out / MODEL_DIR)
+            # Under FSDP the main process's modules hold shards: the gathered weights are what it saves.
+            save_model(final_policy(trainer), tokenizer, out / MODEL_DIR, state if trainer.is_fsdp_enabled else None)
     finally:
         close = getattr(engine, "close", None)
         if close is not None:
@@ -377,10 +384,14 @@ def final_policy(trainer: LoopGRPOTrainer) -> LoopLMForCausalLM:
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
-def save_model(model: LoopLMForCausalLM, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
-    """A folder our engines, `AutoModelForCausalLM` (after `import looplm`) and vLLM load."""
+def save_model(
+    model: LoopLMForCausalLM, tokenizer: PreTrainedTokenizerBase, folder: Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """A folder our engines, `AutoModelForCausalLM` (after `import looplm`) and vLLM load (`state_dict`: the
+    weights to write instead of the model's own, e.g. gathered from FSDP shards)."""
     model.config.use_cache = True
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, state_dict=state_dict)
     tokenizer.save_pretrained(folder)
 
 

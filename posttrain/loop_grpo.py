@@ -49,6 +49,7 @@ from trl import GRPOTrainer
 
 from looplm import exit_log_pdf
 from looplm.exit_gate import exit_log_prob
+from posttrain.async_rollouts import Lookahead, RolloutQueue
 from posttrain.callbacks import NonFiniteGuard
 from posttrain.shared_rollouts import SharedEngine, full_state_dict
 from rollout.engine import DepthConfig, RolloutEngine, RolloutRecord, SamplingConfig, processed_logprobs
@@ -191,7 +192,9 @@ def parity_metrics(
         k3_kl(rollout, trainer).double().sum(), torch.tensor(float(gap.numel()), dtype=torch.float64),
     ])
     parts = (gather or _alone)(parts)  # (processes, 4)
-    tokens = parts[:, 3].sum().clamp(min=1.0)
+    tokens = parts[:, 3].sum()
+    if tokens == 0:  # nothing to compare (every row masked out): no number rather than a perfect one
+        return {"parity/max_abs": math.nan, "parity/mean_abs": math.nan, "parity/kl": math.nan}
     return {
         "parity/max_abs": parts[:, 0].max().item(),
         "parity/mean_abs": (parts[:, 1].sum() / tokens).item(),
@@ -258,10 +261,16 @@ class LoopGRPOTrainer(GRPOTrainer):
         loop: LoopRLConfig | None = None,
         dynamic_sampling: DynamicSamplingConfig | None = None,
         rollout_seed: int = 0,
+        max_staleness: int = 0,
         **kwargs,
     ):
         super().__init__(*args, rollout_func=self._rollout_func, **kwargs)
         self.engine = SharedEngine(engine, self.accelerator.process_index, self.accelerator.num_processes)
+        if self.accelerator.num_processes > 1:
+            logger.info(
+                "%d training processes (%s) share the main process's rollout engine", self.accelerator.num_processes,
+                self.accelerator.distributed_type.value,
+            )
         self.depth = depth
         self.loop = loop or LoopRLConfig()
         self.add_callback(NonFiniteGuard(self.loop.max_consecutive_nonfinite_steps))
@@ -289,6 +298,12 @@ class LoopGRPOTrainer(GRPOTrainer):
         self._weights_synced = False  # the engine starts from its own copy: sync before the first rollout
         self._calls_at_step = (-1, 0)
         self.completions_generated = 0
+        self.max_staleness = max_staleness
+        self._rollouts: RolloutQueue | None = None  # asynchronous rollouts (max_staleness > 0): every engine call
+        self._lookahead: Lookahead | None = None  # the data loader's epoch iterator, peeked at
+        if max_staleness:
+            self._check_async()
+            self._rollouts = RolloutQueue(self.engine, depth)
 
     # -- rollouts ------------------------------------------------------------------------------------------
 
@@ -308,10 +323,12 @@ class LoopGRPOTrainer(GRPOTrainer):
         """(k,) partial sums of this process -> (processes, k): the metrics cover the whole batch."""
         return self.accelerator.gather(parts[None].to(self.accelerator.device)).cpu()
 
-    def _sampling(self, n: int) -> SamplingConfig:
+    def _sampling(self, n: int, step: int | None = None) -> SamplingConfig:
+        """step: the optimizer step the batch is for (default: the current one; a batch started ahead names its
+        own, so that it draws the noise a synchronous run draws for it)."""
         args = self.args
         # A fresh, resumable seed per (step, call within the step): a resumed run draws the same noise.
-        step = self.state.global_step
+        step = self.state.global_step if step is None else step
         call = self._calls_at_step[1] if self._calls_at_step[0] == step else 0
         self._calls_at_step = (step, call + 1)
         seed = (self.rollout_seed * 1_000_003 + step * 1009 + call) % 2**62
@@ -323,25 +340,43 @@ class LoopGRPOTrainer(GRPOTrainer):
     def generate_groups(self, prompts: Sequence[Any], n: int) -> list[RolloutRecord]:
         """`n` completions for each prompt, prompt-major, from the engine at the current policy version."""
         start = time.perf_counter()
-        version = self._sync_weights()
-        records = self.engine.generate(list(prompts), self._sampling(n), self.depth)
-        stale = {r.policy_version for r in records} - {version}
-        if stale:
-            raise RuntimeError(f"rollout records carry policy versions {sorted(stale)}, expected {version}")
-        seconds = time.perf_counter() - start
+        if self._rollouts is not None:  # the engine is the rollout thread's: queue the request and wait for it
+            records = self._rollouts.run_now(prompts, self._sampling(n), self.state.global_step, self._policy_state)
+        else:
+            self._sync_weights()
+            records = self.engine.generate(list(prompts), self._sampling(n), self.depth)
+        self._account(records, time.perf_counter() - start)
+        return records
+
+    def _account(self, records: Sequence[RolloutRecord], seconds: float) -> None:
+        """Check each record's policy version (the current one, or at most `max_staleness` steps older), count
+        the completions, log staleness and tokens/s (`seconds`: the time generation held up the step)."""
+        version = self.state.global_step
+        ages = [version - r.policy_version for r in records]
+        if any(age < 0 or age > self.max_staleness for age in ages):
+            raise RuntimeError(
+                f"rollout records carry policy versions {sorted({r.policy_version for r in records})} at step "
+                f"{version} (rollout.max_staleness={self.max_staleness})"
+            )
+        if self.max_staleness:
+            self._metrics["train"]["rollout/staleness_mean"].append(sum(ages) / max(len(ages), 1))
+            self._metrics["train"]["rollout/staleness_max"].append(float(max(ages, default=0)))
         self._phase("generate", seconds)
         # Every process's completions and tokens: the engine generated them all in `seconds`.
         count, tokens = self._gather(torch.tensor([len(records), sum(len(r.completion_ids) for r in records)],
                                                   dtype=torch.float64)).sum(0).tolist()
         self.completions_generated += int(count)
         self._metrics["train"]["rollout/tokens_per_s"].append(tokens / max(seconds, 1e-9))
-        return records
 
     def _rollout_func(self, prompts: list, trainer: GRPOTrainer) -> dict[str, list]:
         """TRL's `rollout_func`: prompts arrive repeated, each `num_generations` (`num_generations_eval` in
         evaluation) times in a row."""
         if self._stash is not None:
             records, self._stash = self._stash, None
+        elif self._rollouts is not None and self.model.training:  # started ahead (get_batch_samples)
+            start = time.perf_counter()
+            records = self._rollouts.take(prompts[:: self.num_generations])
+            self._account(records, time.perf_counter() - start)
         else:
             n = self.num_generations if self.model.training else self.num_generations_eval
             records = self.generate_groups(prompts[::n], n)
@@ -364,6 +399,41 @@ class LoopGRPOTrainer(GRPOTrainer):
         ).sum(0).tolist()
         self._metrics["train"]["completions/truncated_frac"].append(truncated / max(count, 1.0))
         self._metrics["train"]["rollout/completions_total"].append(float(self.completions_generated))
+
+    # -- asynchronous rollouts (max_staleness > 0) -----------------------------------------------------------
+
+    def _check_async(self) -> None:
+        """What asynchronous rollouts support today; each limit is a clear error, not a silent change."""
+        args, limits = self.args, []
+        if self.accelerator.num_processes > 1:
+            limits.append(f"one training process (got {self.accelerator.num_processes})")
+        if args.gradient_accumulation_steps != 1 or args.steps_per_generation != 1 or self.num_iterations != 1:
+            limits.append("training.gradient_accumulation_steps, steps_per_generation and num_iterations of 1")
+        if self.dynamic.enabled:
+            limits.append("dynamic_sampling.enabled=false")
+        if not self.loop.importance_sampling_correction:
+            limits.append("loop.importance_sampling_correction=true (stale batches are off-policy)")
+        if limits:
+            raise ValueError(f"rollout.max_staleness={self.max_staleness} needs " + "; ".join(limits))
+
+    def _policy_state(self) -> dict[str, torch.Tensor] | None:
+        return gathered_policy_state(self.accelerator, self.model)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The Trainer takes this step's batch; with asynchronous rollouts, the rollouts of it and of the next
+        `max_staleness` batches (not past max_steps) are started here, with this step's weights."""
+        if self._rollouts is None:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self._lookahead is None or self._lookahead.source is not epoch_iterator:
+            self._lookahead = Lookahead(epoch_iterator)
+        batches, items = super().get_batch_samples(self._lookahead, num_batches, device)
+        step = self.state.global_step
+        ahead = max(min(self.max_staleness, self.state.max_steps - step - 1), 0)
+        upcoming = batches + self._lookahead.peek(ahead)  # one batch per optimizer step (checked)
+        for offset, batch in enumerate(upcoming[len(self._rollouts) :], start=len(self._rollouts)):
+            prompts = [row["prompt"] for row in batch][:: self.num_generations]
+            self._rollouts.submit(prompts, self._sampling(self.num_generations, step + offset), step, self._policy_state)
+        return batches, items
 
     # -- one generation batch: rollouts, rewards, trainer log-probs, parity --------------------------------
 
@@ -391,6 +461,12 @@ class LoopGRPOTrainer(GRPOTrainer):
         old = output.get("old_per_token_logps")  # TRL computes them when generation and steps are misaligned
         last_loop = self.loop.loop_credit == "last"
         completion_mask = output["completion_mask"]
+        # Replay parity holds for the records the current weights made; older ones (asynchronous rollouts) differ
+        # by the updates since, which the importance weights correct: their gap is logged apart (offpolicy/*).
+        fresh = torch.tensor(
+            [r.policy_version == self.state.global_step for r in self._records], device=completion_mask.device
+        )[:, None]
+        parity_mask = completion_mask * fresh
         metrics: dict[str, float] = {}
         with self.replaying(output["exit_steps"]):
             if self.loop.exit_action:  # token and exit parts apart, for their own parity (one forward)
@@ -398,7 +474,7 @@ class LoopGRPOTrainer(GRPOTrainer):
                 rollout_exit = rollout_exit_logps(self._records, width).to(exit_logps.device)
                 metrics |= {
                     name.replace("parity/", "parity/exit_"): value
-                    for name, value in parity_metrics(rollout_exit, exit_logps, completion_mask, self._gather).items()
+                    for name, value in parity_metrics(rollout_exit, exit_logps, parity_mask, self._gather).items()
                 }
                 if old is None:
                     output["old_per_token_logps"] = trainer_logps + exit_logps
@@ -413,7 +489,10 @@ class LoopGRPOTrainer(GRPOTrainer):
                         else self._get_per_token_logps_and_entropies(self.model, ids, mask, width, batch)[0]
                     )
         rollout_logps = output["sampling_per_token_logps"]
-        metrics = parity_metrics(rollout_logps, trainer_logps, completion_mask, self._gather) | metrics
+        metrics = parity_metrics(rollout_logps, trainer_logps, parity_mask, self._gather) | metrics
+        if self.max_staleness:
+            stale = parity_metrics(rollout_logps, trainer_logps, completion_mask * ~fresh, self._gather)
+            metrics |= {name.replace("parity/", "offpolicy/"): value for name, value in stale.items()}
         for name, value in metrics.items():
             self._metrics["train"][name].append(value)
         worst = max(metrics["parity/max_abs"], metrics.get("parity/exit_max_abs", 0.0))
@@ -692,7 +771,8 @@ def latest_complete_checkpoint(output_dir: str | Path) -> str | None:
             found.append((int(step), folder))
         else:
             logger.warning("%s was not completely written (crash during save?): set aside", folder)
-            folder.rename(folder.with_name(folder.name + ".incomplete"))
+            with contextlib.suppress(FileNotFoundError):  # every training process looks; one of them moves it
+                folder.rename(folder.with_name(folder.name + ".incomplete"))
     return str(max(found)[1]) if found else None
 
 

@@ -199,6 +199,15 @@ class RolloutPool(RolloutEngine):
         self.depth.check()
         self.tokenizer = tokenizer
         self._owns_ray = connect_ray(self.config)
+        self._placement: PlacementGroup | None = None
+        self.actors: list = []
+        try:
+            self._start(model, policy_version)
+        except BaseException:
+            self.close()  # a pool that failed to start leaves no actors, placement group or Ray behind
+            raise
+
+    def _start(self, model: str | Path | LoopLMForCausalLM, policy_version: int) -> None:
         self._placement = self._place_bundles()
         self._remote = ray.remote(RolloutWorker)
         self._weights: ray.ObjectRef | None = None
@@ -228,7 +237,7 @@ class RolloutPool(RolloutEngine):
             ray.get(group.ready(), timeout=cfg.placement_timeout_s)
         except GetTimeoutError:
             remove_placement_group(group)
-            raise RuntimeError(
+            raise PlacementError(
                 f"rollout.pool: the Ray cluster could not place {cfg.num_actors} actors of {cfg.bundle()} "
                 f"(placement {cfg.placement}) in {cfg.placement_timeout_s:g} s; it has {ray.cluster_resources()}"
             ) from None
@@ -383,12 +392,17 @@ class RolloutPool(RolloutEngine):
             self._placement = None
         if self._owns_ray:
             ray.shutdown()
+            self._owns_ray = False
 
     def __enter__(self) -> RolloutPool:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot hold the pool's actors as configured (too few CPUs or GPUs, or nodes)."""
 
 
 def connect_ray(config: PoolConfig) -> bool:
@@ -431,4 +445,7 @@ def _chunks(count: int, size: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, count)) for start in range(0, count, size)]
 
 
-__all__ = ["PoolConfig", "RolloutPool", "RolloutWorker", "pack_state_dict", "unpack_state_dict"]
+__all__ = [
+    "ActorIdentity", "PlacementError", "PoolConfig", "RolloutPool", "RolloutWorker", "connect_ray", "pack_state_dict",
+    "unpack_state_dict",
+]

@@ -76,7 +76,7 @@ def grpo_args(tmp_path: Path, **overrides) -> GRPOConfig:
 
 
 def make_trainer(model_dir, tmp_path, depth=ADAPTIVE, loop=None, dynamic=None, reward=length_reward, engine="torch",
-                 rows=64, exact_mode=False, **args) -> LoopGRPOTrainer:
+                 rows=64, exact_mode=False, max_staleness=0, **args) -> LoopGRPOTrainer:
     cfg = GRPORecipeConfig(
         model=GRPOModelSection(path=str(model_dir), exact_mode=exact_mode),
         data=GRPODataSection(synthetic_rows=rows, eval_rows=8),
@@ -88,7 +88,7 @@ def make_trainer(model_dir, tmp_path, depth=ADAPTIVE, loop=None, dynamic=None, r
     return LoopGRPOTrainer(
         model=model, reward_funcs=[reward], args=cfg.training, train_dataset=train, processing_class=tokenizer,
         engine=build_engine(cfg.rollout, model, str(model_dir), tokenizer), depth=depth, loop=loop or LoopRLConfig(),
-        dynamic_sampling=dynamic,
+        dynamic_sampling=dynamic, max_staleness=max_staleness,
     )
 
 
@@ -387,15 +387,15 @@ def test_lora_policy_reaches_the_engine_merged(model_dir, tmp_path):
                            eval_rows=8), training=grpo_args(tmp_path, max_steps=3, learning_rate=5e-2))
     train, _ = load_grpo_data(cfg.data)
     model, tokenizer = load_policy(cfg.model)
+    engine = build_engine(RolloutSection(engine="torch"), model, str(model_dir), tokenizer)
     trainer = LoopGRPOTrainer(
         model=model, reward_funcs=[length_reward], args=cfg.training, train_dataset=train, processing_class=tokenizer,
-        peft_config=lora_config(LoraSection(enabled=True, r=4, alpha=8)),
-        engine=build_engine(RolloutSection(engine="torch"), model, str(model_dir), tokenizer), depth=ADAPTIVE,
+        peft_config=lora_config(LoraSection(enabled=True, r=4, alpha=8)), engine=engine, depth=ADAPTIVE,
     )
-    base = {k: v.clone() for k, v in trainer.engine.model.state_dict().items()}
+    base = {k: v.clone() for k, v in engine.model.state_dict().items()}
     trainer.train()
     assert max(logged(trainer, "parity/max_abs")) <= PARITY_MAX
-    moved = [k for k, v in trainer.engine.model.state_dict().items() if not torch.equal(v, base[k])]
+    moved = [k for k, v in engine.model.state_dict().items() if not torch.equal(v, base[k])]
     assert any("q_proj" in k for k in moved)  # the engine holds merged, adapted weights
 
 

@@ -50,14 +50,22 @@ def grpo_config(model_dir: Path, out: Path, per_device_batch: int) -> dict:
     }
 
 
-def launch(tmp_path: Path, model_dir: Path, processes: int) -> tuple[Path, str]:
-    """Run `run.py grpo` in `processes` processes at a global batch of 16 completions -> (output folder, log)."""
-    out = tmp_path / f"out_{processes}"
-    config = tmp_path / f"grpo_{processes}.yaml"
-    config.write_text(yaml.safe_dump(grpo_config(model_dir, out, 16 // processes)))
-    prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)] if processes > 1 else [
-        sys.executable
-    ]
+def launch(tmp_path: Path, model_dir: Path, processes: int, fsdp: bool = False) -> tuple[Path, str]:
+    """Run `run.py grpo` in `processes` processes at a global batch of 16 completions -> (output folder, log).
+    fsdp: accelerate's FSDP2 launch on GPUs (configs/accelerate/fsdp2_gpus.yaml) instead of torchrun on CPU."""
+    out = tmp_path / f"out_{processes}{'_fsdp' if fsdp else ''}"
+    config = tmp_path / f"{out.name}.yaml"
+    settings = grpo_config(model_dir, out, 16 // processes)
+    settings["training"]["use_cpu"] = not fsdp
+    config.write_text(yaml.safe_dump(settings))
+    if fsdp:
+        prefix = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                  str(REPO / "configs/accelerate/fsdp2_gpus.yaml"), "--num_processes", str(processes),
+                  "--mixed_precision", "no"]
+    elif processes > 1:
+        prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+    else:
+        prefix = [sys.executable]
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     run = subprocess.run(
         [*prefix, str(REPO / "run.py"), "grpo", "--config", str(config)], cwd=tmp_path, env=env,
@@ -85,6 +93,7 @@ def test_two_processes_share_one_pool_and_log_each_step_once(runs):
     assert log.count("rollout pool: started a private local Ray") == 1, log[-3000:]
     assert log.count("rollout pool: 2 actors on") == 1
     assert log.count("# run.py grpo: resolved config") == 1
+    assert log.count("2 training processes (MULTI_CPU) share the main process's rollout engine") == 1
     assert "parallel_mode != ParallelMode.DISTRIBUTED" not in log
     assert json.loads((out / "results.json").read_text())["processes"] == 2
 
@@ -106,6 +115,23 @@ def test_two_processes_equal_one_process_at_the_same_global_batch(runs):
     print(f"\n[1 vs 2 processes] weights moved {moved:.3e}, max |w1 - w2| {gap:.3e}")
     assert moved > 1e-4, "the weights barely moved: the comparison would show nothing"
     assert gap <= 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP2 training needs 2 CUDA devices (transformers' Trainer "
+                    "runs FSDP only off CPU); the gathering it syncs with is tested on CPU below")
+def test_fsdp2_on_two_gpus_equals_one_process(tmp_path):
+    """FSDP2 over 2 GPUs: the pool (on CPU actors) gets the gathered full weights every step, so the per-step
+    rewards and depths match a 1-process run while the weights move."""
+    model_dir = save_policy(tmp_path / "policy")
+    one, _ = launch(tmp_path, model_dir, 1)
+    two, log = launch(tmp_path, model_dir, 2, fsdp=True)
+    assert "2 training processes (FSDP) share" in log, log[-3000:]
+    first_one, first_two = metrics(one)[0], metrics(two)[0]  # the same weights sampled: the same batch
+    assert first_one["reward_mean"] == first_two["reward_mean"]
+    assert first_one["mean_exit_loop"] == first_two["mean_exit_loop"]
+    assert [row["step"] for row in metrics(two)] == list(range(1, STEPS + 1))
+    assert all(row["parity_max_abs"] <= 1e-4 for row in metrics(two))  # GPU trainer vs CPU actors, fp32
 
 
 def test_a_launch_the_training_arguments_do_not_see_is_a_user_error(monkeypatch):

@@ -147,3 +147,14 @@ def test_bench_runs_its_rollout_benchmark_by_name(tmp_path):
     with pytest.raises(ValueError, match="unknown benchmark"):
         BenchConfig(benchmarks=["nope"])
 
+
+def test_weight_sync_bench_puts_once_for_every_actor_and_copies_a_full_state_dict(tmp_path):
+    from bench.weight_sync import WeightSyncBenchConfig
+
+    bench = WeightSyncBenchConfig(sizes=["10m"], actors=2, repeats=1)
+    results = run_bench(BenchConfig(benchmarks=["weight_sync"], weight_sync=bench, output_dir=str(tmp_path)))
+    sync = results["weight_sync"]["sizes"]["10m"]
+    assert sync["parameters"] > 10e6 and sync["bytes_per_sync"] == 4 * sync["parameters"]  # fp32
+    assert sync["object_store"]["bytes_put"] * 2 == sync["per_actor"]["bytes_put"]
+    assert sync["object_store"]["put_s"] > 0 and sync["per_actor"]["put_s"] is None
+    assert all(sync[way]["total_s"] >= sync[way]["actor_copy_s"] > 0 for way in ("object_store", "per_actor"))
