@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainingArguments
 
 import looplm
-from configs import save_config
+from configs import UserError, save_config
 from configs.inputs import model_folder
 from looplm import KV_MODES, LoopLMConfig, LoopLMForCausalLM
 from looplm.exit_gate import check_threshold
@@ -205,10 +205,10 @@ def check_checkpoint(path: str | Path) -> LoopLMConfig:
     folder = model_folder(str(path), "model.path")  # a missing one: one line naming the command that makes it
     config = LoopLMConfig.from_pretrained(str(folder))
     if config.total_ut_steps < 2:
-        raise ValueError(f"{folder}: total_ut_steps = {config.total_ut_steps}; exit rules need T >= 2 loops")
+        raise UserError(f"{folder}: total_ut_steps = {config.total_ut_steps}; exit rules need T >= 2 loops")
     names = checkpoint_tensor_names(folder)
     if not any(n.startswith(GATE_PREFIX) for n in names):
-        raise ValueError(f"{folder}: the checkpoint has no exit gate ({GATE_PREFIX}weight/bias): nothing to tune")
+        raise UserError(f"{folder}: the checkpoint has no exit gate ({GATE_PREFIX}weight/bias): nothing to tune")
     return config
 
 
@@ -228,7 +228,7 @@ def checkpoint_tensor_names(folder: Path) -> set[str]:
 
 def require_examples(examples: list[Example], what: str) -> None:
     if not examples:
-        raise ValueError(f"{what}: the dataset is empty (no rows left after loading and the max_length filter)")
+        raise UserError(f"{what}: the dataset is empty (no rows left after loading and the max_length filter)")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ NEEDS_MORE = ("/path/to", "...", "ouro_1.4b", "cuda", "ouro_cpu", "<recipe>", "X
 SMALL: dict[str, list[str]] = {
     "sft": ["training.max_steps=3", "sample.num_prompts=2", "sample.max_new_tokens=16"],
     "grpo": ["training.max_steps=2", "eval.num_prompts=4"],
-    "gate": ["training.max_steps=4", "data.train_rows=64", "data.eval_rows=16", "eval.q_grid=[0.5]",
+    "gate": ["training.max_steps=4", "data.train_rows=64", "data.val_rows=16", "data.eval_rows=16", "eval.q_grid=[0.5]",
              "eval.hidden_eps_grid=[0.2]", "eval.kv_modes=[full]", "eval.max_new_tokens=32"],
     "eval": ["data.eval_rows=16", "eval.q_grid=[0.5]", "eval.hidden_eps_grid=[0.2]", "eval.kv_modes=[full]",
              "eval.max_new_tokens=32"],
