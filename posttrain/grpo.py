@@ -197,7 +197,7 @@ def load_grpo_data(cfg: GRPODataSection) -> tuple[Dataset, Dataset]:
         n = min(cfg.eval_rows, len(data) // 2)
         held, train = data.select(range(n)), data.select(range(n, len(data)))
     if len(train) == 0:
-        raise ValueError(f"data: no training rows left from {cfg.train or 'synthetic'} after holding out {len(held)}")
+        raise UserError(f"data: no training rows left from {cfg.train or 'synthetic'} after holding out {len(held)}")
     return train, held
 
 
@@ -323,11 +323,11 @@ def run_grpo(config: GRPORecipeConfig, callbacks: list[TrainerCallback] | None =
     check_launch(args.world_size, args.use_cpu)
     main = args.process_index == 0
     out = Path(args.output_dir)
+    train, held = load_grpo_data(config.data)
+    model, tokenizer = load_policy(config.model)  # a missing model fails here, before anything is written
     if main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / CONFIG_FILE)
-    train, held = load_grpo_data(config.data)
-    model, tokenizer = load_policy(config.model)
     reward_funcs = get_reward_funcs(config.rewards.names, **config.rewards.options)
     engine = build_engine(config.rollout, model, config.model.path, tokenizer) if main else None
     try:

@@ -41,7 +41,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
 import looplm
-from configs import ConfigError, UserError, save_config
+from configs import UserError, save_config
 from configs.inputs import hub_errors, model_source
 from looplm import LoopLMConfig, LoopLMForCausalLM, exit_log_pdf
 from looplm.losses import final_loop_loss, mean_loop_loss, per_loop_token_losses, stage1_loss
@@ -411,7 +411,7 @@ def run_sft(config: SFTRecipeConfig, callbacks: list[TrainerCallback] | None = N
     data, model, tokenizer = setup(config)
     trainer = make_trainer(config, model, tokenizer, data, callbacks)
     if trainer.is_fsdp_enabled:
-        raise ConfigError(
+        raise UserError(
             "SFT under FSDP: the final save and checks run on the main process's (sharded) model, which is not "
             "supported yet; launch with DDP (configs/accelerate/multi_cpu.yaml's launcher on GPUs) or on one GPU"
         )

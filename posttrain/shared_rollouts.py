@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from configs import ConfigError
+from configs import UserError
 from rollout.engine import DepthConfig, Prompt, RolloutEngine, RolloutRecord, SamplingConfig
 
 
@@ -93,7 +93,7 @@ def check_launch(world_size: int, use_cpu: bool) -> None:
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and world_size == 1:
         hint = "" if use_cpu or torch.cuda.is_available() else ": on CPU set training.use_cpu=true"
-        raise ConfigError(f"{launched} processes were launched but training sees one (no process group){hint}")
+        raise UserError(f"{launched} processes were launched but training sees one (no process group){hint}")
 
 
 __all__ = ["SharedEngine", "check_launch", "full_state_dict"]

@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 import yaml
 from safetensors.torch import load_file
 
-from configs import ConfigError
+from configs import UserError
 from looplm.tiny import tiny_model
 from posttrain.shared_rollouts import SharedEngine, check_launch, full_state_dict
 from rollout.engine import SamplingConfig
@@ -136,7 +136,7 @@ def test_fsdp2_on_two_gpus_equals_one_process(tmp_path):
 
 def test_a_launch_the_training_arguments_do_not_see_is_a_user_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="2 processes were launched but training sees one"):
+    with pytest.raises(UserError, match="2 processes were launched but training sees one"):
         check_launch(world_size=1, use_cpu=False)
     check_launch(world_size=2, use_cpu=True)  # seen: fine
 
