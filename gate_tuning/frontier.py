@@ -274,6 +274,25 @@ def compare_frontiers(
     return FrontierComparison(gaps[i], xs[i], (lo, hi), _negative_intervals(xs, gaps))
 
 
+def static_gaps(curve: Sequence[FrontierPoint], static: Sequence[FrontierPoint]) -> dict | None:
+    """Each point of a Q-exit `curve` against the static-depth frontier at its own average depth (the static
+    points joined by straight lines; accuracy where both have it, else -loss): how many points lie above and below
+    it and the largest gap each way with its depth. None without points."""
+    metric = "accuracy" if all(p.accuracy is not None for p in [*curve, *static]) else "loss"
+    line = frontier_curve(static, metric)
+    inside = [p for p in curve if line and line[0][0] <= p.avg_loops <= line[-1][0]]
+    if not inside:
+        return None
+    gaps = [((p.accuracy if metric == "accuracy" else -p.loss) - interpolate(line, p.avg_loops), p) for p in inside]
+    (low, low_p), (high, high_p) = min(gaps, key=lambda g: g[0]), max(gaps, key=lambda g: g[0])
+    return {
+        "metric": metric, "points": len(gaps),
+        "above": sum(g > GAP_TOL for g, _ in gaps), "below": sum(g < -GAP_TOL for g, _ in gaps),
+        "max_gap": high, "max_at": high_p.avg_loops, "min_gap": low, "min_at": low_p.avg_loops,
+        "gaps": [{"param": p.param, "avg_loops": p.avg_loops, "gap": g} for g, p in gaps],
+    }
+
+
 def frontier_area(points: Sequence[FrontierPoint], num_loops: int, metric: str = "accuracy") -> float:
     """The curve's mean value over average loops 1..T: its straight-line interpolation integrated over [1, T]
     (held flat beyond its first and last points) and divided by T - 1. Higher is better; nan when empty."""
@@ -415,6 +434,7 @@ __all__ = [
     "pick_threshold",
     "plot_frontier",
     "q_exit_rules",
+    "static_gaps",
     "static_rules",
     "teacher_forced",
     "write_frontier",

@@ -43,6 +43,7 @@ from .frontier import (
     kv_rules,
     pick_threshold,
     q_exit_rules,
+    static_gaps,
     static_rules,
     write_frontier,
 )
@@ -52,9 +53,11 @@ from .stage2 import (
     GateTrainer,
     check_stage2_args,
     freeze_lm,
+    gate_state,
     load_gate_state,
     mean_final_loss,
     scaled_target_args,
+    target_stats,
 )
 
 logger = logging.getLogger(__name__)
@@ -106,10 +109,17 @@ class Stage2Section:
     units: Literal["nats", "mean_loss"] = "nats"
     # none: every label token alike (Ouro); loss_change: each token's BCE weighted by |L_{t-1} - L_t| (stage2.py)
     weighting: Literal["none", "loss_change"] = "none"
+    # ouro: Ouro's continue targets (k, gamma, alignment, weighting above); fitted: each token's first loop within
+    # epsilon of its last loop's loss (always next_loop, unweighted; gate_tuning.stage2); auto: ouro, and when held-out
+    # selection finds no Ouro snapshot at or above the static-depth frontier, fitted too (needs selection)
+    target: Literal["ouro", "fitted", "auto"] = "ouro"
+    epsilon: float = 0.5  # fitted: the loss above loop T's that still counts as done, in `units`
 
     def __post_init__(self) -> None:
         if not self.k > 0:
             raise ValueError(f"stage2.k must be > 0, got {self.k}")
+        if not self.epsilon >= 0:
+            raise ValueError(f"stage2.epsilon must be >= 0 (a loss margin, in stage2.units), got {self.epsilon}")
 
 
 @dataclass
@@ -184,6 +194,9 @@ class GateRecipeConfig:
         if (self.training.select_every > 0) != (self.data.val_rows > 0):
             raise ValueError("held-out gate selection needs both training.select_every > 0 and data.val_rows > 0 "
                              f"(got {self.training.select_every} and {self.data.val_rows})")
+        if self.stage2.target == "auto" and self.training.select_every == 0:
+            raise ValueError("stage2.target = auto needs held-out selection (training.select_every > 0 and "
+                             "data.val_rows > 0): it is what decides whether Ouro's targets worked")
 
 
 @dataclass
@@ -308,38 +321,87 @@ def tune_gate(
     model: LoopLMForCausalLM, examples: list[Example], stage2: Stage2Section, cfg: GateTrainingConfig, pad_id: int,
     selection: Selection | None = None,
 ) -> dict[str, Any]:
-    """Stage II in place on `model` (only the gate changes); -> the trainer's log history (and, with `selection`
-    and cfg.select_every > 0, which snapshot was kept)."""
+    """Stage II in place on `model` (only the gate changes); -> the trainer's log history per target, which
+    targets were used and (with `selection` and cfg.select_every > 0) which snapshot was kept."""
     check_stage2_args(stage2.k, model.config.total_ut_steps)
     require_examples(examples, "data.train")
+    if stage2.target == "auto" and (selection is None or cfg.select_every == 0):
+        raise ValueError("stage2.target = auto needs held-out selection (training.select_every > 0, validation rows)")
     freeze_lm(model)
     features, collator = [training_features(e) for e in examples], PadCollator(pad_id)
-    scale = None
-    if stage2.units == "mean_loss":
-        batches = DataLoader(features, batch_size=cfg.per_device_train_batch_size, collate_fn=collator)
-        scale = mean_final_loss(model.eval(), batches)
+    targets = target_args(model, features, collator, stage2, cfg.per_device_train_batch_size)
+    start, snapshots = gate_state(model), {START: gate_state(model)}
+    phases = ["ouro", "fitted"] if stage2.target == "auto" else [stage2.target]
+    results: dict[str, Any] = {"targets": targets, "log_history": {}, "train_loss": {}}
+    cache: dict[str, list[FrontierPoint]] = {}
+    for phase in phases:
+        load_gate_state(model, start)  # each target trains from the starting gate
+        output, history, taken = train_gate(model, features, collator, phase, stage2, targets, cfg, selection)
+        results["train_loss"][phase], results["log_history"][phase] = output, history
+        snapshots |= taken
+        if selection is None or cfg.select_every == 0:
+            results["target_used"] = phase
+            break
+        results["selection"] = select_gate(model, snapshots, selection, cache)
+        kept = results["selection"]["kept"]
+        results["target_used"] = kept.split(" ")[0]
+        if phase == "ouro" and kept != START and results["selection"]["eligible"]:
+            break  # Ouro's Stage II worked: a snapshot of it is at or above the static-depth frontier
+    logger.info("Stage II used the %s gate (targets tried: %s)", results["target_used"], ", ".join(results["log_history"]))
+    return results
+
+
+START = "start"  # the starting gate's snapshot name
+
+
+def target_args(model: LoopLMForCausalLM, features: list, collator: PadCollator, stage2: Stage2Section,
+                batch_size: int) -> dict[str, Any]:
+    """k, gamma and epsilon in nats (mean_loss units measured on the training rows), and the mean continue label per
+    loop of each target on the first batches, logged so the output says what the targets ask of this gate."""
+    batches = DataLoader(features, batch_size=batch_size, collate_fn=collator)
+    scale = mean_final_loss(model.eval(), batches) if stage2.units == "mean_loss" else None
     k, gamma = scaled_target_args(stage2.k, stage2.gamma, stage2.units, scale)
-    logger.info("Stage-II targets: w = sigmoid(%.4g (I - %.4g)) with I in nats (units %s, mean loss at loop T %s)",
-                k, gamma, stage2.units, "not measured" if scale is None else f"{scale:.4g}")
-    snapshots = GateSnapshots(model, cfg.select_every) if cfg.select_every > 0 and selection is not None else None
+    epsilon = stage2.epsilon * (scale if scale is not None else 1.0)
+    first = [batch for _, batch in zip(range(STAT_BATCHES), batches, strict=False)]
+    labels = target_stats(model, first, k, gamma, epsilon)
+    logger.info("Stage-II targets: w = sigmoid(%.4g (I - %.4g)), fitted epsilon %.4g, in nats (units %s, mean loss at "
+                "loop T %s); mean continue label for loops 2..T: ouro %s, fitted %s", k, gamma, epsilon, stage2.units,
+                "not measured" if scale is None else f"{scale:.4g}", _fmt_list(labels["ouro"]),
+                _fmt_list(labels["fitted"]))
+    return {"units": stage2.units, "mean_final_loss": scale, "k_per_nat": k, "gamma_nats": gamma,
+            "epsilon_nats": epsilon, "mean_continue_label": labels}
+
+
+STAT_BATCHES = 8  # batches the target statistics are read on (one forward each; the LM is frozen)
+
+
+def _fmt_list(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.3f}" for v in values) + "]"
+
+
+def train_gate(
+    model: LoopLMForCausalLM, features: list, collator: PadCollator, target: str, stage2: Stage2Section,
+    targets: dict[str, Any], cfg: GateTrainingConfig, selection: Selection | None,
+) -> tuple[float, list[dict], dict[str, dict[str, torch.Tensor]]]:
+    """One Stage-II run with `target` ("ouro" or "fitted"); -> (train loss, log history, snapshots by name)."""
+    snapshots = GateSnapshots(model, cfg.select_every, target) if cfg.select_every > 0 and selection else None
+    fitted = target == "fitted"
     trainer = GateTrainer(
         model=model,
         args=trainer_args(cfg, use_cpu=model.device.type == "cpu"),
         train_dataset=features,
         data_collator=collator,
         callbacks=[snapshots] if snapshots else None,
-        k=k,
-        gamma=gamma,
-        alignment=stage2.alignment,
-        weighting=stage2.weighting,
+        k=targets["k_per_nat"],
+        gamma=targets["gamma_nats"],
+        alignment="next_loop" if fitted else stage2.alignment,  # a fitted label is about running loop t
+        weighting="none" if fitted else stage2.weighting,  # hard labels: each token counts once
+        target=target,
+        epsilon=targets["epsilon_nats"],
     )
     output = trainer.train()
     model.eval()
-    results = {"train_loss": output.training_loss, "log_history": trainer.state.log_history,
-               "targets": {"units": stage2.units, "mean_final_loss": scale, "k_per_nat": k, "gamma_nats": gamma}}
-    if snapshots is not None:
-        results["selection"] = select_gate(model, snapshots.snapshots, selection)
-    return results
+    return output.training_loss, trainer.state.log_history, snapshots.snapshots if snapshots else {}
 
 
 @dataclass
@@ -352,37 +414,52 @@ class Selection:
     batch_size: int = 32
 
 
-def select_gate(model: LoopLMForCausalLM, snapshots: dict[int, dict[str, torch.Tensor]], sel: Selection) -> dict:
+def select_gate(
+    model: LoopLMForCausalLM, snapshots: dict[str, dict[str, torch.Tensor]], sel: Selection,
+    cache: dict[str, list[FrontierPoint]] | None = None,
+) -> dict[str, Any]:
     """Load into `model` the snapshot kept by held-out selection on the validation rows, and say which.
 
     Each snapshot's teacher-forced Q-exit frontier (-loss against average loops) is measured on the validation
-    rows. Eligible: the snapshots whose frontier is at or above the starting (Stage-I) gate's at every average
-    depth (`compare_frontiers`); the starting gate always is. Kept: the eligible one with the largest
-    `frontier_area` (ties: the earliest step). So Stage II ends at the Stage-I gate when no snapshot beats it.
+    rows (`cache` keeps those already measured), and so is the static-depth frontier. Eligible: the snapshots at or
+    above the static-depth frontier at every average depth (`compare_frontiers`) and, when the starting gate is
+    itself at or above it (a healthy gate), at or above the starting gate too. Kept: the eligible one with the
+    largest `frontier_area`; with none eligible, the one least below the static frontier (a warning says so). So a
+    healthy Stage-I gate is kept unless a snapshot beats it, and a broken one is replaced.
     """
+    cache = {} if cache is None else cache
     grid = sorted({0.0, 1.0, *sel.q_grid})  # q = 0 is static 1 loop, q = 1 static T: every curve spans 1..T
-    num_loops, frontiers = model.config.total_ut_steps, {}
-    for step, state in snapshots.items():
-        load_gate_state(model, state)
-        frontiers[step] = evaluate_rules(model, sel.tokenizer, sel.examples, q_exit_rules(grid, f"step {step}"),
+    num_loops = model.config.total_ut_steps
+    if "static" not in cache:
+        cache["static"] = evaluate_rules(model, sel.tokenizer, sel.examples, static_rules(num_loops), sel.batch_size,
+                                         accuracy=False)
+    for name, state in snapshots.items():
+        if name not in cache:
+            load_gate_state(model, state)
+            cache[name] = evaluate_rules(model, sel.tokenizer, sel.examples, q_exit_rules(grid, name),
                                          sel.batch_size, accuracy=False)
-    start = min(frontiers)
-    areas = {step: frontier_area(points, num_loops, metric="loss") for step, points in frontiers.items()}
-    gaps = {step: compare_frontiers(points, frontiers[start], metric="loss").min_gap
-            for step, points in frontiers.items()}
-    eligible = [step for step in frontiers if step == start or gaps[step] >= -GAP_TOL]
-    best = max(eligible, key=lambda step: (areas[step], -step))
-    for step in frontiers:
-        logger.info("gate selection: step %d, validation frontier area %.5f, min gap to the starting gate %.5f%s",
-                    step, areas[step], gaps[step], " (kept)" if step == best else "")
+    areas = {name: frontier_area(cache[name], num_loops, metric="loss") for name in snapshots}
+    to_static = {name: compare_frontiers(cache[name], cache["static"], "loss").min_gap for name in snapshots}
+    to_start = {name: compare_frontiers(cache[name], cache[START], "loss").min_gap for name in snapshots}
+    healthy = to_static[START] >= -GAP_TOL
+    eligible = [n for n in snapshots if to_static[n] >= -GAP_TOL and (not healthy or to_start[n] >= -GAP_TOL)]
+    best = max(eligible, key=lambda n: areas[n]) if eligible else max(snapshots, key=lambda n: to_static[n])
+    for name in snapshots:
+        logger.info("gate selection: %s, validation area %.5f, min gap to static %.5f, to the starting gate %.5f%s",
+                    name, areas[name], to_static[name], to_start[name], " (kept)" if name == best else "")
     load_gate_state(model, snapshots[best])
-    if best == start:
-        logger.warning("gate selection kept the starting (Stage-I) gate: no Stage-II snapshot was at or above it "
-                       "at every depth with a larger area on the validation rows")
-    return {"kept_step": best, "kept_starting_gate": best == start, "validation_rows": len(sel.examples),
-            "areas": areas, "min_gap_to_start": gaps,
+    if not eligible:
+        logger.warning("gate selection: no snapshot is at or above the static-depth frontier on the validation "
+                       "rows; kept %s, the least below it", best)
+    elif best == START:
+        logger.warning("gate selection kept the starting gate: no Stage-II snapshot was at or above it and the "
+                       "static frontier at every depth with a larger area on the validation rows")
+    return {"kept": best, "kept_starting_gate": best == START, "eligible": bool(eligible),
+            "starting_gate_at_or_above_static": healthy, "validation_rows": len(sel.examples), "areas": areas,
+            "min_gap_to_static": to_static, "min_gap_to_start": to_start,
             "criterion": "largest area under the teacher-forced Q-exit frontier (-loss over average loops 1..T) "
-                         "among snapshots at or above the starting gate's frontier at every depth"}
+                         "among snapshots at or above the static-depth frontier (and, when the starting gate is, "
+                         "at or above it) at every depth"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -441,18 +518,23 @@ def run_gate(config: GateRecipeConfig) -> dict[str, Any]:
     points = [*before, *after]
     pick = pick_threshold(points, TUNED, num_loops, config.select.target_avg_loops, config.select.max_accuracy_drop)
     model_dir = save_tuned(model, config.model.path, out / MODEL_DIR, float(pick.param))
-    paths = write_frontier(points, out, title=f"{config.model.path}: Stage-I vs Stage-II gate",
-                           note=selection_note(training.get("selection")))
+    note = "\n\n".join(filter(None, [
+        static_note(points, num_loops), f"{TUNED}: Stage-II targets used: {training['target_used']}.",
+        selection_note(training.get("selection")), pick_note(pick, points, num_loops, config.select),
+    ]))
+    paths = write_frontier(points, out, title=f"{config.model.path}: Stage-I vs Stage-II gate", note=note)
     save_config(config, out / "gate_config.yaml")
     results = summarize(points, pick, num_loops) | {
-        "train_loss": training["train_loss"], "stage2_targets": training["targets"],
-        "gate_selection": training.get("selection"), "model_dir": str(model_dir), **{k: str(v) for k, v in paths.items()},
+        "stage2_target_used": training["target_used"], "train_loss": training["train_loss"],
+        "stage2_targets": training["targets"], "gate_selection": training.get("selection"),
+        "model_dir": str(model_dir), **{k: str(v) for k, v in paths.items()},
     }
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=float) + "\n")
     logger.info("frontier (%s):\n%s", paths["md"], paths["md"].read_text())
     gap = results["tuned_vs_untuned"]
     logger.info("tuned vs untuned gate over %s average loops: min gap %.4f (%s) at %.3f loops; tuned below on %s",
                 gap["depth_range"], gap["min_gap"], gap["metric"], gap["at_loops"], gap["below"] or "no interval")
+    logger.info("%s", static_note(points, num_loops))
     logger.info("chosen q %.3g: %.2f loops per token (%.1f%% fewer than static T), accuracy drop %s",
                 results["chosen_q"], pick.avg_loops, 100 * results["loops_saved_vs_static_T"],
                 results["accuracy_drop_vs_static_T"])
@@ -482,16 +564,43 @@ def selection_note(selection: dict[str, Any] | None) -> str:
     """What frontier.md says about held-out selection, so that a reader of the table knows which gate it shows."""
     if selection is None:
         return ""
-    kept = "the starting Stage-I gate (step 0)" if selection["kept_starting_gate"] else f"step {selection['kept_step']}"
+    kept = "the starting gate" if selection["kept_starting_gate"] else selection["kept"]
     return (f"{TUNED}: held-out selection kept {kept}, by the {selection['criterion']}, on "
-            f"{selection['validation_rows']} validation rows taken off the training rows; areas by step: "
-            + ", ".join(f"{step}: {area:.5f}" for step, area in selection["areas"].items()))
+            f"{selection['validation_rows']} validation rows taken off the training rows; areas: "
+            + ", ".join(f"{name}: {area:.5f}" for name, area in selection["areas"].items()))
+
+
+def static_note(points: list[FrontierPoint], num_loops: int) -> str:
+    """Each Q-exit curve against the static-depth frontier, in the table's metric, for frontier.md and the log."""
+    lines = []
+    for rule in (UNTUNED, TUNED):
+        gaps = static_gaps([p for p in points if p.rule == rule], [p for p in points if p.rule == "static"])
+        if not gaps:
+            continue
+        unit = "points" if gaps["metric"] == "accuracy" else "nats of -loss"
+        scale = 100 if gaps["metric"] == "accuracy" else 1
+        lines.append(f"{rule} vs static depths 1..{num_loops} ({gaps['metric']}): {gaps['above']} of "
+                     f"{gaps['points']} points above (best {scale * gaps['max_gap']:+.4g} {unit} at "
+                     f"{gaps['max_at']:.2f} loops), {gaps['below']} below (worst {scale * gaps['min_gap']:+.4g} at "
+                     f"{gaps['min_at']:.2f} loops)")
+    return "\n".join(lines)
+
+
+def pick_note(pick: FrontierPoint, points: list[FrontierPoint], num_loops: int, select: SelectSection) -> str:
+    budget = (f"within {100 * select.max_accuracy_drop:.3g} points of static {num_loops} loops"
+              if select.max_accuracy_drop is not None else f"at most {select.target_avg_loops} average loops")
+    static_t = next(p for p in points if p.rule == "static" and p.param == num_loops)
+    acc = "" if pick.accuracy is None else f" at {100 * pick.accuracy:.1f}%"
+    ref = "" if static_t.accuracy is None else f" ({100 * static_t.accuracy:.1f}% at static {num_loops})"
+    return (f"Chosen q = {pick.param} for the budget ({budget}): {pick.avg_loops:.2f} loops per token{acc}{ref}, "
+            f"{100 * (1 - pick.avg_loops / num_loops):.1f}% fewer loops than static {num_loops}.")
 
 
 def summarize(points: list[FrontierPoint], pick: FrontierPoint, num_loops: int) -> dict[str, Any]:
     """The chosen q, loops saved against static T, and how the tuned curve compares with the untuned one."""
     static_t = next(p for p in points if p.rule == "static" and p.param == num_loops)
     tuned, untuned = [p for p in points if p.rule == TUNED], [p for p in points if p.rule == UNTUNED]
+    static = [p for p in points if p.rule == "static"]
     metric = "accuracy" if static_t.accuracy is not None else "loss"
     return {
         "chosen_q": float(pick.param),
@@ -500,6 +609,8 @@ def summarize(points: list[FrontierPoint], pick: FrontierPoint, num_loops: int) 
         "loops_saved_vs_static_T": 1.0 - pick.avg_loops / num_loops,
         "accuracy_drop_vs_static_T": None if pick.accuracy is None else static_t.accuracy - pick.accuracy,
         "tuned_vs_untuned": comparison_summary(compare_frontiers(tuned, untuned, metric), metric),
+        "tuned_vs_static": static_gaps(tuned, static),
+        "untuned_vs_static": static_gaps(untuned, static),
         "points": [asdict(p) for p in points],
     }
 
@@ -524,6 +635,7 @@ __all__ = [
     "save_tuned",
     "select_gate",
     "selection_note",
+    "static_note",
     "tune_gate",
 ]
 

@@ -66,14 +66,20 @@ def test_held_out_selection_keeps_the_best_validation_snapshot(checkpoint, tmp_p
     start = {n: t.clone() for n, t in model.state_dict().items() if n.startswith(GATE_PREFIX)}
     selection = Selection(examples[-6:], tokenizer, [0.3, 0.8], batch_size=6)
     kept = tune_gate(model, examples[:-6], cfg.stage2, cfg.training, tokenizer.pad_token_id, selection)["selection"]
-    areas, gaps = kept["areas"], kept["min_gap_to_start"]
-    assert sorted(areas) == [0, 2, 4] and kept["validation_rows"] == 6  # step 0: the starting gate
-    assert gaps[0] == 0.0
-    eligible = [step for step in areas if gaps[step] >= 0.0]  # at or above the starting gate at every depth
-    assert kept["kept_step"] in eligible
-    assert areas[kept["kept_step"]] == max(areas[step] for step in eligible)
+    areas, gaps, static = kept["areas"], kept["min_gap_to_start"], kept["min_gap_to_static"]
+    assert sorted(areas) == ["ouro step 2", "ouro step 4", "start"] and kept["validation_rows"] == 6
+    assert gaps["start"] == 0.0
+    healthy = kept["starting_gate_at_or_above_static"]
+    assert healthy == (static["start"] >= 0.0)
+    eligible = [n for n in areas if static[n] >= 0.0 and (not healthy or gaps[n] >= 0.0)]
+    assert kept["eligible"] == bool(eligible)
+    if eligible:
+        assert kept["kept"] in eligible
+        assert areas[kept["kept"]] == max(areas[n] for n in eligible)
+    else:
+        assert static[kept["kept"]] == max(static.values())
     gate_moved = any(not torch.equal(start[n], t) for n, t in model.state_dict().items() if n in start)
-    assert gate_moved == (kept["kept_step"] != 0)
+    assert gate_moved == (kept["kept"] != "start")
     note = selection_note(kept)
     assert "held-out selection kept" in note and "6 validation rows" in note
 
@@ -135,6 +141,9 @@ def test_an_empty_dataset_is_refused(checkpoint, tmp_path, no_compute):
         ("select.target_avg_loops=2.5", "exactly one of max_accuracy_drop and target_avg_loops"),
         ("training.select_every=5", "needs both training.select_every > 0 and data.val_rows > 0"),
         ("data.val_rows=5", "needs both training.select_every > 0 and data.val_rows > 0"),
+        ("stage2.target=auto", "stage2.target = auto needs held-out selection"),
+        ("stage2.epsilon=-1", "stage2.epsilon must be >= 0"),
+        ("stage2.target=oracle", "stage2.target"),
     ],
 )
 def test_bad_settings_fail_at_load_time(checkpoint, tmp_path, override, message):
