@@ -113,7 +113,7 @@ class Stage2Section:
     # epsilon of its last loop's loss (always next_loop, unweighted; gate_tuning.stage2); auto: ouro, and when held-out
     # selection finds no Ouro snapshot at or above the static-depth frontier, fitted too (needs selection)
     target: Literal["ouro", "fitted", "auto"] = "ouro"
-    epsilon: float = 0.5  # fitted: the loss above loop T's that still counts as done, in `units`
+    epsilon: float = 0.02  # fitted: the loss above loop T's that still counts as done, in `units`
 
     def __post_init__(self) -> None:
         if not self.k > 0:
