@@ -143,6 +143,10 @@ class GateTrainingConfig(TrainingArguments):
     # data.val_rows validation rows is kept. The starting (Stage-I) gate is a candidate: Stage II can then end
     # where it began. 0: keep the last step's gate.
     select_every: int = 0
+    # How far below the static-depth frontier (or a healthy starting gate) a snapshot may dip on the validation rows
+    # and still count as "at or above" it: a fraction of static 1 loop's loss minus static T's. Validation rows
+    # are few; a strict 0 turned down snapshots far better on average for a dip of 2e-4 of the loss (issue 24).
+    select_tolerance: float = 0.01
 
 
 @dataclass
@@ -191,6 +195,8 @@ class GateRecipeConfig:
     def __post_init__(self) -> None:
         if self.training.select_every < 0:
             raise ValueError(f"training.select_every must be >= 0, got {self.training.select_every}")
+        if not self.training.select_tolerance >= 0:
+            raise ValueError(f"training.select_tolerance must be >= 0, got {self.training.select_tolerance}")
         if (self.training.select_every > 0) != (self.data.val_rows > 0):
             raise ValueError("held-out gate selection needs both training.select_every > 0 and data.val_rows > 0 "
                              f"(got {self.training.select_every} and {self.data.val_rows})")
@@ -412,6 +418,7 @@ class Selection:
     tokenizer: PreTrainedTokenizerBase
     q_grid: list[float]
     batch_size: int = 32
+    tolerance: float = 0.01  # training.select_tolerance
 
 
 def select_gate(
@@ -423,7 +430,8 @@ def select_gate(
     Each snapshot's teacher-forced Q-exit frontier (-loss against average loops) is measured on the validation
     rows (`cache` keeps those already measured), and so is the static-depth frontier. Eligible: the snapshots at or
     above the static-depth frontier at every average depth (`compare_frontiers`) and, when the starting gate is
-    itself at or above it (a healthy gate), at or above the starting gate too. Kept: the eligible one with the
+    itself at or above it (a healthy gate), at or above the starting gate too, both within `sel.tolerance` of static
+    1 loop's loss minus static T's (validation rows are few). Kept: the eligible one with the
     largest `frontier_area`; with none eligible, the one least below the static frontier (a warning says so). So a
     healthy Stage-I gate is kept unless a snapshot beats it, and a broken one is replaced.
     """
@@ -439,10 +447,12 @@ def select_gate(
             cache[name] = evaluate_rules(model, sel.tokenizer, sel.examples, q_exit_rules(grid, name),
                                          sel.batch_size, accuracy=False)
     areas = {name: frontier_area(cache[name], num_loops, metric="loss") for name in snapshots}
+    static_loss = [p.loss for p in cache["static"]]
+    tol = GAP_TOL + sel.tolerance * abs(static_loss[0] - static_loss[-1])  # in nats
     to_static = {name: compare_frontiers(cache[name], cache["static"], "loss").min_gap for name in snapshots}
     to_start = {name: compare_frontiers(cache[name], cache[START], "loss").min_gap for name in snapshots}
-    healthy = to_static[START] >= -GAP_TOL
-    eligible = [n for n in snapshots if to_static[n] >= -GAP_TOL and (not healthy or to_start[n] >= -GAP_TOL)]
+    healthy = to_static[START] >= -tol
+    eligible = [n for n in snapshots if to_static[n] >= -tol and (not healthy or to_start[n] >= -tol)]
     best = max(eligible, key=lambda n: areas[n]) if eligible else max(snapshots, key=lambda n: to_static[n])
     for name in snapshots:
         logger.info("gate selection: %s, validation area %.5f, min gap to static %.5f, to the starting gate %.5f%s",
@@ -454,12 +464,12 @@ def select_gate(
     elif best == START:
         logger.warning("gate selection kept the starting gate: no Stage-II snapshot was at or above it and the "
                        "static frontier at every depth with a larger area on the validation rows")
-    return {"kept": best, "kept_starting_gate": best == START, "eligible": bool(eligible),
+    return {"kept": best, "kept_starting_gate": best == START, "eligible": bool(eligible), "tolerance_nats": tol,
             "starting_gate_at_or_above_static": healthy, "validation_rows": len(sel.examples), "areas": areas,
             "min_gap_to_static": to_static, "min_gap_to_start": to_start,
             "criterion": "largest area under the teacher-forced Q-exit frontier (-loss over average loops 1..T) "
                          "among snapshots at or above the static-depth frontier (and, when the starting gate is, "
-                         "at or above it) at every depth"}
+                         "at or above it) at every depth, within tolerance_nats"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -503,7 +513,8 @@ def run_gate(config: GateRecipeConfig) -> dict[str, Any]:
     if config.data.val_rows > 0:
         train, val = train[: -config.data.val_rows], train[-config.data.val_rows :]
         require_examples(train, "data.train (after taking data.val_rows off it)")
-        selection = Selection(val, tokenizer, config.eval.q_grid, config.eval.batch_size)
+        selection = Selection(val, tokenizer, config.eval.q_grid, config.eval.batch_size,
+                              config.training.select_tolerance)
     model = load_model(config.model, tokenizer)
     num_loops = model.config.total_ut_steps
     check_stage2_args(config.stage2.k, num_loops)
