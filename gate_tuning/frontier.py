@@ -58,6 +58,9 @@ class FrontierPoint:
     accuracy: float | None  # fraction of answered examples scored correct; None without answers
     bytes_per_token: int
     avg_loops_tf: float  # the same, teacher-forced on the reference completions
+    # Fraction of examples whose every reference token is the teacher-forced argmax: greedy decoding would write
+    # the reference exactly. A cheap stand-in for accuracy (held-out gate selection reads it; issue 24).
+    exact_tf: float = math.nan
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -87,8 +90,9 @@ def kv_rules(modes: Sequence[str] = KV_MODES) -> list[ExitRule]:
 @torch.inference_mode()
 def teacher_forced(
     model: LoopLMForCausalLM, batch: Sequence[Example], depth: DepthConfig
-) -> tuple[float, int, float, int]:
-    """-> (sum of CE, completion tokens, sum of loops, decoded positions) of the reference completions."""
+) -> tuple[float, int, float, int, int]:
+    """-> (sum of CE, completion tokens, sum of loops, decoded positions, examples whose every reference token is
+    the argmax) of the reference completions."""
     device, num_loops = model.device, depth.num_loops or model.config.total_ut_steps
     cache = LoopKVCache(model.config, mode=depth.kv_mode)
     ids, mask = _left_pad([e.prompt_ids for e in batch], device)  # (B, P)
@@ -98,6 +102,7 @@ def teacher_forced(
     fed = targets[:, :-1].clamp(min=0)
     fed_mask = (targets[:, :-1] != IGNORE_INDEX) & (targets[:, 1:] != IGNORE_INDEX)  # (B, W)
     ce_sum = F.cross_entropy(first.logits[:, -1].float(), targets[:, 0], reduction="sum").item()
+    exact = first.logits[:, -1].argmax(-1) == targets[:, 0]  # (B,)
     loops_sum, width = 0.0, fed.shape[1]
     chunk = width if depth.kv_mode == "full" else 1
     for start in range(0, width, max(chunk, 1)):
@@ -108,8 +113,9 @@ def teacher_forced(
         )
         piece = targets[:, start + 1 : end + 1]
         ce_sum += F.cross_entropy(out.logits.float().transpose(1, 2), piece, reduction="sum").item()
+        exact &= ((out.logits.argmax(-1) == piece) | (piece == IGNORE_INDEX)).all(dim=1)
         loops_sum += (out.exit_steps * fed_mask[:, start:end]).sum().item()
-    return ce_sum, int((targets != IGNORE_INDEX).sum()), loops_sum, int(fed_mask.sum())
+    return ce_sum, int((targets != IGNORE_INDEX).sum()), loops_sum, int(fed_mask.sum()), int(exact.sum())
 
 
 def _right_pad(rows: Sequence[Sequence[int]], value: int, device) -> torch.Tensor:
@@ -154,10 +160,10 @@ def evaluate_rules(
         key = depth.label()  # names the policy completely
         if key not in measured:
             measured[key] = _measure(model, engine, examples, depth, batch_size, max_new_tokens, accuracy)
-        loss, avg_loops_tf, acc, avg_loops = measured[key]
+        loss, avg_loops_tf, acc, avg_loops, exact = measured[key]
         points.append(FrontierPoint(
             rule=rule.rule, param=rule.param, avg_loops=avg_loops_tf if math.isnan(avg_loops) else avg_loops,
-            loss=loss, accuracy=acc, avg_loops_tf=avg_loops_tf,
+            loss=loss, accuracy=acc, avg_loops_tf=avg_loops_tf, exact_tf=exact,
             bytes_per_token=LoopKVCache.bytes_per_token(model.config, depth.kv_mode, depth.num_loops, model.dtype),
         ))
         logger.info("%s %s: %s", rule.rule, rule.param, points[-1])
@@ -165,13 +171,13 @@ def evaluate_rules(
 
 
 def _measure(model, engine, examples, depth, batch_size, max_new_tokens, accuracy) -> tuple:
-    """-> (loss, teacher-forced avg loops, accuracy, decoding avg loops) of one depth policy."""
-    sums = [0.0, 0, 0.0, 0]
+    """-> (loss, teacher-forced avg loops, accuracy, decoding avg loops, teacher-forced exact match) of one policy."""
+    sums = [0.0, 0, 0.0, 0, 0]
     for start in range(0, len(examples), batch_size):
         for i, value in enumerate(teacher_forced(model, examples[start : start + batch_size], depth)):
             sums[i] += value
     acc, avg_loops = generation_accuracy(engine, examples, depth, max_new_tokens) if accuracy else (None, math.nan)
-    return sums[0] / max(sums[1], 1), sums[2] / max(sums[3], 1), acc, avg_loops
+    return sums[0] / max(sums[1], 1), sums[2] / max(sums[3], 1), acc, avg_loops, sums[4] / len(examples)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -233,11 +239,11 @@ GAP_TOL = 1e-9  # interpolation rounding: equal accuracies must not read as "bel
 
 
 def frontier_curve(points: Sequence[FrontierPoint], metric: str = "accuracy") -> list[tuple[float, float]]:
-    """(avg loops, value) sorted by depth, value = accuracy or -loss (higher is better); one value per depth
-    (the best, where two thresholds land on the same depth)."""
+    """(avg loops, value) sorted by depth, value = accuracy, exact_tf or -loss (higher is better); one value per
+    depth (the best, where two thresholds land on the same depth)."""
     best: dict[float, float] = {}
     for p in points:
-        value = p.accuracy if metric == "accuracy" else -p.loss
+        value = -p.loss if metric == "loss" else getattr(p, metric)
         if value is None or not math.isfinite(value):
             continue
         best[p.avg_loops] = max(value, best.get(p.avg_loops, -math.inf))

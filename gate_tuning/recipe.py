@@ -147,6 +147,9 @@ class GateTrainingConfig(TrainingArguments):
     # and still count as "at or above" it: a fraction of static 1 loop's loss minus static T's. Validation rows
     # are few; a strict 0 turned down snapshots far better on average for a dip of 2e-4 of the loss (issue 24).
     select_tolerance: float = 0.01
+    # The same for the teacher-forced exact match (the fraction of validation rows whose reference is every token's
+    # argmax, a stand-in for accuracy): 0.01 = one point.
+    select_exact_tolerance: float = 0.01
 
 
 @dataclass
@@ -195,8 +198,9 @@ class GateRecipeConfig:
     def __post_init__(self) -> None:
         if self.training.select_every < 0:
             raise ValueError(f"training.select_every must be >= 0, got {self.training.select_every}")
-        if not self.training.select_tolerance >= 0:
-            raise ValueError(f"training.select_tolerance must be >= 0, got {self.training.select_tolerance}")
+        for key in ("select_tolerance", "select_exact_tolerance"):
+            if not getattr(self.training, key) >= 0:
+                raise ValueError(f"training.{key} must be >= 0, got {getattr(self.training, key)}")
         if (self.training.select_every > 0) != (self.data.val_rows > 0):
             raise ValueError("held-out gate selection needs both training.select_every > 0 and data.val_rows > 0 "
                              f"(got {self.training.select_every} and {self.data.val_rows})")
@@ -419,6 +423,7 @@ class Selection:
     q_grid: list[float]
     batch_size: int = 32
     tolerance: float = 0.01  # training.select_tolerance
+    exact_tolerance: float = 0.01  # training.select_exact_tolerance
 
 
 def select_gate(
@@ -448,15 +453,25 @@ def select_gate(
                                          sel.batch_size, accuracy=False)
     areas = {name: frontier_area(cache[name], num_loops, metric="loss") for name in snapshots}
     static_loss = [p.loss for p in cache["static"]]
-    tol = GAP_TOL + sel.tolerance * abs(static_loss[0] - static_loss[-1])  # in nats
-    to_static = {name: compare_frontiers(cache[name], cache["static"], "loss").min_gap for name in snapshots}
-    to_start = {name: compare_frontiers(cache[name], cache[START], "loss").min_gap for name in snapshots}
-    healthy = to_static[START] >= -tol
-    eligible = [n for n in snapshots if to_static[n] >= -tol and (not healthy or to_start[n] >= -tol)]
-    best = max(eligible, key=lambda n: areas[n]) if eligible else max(snapshots, key=lambda n: to_static[n])
+    tols = {"loss": GAP_TOL + sel.tolerance * abs(static_loss[0] - static_loss[-1]),  # in nats
+            "exact_tf": GAP_TOL + sel.exact_tolerance}
+    # Loss alone hides the few tokens an answer hangs on (issue 24: a gate on the static loss frontier was 11 points
+    # below it in accuracy), so the teacher-forced exact match must hold up too.
+    to_static = {n: {m: compare_frontiers(cache[n], cache["static"], m).min_gap for m in tols} for n in snapshots}
+    to_start = {n: {m: compare_frontiers(cache[n], cache[START], m).min_gap for m in tols} for n in snapshots}
+
+    def above(gaps: dict[str, float]) -> bool:
+        return all(gaps[m] >= -tols[m] for m in tols)
+
+    healthy = above(to_static[START])
+    eligible = [n for n in snapshots if above(to_static[n]) and (not healthy or above(to_start[n]))]
+    best = (max(eligible, key=lambda n: areas[n]) if eligible
+            else max(snapshots, key=lambda n: min(to_static[n][m] / tols[m] for m in tols)))
     for name in snapshots:
-        logger.info("gate selection: %s, validation area %.5f, min gap to static %.5f, to the starting gate %.5f%s",
-                    name, areas[name], to_static[name], to_start[name], " (kept)" if name == best else "")
+        logger.info("gate selection: %s, validation area %.5f, min gap to static %.5f nats / %+.1f points of exact "
+                    "match, to the starting gate %.5f / %+.1f%s", name, areas[name], to_static[name]["loss"],
+                    100 * to_static[name]["exact_tf"], to_start[name]["loss"], 100 * to_start[name]["exact_tf"],
+                    " (kept)" if name == best else "")
     load_gate_state(model, snapshots[best])
     if not eligible:
         logger.warning("gate selection: no snapshot is at or above the static-depth frontier on the validation "
@@ -464,12 +479,13 @@ def select_gate(
     elif best == START:
         logger.warning("gate selection kept the starting gate: no Stage-II snapshot was at or above it and the "
                        "static frontier at every depth with a larger area on the validation rows")
-    return {"kept": best, "kept_starting_gate": best == START, "eligible": bool(eligible), "tolerance_nats": tol,
+    return {"kept": best, "kept_starting_gate": best == START, "eligible": bool(eligible), "tolerances": tols,
             "starting_gate_at_or_above_static": healthy, "validation_rows": len(sel.examples), "areas": areas,
             "min_gap_to_static": to_static, "min_gap_to_start": to_start,
             "criterion": "largest area under the teacher-forced Q-exit frontier (-loss over average loops 1..T) "
                          "among snapshots at or above the static-depth frontier (and, when the starting gate is, "
-                         "at or above it) at every depth, within tolerance_nats"}
+                         "at or above it) at every depth, in -loss and in teacher-forced exact match, within "
+                         "tolerances"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -514,7 +530,7 @@ def run_gate(config: GateRecipeConfig) -> dict[str, Any]:
         train, val = train[: -config.data.val_rows], train[-config.data.val_rows :]
         require_examples(train, "data.train (after taking data.val_rows off it)")
         selection = Selection(val, tokenizer, config.eval.q_grid, config.eval.batch_size,
-                              config.training.select_tolerance)
+                              config.training.select_tolerance, config.training.select_exact_tolerance)
     model = load_model(config.model, tokenizer)
     num_loops = model.config.total_ut_steps
     check_stage2_args(config.stage2.k, num_loops)
@@ -530,7 +546,7 @@ def run_gate(config: GateRecipeConfig) -> dict[str, Any]:
     pick = pick_threshold(points, TUNED, num_loops, config.select.target_avg_loops, config.select.max_accuracy_drop)
     model_dir = save_tuned(model, config.model.path, out / MODEL_DIR, float(pick.param))
     note = "\n\n".join(filter(None, [
-        static_note(points, num_loops), f"{TUNED}: Stage-II targets used: {training['target_used']}.",
+        static_note(points, num_loops), target_note(training),
         selection_note(training.get("selection")), pick_note(pick, points, num_loops, config.select),
     ]))
     paths = write_frontier(points, out, title=f"{config.model.path}: Stage-I vs Stage-II gate", note=note)
@@ -579,6 +595,12 @@ def selection_note(selection: dict[str, Any] | None) -> str:
     return (f"{TUNED}: held-out selection kept {kept}, by the {selection['criterion']}, on "
             f"{selection['validation_rows']} validation rows taken off the training rows; areas: "
             + ", ".join(f"{name}: {area:.5f}" for name, area in selection["areas"].items()))
+
+
+def target_note(training: dict[str, Any]) -> str:
+    used, tried = training["target_used"], ", ".join(training["log_history"])
+    what = "none (the starting gate was kept)" if used == START else f"{used} (gate_tuning.stage2)"
+    return f"{TUNED}: Stage-II targets used: {what}; targets tried: {tried}."
 
 
 def static_note(points: list[FrontierPoint], num_loops: int) -> str:
