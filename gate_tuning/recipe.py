@@ -39,7 +39,9 @@ from .frontier import (
     compare_frontiers,
     evaluate_rules,
     frontier_area,
+    frontier_curve,
     hidden_diff_rules,
+    interpolate,
     kv_rules,
     pick_threshold,
     q_exit_rules,
@@ -451,14 +453,16 @@ def select_gate(
             load_gate_state(model, state)
             cache[name] = evaluate_rules(model, sel.tokenizer, sel.examples, q_exit_rules(grid, name),
                                          sel.batch_size, accuracy=False)
-    areas = {name: frontier_area(cache[name], num_loops, metric="loss") for name in snapshots}
     static_loss = [p.loss for p in cache["static"]]
     tols = {"loss": GAP_TOL + sel.tolerance * abs(static_loss[0] - static_loss[-1]),  # in nats
             "exact_tf": GAP_TOL + sel.exact_tolerance}
     # Loss alone hides the few tokens an answer hangs on (issue 24: a gate on the static loss frontier was 11 points
-    # below it in accuracy), so the teacher-forced exact match must hold up too.
-    to_static = {n: {m: compare_frontiers(cache[n], cache["static"], m).min_gap for m in tols} for n in snapshots}
-    to_start = {n: {m: compare_frontiers(cache[n], cache[START], m).min_gap for m in tols} for n in snapshots}
+    # below it in accuracy at 1.4 loops), so the teacher-forced exact match must hold up too; and a q whose point is
+    # below static depth on the validation rows is not offered (a user would run static depth there instead).
+    curves = {n: validated_points(cache[n], cache["static"], tols) for n in snapshots}
+    areas = {name: frontier_area(curves[name], num_loops, metric="loss") for name in snapshots}
+    to_static = {n: {m: compare_frontiers(curves[n], cache["static"], m).min_gap for m in tols} for n in snapshots}
+    to_start = {n: {m: compare_frontiers(curves[n], curves[START], m).min_gap for m in tols} for n in snapshots}
 
     def above(gaps: dict[str, float]) -> bool:
         return all(gaps[m] >= -tols[m] for m in tols)
@@ -479,13 +483,28 @@ def select_gate(
     elif best == START:
         logger.warning("gate selection kept the starting gate: no Stage-II snapshot was at or above it and the "
                        "static frontier at every depth with a larger area on the validation rows")
+    offered = sorted(float(p.param) for p in curves[best] if float(p.param) in set(sel.q_grid))
     return {"kept": best, "kept_starting_gate": best == START, "eligible": bool(eligible), "tolerances": tols,
+            "validated_q": offered or [1.0],
             "starting_gate_at_or_above_static": healthy, "validation_rows": len(sel.examples), "areas": areas,
             "min_gap_to_static": to_static, "min_gap_to_start": to_start,
             "criterion": "largest area under the teacher-forced Q-exit frontier (-loss over average loops 1..T) "
                          "among snapshots at or above the static-depth frontier (and, when the starting gate is, "
                          "at or above it) at every depth, in -loss and in teacher-forced exact match, within "
-                         "tolerances"}
+                         "tolerances, each curve made of its q's whose points are at or above static depth"}
+
+
+def validated_points(
+    curve: list[FrontierPoint], static: list[FrontierPoint], tols: dict[str, float]
+) -> list[FrontierPoint]:
+    """The points of a Q-exit curve at or above the static-depth line at their own depth in every metric of `tols`
+    (within it); q = 0 and q = 1 (static 1 and T loops) always stay, so the curve spans 1..T."""
+    lines = {m: frontier_curve(static, m) for m in tols}
+
+    def gap(p: FrontierPoint, m: str) -> float:
+        return (-p.loss if m == "loss" else getattr(p, m)) - interpolate(lines[m], p.avg_loops)
+
+    return [p for p in curve if float(p.param) in (0.0, 1.0) or all(gap(p, m) >= -tols[m] for m in tols)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -540,8 +559,8 @@ def run_gate(config: GateRecipeConfig) -> dict[str, Any]:
                       config.model.eval_dtype)
     logger.info("Stage II on %d examples", len(train))
     training = tune_gate(model, train, config.stage2, config.training, tokenizer.pad_token_id, selection)
-    after = frontier(model, tokenizer, held_out, q_exit_rules(config.eval.q_grid, TUNED), config.eval,
-                     config.model.eval_dtype)
+    offered = (training.get("selection") or {}).get("validated_q", config.eval.q_grid)
+    after = frontier(model, tokenizer, held_out, q_exit_rules(offered, TUNED), config.eval, config.model.eval_dtype)
     points = [*before, *after]
     pick = pick_threshold(points, TUNED, num_loops, config.select.target_avg_loops, config.select.max_accuracy_drop)
     model_dir = save_tuned(model, config.model.path, out / MODEL_DIR, float(pick.param))
@@ -593,7 +612,8 @@ def selection_note(selection: dict[str, Any] | None) -> str:
         return ""
     kept = "the starting gate" if selection["kept_starting_gate"] else selection["kept"]
     return (f"{TUNED}: held-out selection kept {kept}, by the {selection['criterion']}, on "
-            f"{selection['validation_rows']} validation rows taken off the training rows; areas: "
+            f"{selection['validation_rows']} validation rows taken off the training rows; q offered (validated): "
+            f"{selection['validated_q']}; areas: "
             + ", ".join(f"{name}: {area:.5f}" for name, area in selection["areas"].items()))
 
 
