@@ -458,8 +458,10 @@ def select_gate(
             "exact_tf": GAP_TOL + sel.exact_tolerance}
     # Loss alone hides the few tokens an answer hangs on (issue 24: a gate on the static loss frontier was 11 points
     # below it in accuracy at 1.4 loops), so the teacher-forced exact match must hold up too; and a q whose point is
-    # below static depth on the validation rows is not offered (a user would run static depth there instead).
-    curves = {n: validated_points(cache[n], cache["static"], tols) for n in snapshots}
+    # below static depth on the validation rows is not offered: a user runs static depth there instead, so each
+    # snapshot's curve is its offered points with the static depths (an area above static's is what it adds).
+    offered = {n: validated_points(cache[n], cache["static"], tols) for n in snapshots}
+    curves = {n: [*offered[n], *cache["static"]] for n in snapshots}
     areas = {name: frontier_area(curves[name], num_loops, metric="loss") for name in snapshots}
     to_static = {n: {m: compare_frontiers(curves[n], cache["static"], m).min_gap for m in tols} for n in snapshots}
     to_start = {n: {m: compare_frontiers(curves[n], curves[START], m).min_gap for m in tols} for n in snapshots}
@@ -483,15 +485,16 @@ def select_gate(
     elif best == START:
         logger.warning("gate selection kept the starting gate: no Stage-II snapshot was at or above it and the "
                        "static frontier at every depth with a larger area on the validation rows")
-    offered = sorted(float(p.param) for p in curves[best] if float(p.param) in set(sel.q_grid))
+    qs = sorted(float(p.param) for p in offered[best] if float(p.param) in set(sel.q_grid))
     return {"kept": best, "kept_starting_gate": best == START, "eligible": bool(eligible), "tolerances": tols,
-            "validated_q": offered or [1.0],
+            "validated_q": qs or [1.0],
             "starting_gate_at_or_above_static": healthy, "validation_rows": len(sel.examples), "areas": areas,
             "min_gap_to_static": to_static, "min_gap_to_start": to_start,
             "criterion": "largest area under the teacher-forced Q-exit frontier (-loss over average loops 1..T) "
                          "among snapshots at or above the static-depth frontier (and, when the starting gate is, "
                          "at or above it) at every depth, in -loss and in teacher-forced exact match, within "
-                         "tolerances, each curve made of its q's whose points are at or above static depth"}
+                         "tolerances, each curve made of the static depths and its q's whose points are at or above "
+                         "static depth"}
 
 
 def validated_points(
