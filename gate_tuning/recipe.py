@@ -112,8 +112,8 @@ class Stage2Section:
     # none: every label token alike (Ouro); loss_change: each token's BCE weighted by |L_{t-1} - L_t| (stage2.py)
     weighting: Literal["none", "loss_change"] = "none"
     # ouro: Ouro's continue targets (k, gamma, alignment, weighting above); fitted: each token's first loop within
-    # epsilon of its last loop's loss (always next_loop, unweighted; gate_tuning.stage2); auto: ouro, and when held-out
-    # selection finds no Ouro snapshot at or above the static-depth frontier, fitted too (needs selection)
+    # epsilon of its last loop's loss (always next_loop, unweighted; gate_tuning.stage2); auto: both from the same
+    # starting gate, and held-out selection keeps the best snapshot of either (needs selection)
     target: Literal["ouro", "fitted", "auto"] = "ouro"
     epsilon: float = 0.02  # fitted: the loss above loop T's that still counts as done, in `units`
 
@@ -354,11 +354,9 @@ def tune_gate(
         if selection is None or cfg.select_every == 0:
             results["target_used"] = phase
             break
+        # auto: both targets' snapshots compete on the validation rows, so Ouro's is kept wherever it does best
         results["selection"] = select_gate(model, snapshots, selection, cache)
-        kept = results["selection"]["kept"]
-        results["target_used"] = kept.split(" ")[0]
-        if phase == "ouro" and kept != START and results["selection"]["eligible"]:
-            break  # Ouro's Stage II worked: a snapshot of it is at or above the static-depth frontier
+        results["target_used"] = results["selection"]["kept"].split(" ")[0]
     logger.info("Stage II used the %s gate (targets tried: %s)", results["target_used"], ", ".join(results["log_history"]))
     return results
 
@@ -463,6 +461,8 @@ def select_gate(
     offered = {n: validated_points(cache[n], cache["static"], tols) for n in snapshots}
     curves = {n: [*offered[n], *cache["static"]] for n in snapshots}
     areas = {name: frontier_area(curves[name], num_loops, metric="loss") for name in snapshots}
+    # Ranked by the exact-match area first (what the user's accuracy follows), then the loss area.
+    exact_areas = {name: frontier_area(curves[name], num_loops, metric="exact_tf") for name in snapshots}
     to_static = {n: {m: compare_frontiers(curves[n], cache["static"], m).min_gap for m in tols} for n in snapshots}
     to_start = {n: {m: compare_frontiers(curves[n], curves[START], m).min_gap for m in tols} for n in snapshots}
 
@@ -471,11 +471,12 @@ def select_gate(
 
     healthy = above(to_static[START])
     eligible = [n for n in snapshots if above(to_static[n]) and (not healthy or above(to_start[n]))]
-    best = (max(eligible, key=lambda n: areas[n]) if eligible
+    best = (max(eligible, key=lambda n: (round(exact_areas[n], 9), areas[n])) if eligible
             else max(snapshots, key=lambda n: min(to_static[n][m] / tols[m] for m in tols)))
     for name in snapshots:
-        logger.info("gate selection: %s, validation area %.5f, min gap to static %.5f nats / %+.1f points of exact "
-                    "match, to the starting gate %.5f / %+.1f%s", name, areas[name], to_static[name]["loss"],
+        logger.info("gate selection: %s, validation area %.5f (exact match %.4f), min gap to static %.5f nats / %+.1f points of exact "
+                    "match, to the starting gate %.5f / %+.1f%s", name, areas[name], exact_areas[name],
+                    to_static[name]["loss"],
                     100 * to_static[name]["exact_tf"], to_start[name]["loss"], 100 * to_start[name]["exact_tf"],
                     " (kept)" if name == best else "")
     load_gate_state(model, snapshots[best])
@@ -489,9 +490,9 @@ def select_gate(
     return {"kept": best, "kept_starting_gate": best == START, "eligible": bool(eligible), "tolerances": tols,
             "validated_q": qs or [1.0],
             "starting_gate_at_or_above_static": healthy, "validation_rows": len(sel.examples), "areas": areas,
-            "min_gap_to_static": to_static, "min_gap_to_start": to_start,
-            "criterion": "largest area under the teacher-forced Q-exit frontier (-loss over average loops 1..T) "
-                         "among snapshots at or above the static-depth frontier (and, when the starting gate is, "
+            "exact_match_areas": exact_areas, "min_gap_to_static": to_static, "min_gap_to_start": to_start,
+            "criterion": "largest area under the teacher-forced exact-match frontier (then -loss) over average "
+                         "loops 1..T among snapshots at or above the static-depth frontier (and, when the starting gate is, "
                          "at or above it) at every depth, in -loss and in teacher-forced exact match, within "
                          "tolerances, each curve made of the static depths and its q's whose points are at or above "
                          "static depth"}

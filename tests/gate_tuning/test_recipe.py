@@ -80,7 +80,8 @@ def test_held_out_selection_keeps_the_best_validation_snapshot(checkpoint, tmp_p
     assert kept["eligible"] == bool(eligible)
     if eligible:
         assert kept["kept"] in eligible
-        assert areas[kept["kept"]] == max(areas[n] for n in eligible)
+        exact = kept["exact_match_areas"]  # ranked by the exact-match area, then the loss area
+        assert (exact[kept["kept"]], areas[kept["kept"]]) == max((exact[n], areas[n]) for n in eligible)
     else:
         assert kept["kept"] in areas
     gate_moved = any(not torch.equal(start[n], t) for n, t in model.state_dict().items() if n in start)
