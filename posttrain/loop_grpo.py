@@ -47,6 +47,7 @@ from accelerate.utils import DistributedType
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 
+from configs import UserError
 from looplm import exit_log_pdf
 from looplm.exit_gate import exit_log_prob
 from posttrain.async_rollouts import Lookahead, RolloutQueue
@@ -276,7 +277,7 @@ class LoopGRPOTrainer(GRPOTrainer):
         self.add_callback(NonFiniteGuard(self.loop.max_consecutive_nonfinite_steps))
         self.dynamic = dynamic_sampling or DynamicSamplingConfig()
         if self.accelerator.num_processes > 1 and self.args.per_device_train_batch_size % self.num_generations:
-            raise ValueError(
+            raise UserError(
                 f"training.per_device_train_batch_size={self.args.per_device_train_batch_size} with "
                 f"{self.accelerator.num_processes} processes: it must be a multiple of training.num_generations="
                 f"{self.num_generations}, so that each process holds whole groups (rollouts and dynamic sampling "
@@ -414,7 +415,7 @@ class LoopGRPOTrainer(GRPOTrainer):
         if not self.loop.importance_sampling_correction:
             limits.append("loop.importance_sampling_correction=true (stale batches are off-policy)")
         if limits:
-            raise ValueError(f"rollout.max_staleness={self.max_staleness} needs " + "; ".join(limits))
+            raise UserError(f"rollout.max_staleness={self.max_staleness} needs " + "; ".join(limits))
 
     def _policy_state(self) -> dict[str, torch.Tensor] | None:
         return gathered_policy_state(self.accelerator, self.model)
