@@ -33,6 +33,7 @@ from looplm import LoopLMForCausalLM
 from looplm.tokenizer import CHAT_TEMPLATE, fix_ouro_special_tokens
 from posttrain.callbacks import CompactProgress
 from posttrain.data import load_dapo_math, load_gsm8k
+from posttrain.distributed import check_launch
 from posttrain.evaluation import task_accuracy
 from posttrain.loop_grpo import (
     DynamicSamplingConfig,
@@ -42,7 +43,6 @@ from posttrain.loop_grpo import (
     latest_complete_checkpoint,
 )
 from posttrain.sft import LoraSection
-from posttrain.shared_rollouts import check_launch
 from posttrain.synthetic import ArithmeticTask, to_dataset
 from rewards import get_reward_funcs
 from rollout.engine import DepthConfig, RolloutEngine, SamplingConfig

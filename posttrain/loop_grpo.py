@@ -52,7 +52,7 @@ from looplm import exit_log_pdf
 from looplm.exit_gate import exit_log_prob
 from posttrain.async_rollouts import Lookahead, RolloutQueue
 from posttrain.callbacks import NonFiniteGuard
-from posttrain.shared_rollouts import SharedEngine, full_state_dict
+from posttrain.distributed import SharedEngine, full_state_dict
 from rollout.engine import DepthConfig, RolloutEngine, RolloutRecord, SamplingConfig, processed_logprobs
 from rollout.parity import k3_kl
 

@@ -48,8 +48,8 @@ from looplm.losses import final_loop_loss, mean_loop_loss, per_loop_token_losses
 from looplm.tokenizer import CHAT_TEMPLATE, THINK_CLOSE, THINK_OPEN, build_tokenizer, fix_ouro_special_tokens
 from posttrain.callbacks import CompactProgress
 from posttrain.data import SFTData, corpus_of, drop_long_rows, load_sft_data
+from posttrain.distributed import check_launch
 from posttrain.evaluation import sample_check
-from posttrain.shared_rollouts import check_launch
 from posttrain.synthetic import ArithmeticTask
 from rollout.engine import SamplingConfig
 

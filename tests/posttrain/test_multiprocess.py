@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from configs import UserError
 from looplm.tiny import tiny_model
-from posttrain.shared_rollouts import SharedEngine, check_launch, full_state_dict
+from posttrain.distributed import SharedEngine, check_launch, full_state_dict
 from rollout.engine import SamplingConfig
 from rollout.torch_engine import TorchEngine
 from tests.posttrain.test_grpo import save_policy

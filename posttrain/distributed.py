@@ -1,4 +1,6 @@
-"""One rollout engine for all training processes.
+"""What running as several training processes needs: one rollout engine for all of them (`SharedEngine`), the
+full weights of a sharded model (`full_state_dict`), and a check that the launch and the training agree on the
+number of processes (`check_launch`).
 
 Under `torchrun` or `accelerate launch` with N processes, TRL calls `rollout_func` in every process with that
 process's part of the global batch. One engine serves them all (for the Ray pool: one pool per job, not one per
