@@ -58,6 +58,9 @@ class FrontierPoint:
     accuracy: float | None  # fraction of answered examples scored correct; None without answers
     bytes_per_token: int
     avg_loops_tf: float  # the same, teacher-forced on the reference completions
+    # Fraction of examples whose every reference token is the teacher-forced argmax: greedy decoding would write
+    # the reference exactly. A cheap stand-in for accuracy (held-out gate selection reads it; issue 24).
+    exact_tf: float = math.nan
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -87,8 +90,9 @@ def kv_rules(modes: Sequence[str] = KV_MODES) -> list[ExitRule]:
 @torch.inference_mode()
 def teacher_forced(
     model: LoopLMForCausalLM, batch: Sequence[Example], depth: DepthConfig
-) -> tuple[float, int, float, int]:
-    """-> (sum of CE, completion tokens, sum of loops, decoded positions) of the reference completions."""
+) -> tuple[float, int, float, int, int]:
+    """-> (sum of CE, completion tokens, sum of loops, decoded positions, examples whose every reference token is
+    the argmax) of the reference completions."""
     device, num_loops = model.device, depth.num_loops or model.config.total_ut_steps
     cache = LoopKVCache(model.config, mode=depth.kv_mode)
     ids, mask = _left_pad([e.prompt_ids for e in batch], device)  # (B, P)
@@ -98,6 +102,7 @@ def teacher_forced(
     fed = targets[:, :-1].clamp(min=0)
     fed_mask = (targets[:, :-1] != IGNORE_INDEX) & (targets[:, 1:] != IGNORE_INDEX)  # (B, W)
     ce_sum = F.cross_entropy(first.logits[:, -1].float(), targets[:, 0], reduction="sum").item()
+    exact = first.logits[:, -1].argmax(-1) == targets[:, 0]  # (B,)
     loops_sum, width = 0.0, fed.shape[1]
     chunk = width if depth.kv_mode == "full" else 1
     for start in range(0, width, max(chunk, 1)):
@@ -108,8 +113,9 @@ def teacher_forced(
         )
         piece = targets[:, start + 1 : end + 1]
         ce_sum += F.cross_entropy(out.logits.float().transpose(1, 2), piece, reduction="sum").item()
+        exact &= ((out.logits.argmax(-1) == piece) | (piece == IGNORE_INDEX)).all(dim=1)
         loops_sum += (out.exit_steps * fed_mask[:, start:end]).sum().item()
-    return ce_sum, int((targets != IGNORE_INDEX).sum()), loops_sum, int(fed_mask.sum())
+    return ce_sum, int((targets != IGNORE_INDEX).sum()), loops_sum, int(fed_mask.sum()), int(exact.sum())
 
 
 def _right_pad(rows: Sequence[Sequence[int]], value: int, device) -> torch.Tensor:
@@ -154,10 +160,10 @@ def evaluate_rules(
         key = depth.label()  # names the policy completely
         if key not in measured:
             measured[key] = _measure(model, engine, examples, depth, batch_size, max_new_tokens, accuracy)
-        loss, avg_loops_tf, acc, avg_loops = measured[key]
+        loss, avg_loops_tf, acc, avg_loops, exact = measured[key]
         points.append(FrontierPoint(
             rule=rule.rule, param=rule.param, avg_loops=avg_loops_tf if math.isnan(avg_loops) else avg_loops,
-            loss=loss, accuracy=acc, avg_loops_tf=avg_loops_tf,
+            loss=loss, accuracy=acc, avg_loops_tf=avg_loops_tf, exact_tf=exact,
             bytes_per_token=LoopKVCache.bytes_per_token(model.config, depth.kv_mode, depth.num_loops, model.dtype),
         ))
         logger.info("%s %s: %s", rule.rule, rule.param, points[-1])
@@ -165,13 +171,13 @@ def evaluate_rules(
 
 
 def _measure(model, engine, examples, depth, batch_size, max_new_tokens, accuracy) -> tuple:
-    """-> (loss, teacher-forced avg loops, accuracy, decoding avg loops) of one depth policy."""
-    sums = [0.0, 0, 0.0, 0]
+    """-> (loss, teacher-forced avg loops, accuracy, decoding avg loops, teacher-forced exact match) of one policy."""
+    sums = [0.0, 0, 0.0, 0, 0]
     for start in range(0, len(examples), batch_size):
         for i, value in enumerate(teacher_forced(model, examples[start : start + batch_size], depth)):
             sums[i] += value
     acc, avg_loops = generation_accuracy(engine, examples, depth, max_new_tokens) if accuracy else (None, math.nan)
-    return sums[0] / max(sums[1], 1), sums[2] / max(sums[3], 1), acc, avg_loops
+    return sums[0] / max(sums[1], 1), sums[2] / max(sums[3], 1), acc, avg_loops, sums[4] / len(examples)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -233,11 +239,11 @@ GAP_TOL = 1e-9  # interpolation rounding: equal accuracies must not read as "bel
 
 
 def frontier_curve(points: Sequence[FrontierPoint], metric: str = "accuracy") -> list[tuple[float, float]]:
-    """(avg loops, value) sorted by depth, value = accuracy or -loss (higher is better); one value per depth
-    (the best, where two thresholds land on the same depth)."""
+    """(avg loops, value) sorted by depth, value = accuracy, exact_tf or -loss (higher is better); one value per
+    depth (the best, where two thresholds land on the same depth)."""
     best: dict[float, float] = {}
     for p in points:
-        value = p.accuracy if metric == "accuracy" else -p.loss
+        value = -p.loss if metric == "loss" else getattr(p, metric)
         if value is None or not math.isfinite(value):
             continue
         best[p.avg_loops] = max(value, best.get(p.avg_loops, -math.inf))
@@ -272,6 +278,25 @@ def compare_frontiers(
     gaps = [interpolate(ca, x) - interpolate(cb, x) for x in xs]
     i = min(range(len(xs)), key=lambda j: (gaps[j], xs[j]))
     return FrontierComparison(gaps[i], xs[i], (lo, hi), _negative_intervals(xs, gaps))
+
+
+def static_gaps(curve: Sequence[FrontierPoint], static: Sequence[FrontierPoint]) -> dict | None:
+    """Each point of a Q-exit `curve` against the static-depth frontier at its own average depth (the static
+    points joined by straight lines; accuracy where both have it, else -loss): how many points lie above and below
+    it and the largest gap each way with its depth. None without points."""
+    metric = "accuracy" if all(p.accuracy is not None for p in [*curve, *static]) else "loss"
+    line = frontier_curve(static, metric)
+    inside = [p for p in curve if line and line[0][0] <= p.avg_loops <= line[-1][0]]
+    if not inside:
+        return None
+    gaps = [((p.accuracy if metric == "accuracy" else -p.loss) - interpolate(line, p.avg_loops), p) for p in inside]
+    (low, low_p), (high, high_p) = min(gaps, key=lambda g: g[0]), max(gaps, key=lambda g: g[0])
+    return {
+        "metric": metric, "points": len(gaps),
+        "above": sum(g > GAP_TOL for g, _ in gaps), "below": sum(g < -GAP_TOL for g, _ in gaps),
+        "max_gap": high, "max_at": high_p.avg_loops, "min_gap": low, "min_at": low_p.avg_loops,
+        "gaps": [{"param": p.param, "avg_loops": p.avg_loops, "gap": g} for g, p in gaps],
+    }
 
 
 def frontier_area(points: Sequence[FrontierPoint], num_loops: int, metric: str = "accuracy") -> float:
@@ -415,6 +440,7 @@ __all__ = [
     "pick_threshold",
     "plot_frontier",
     "q_exit_rules",
+    "static_gaps",
     "static_rules",
     "teacher_forced",
     "write_frontier",

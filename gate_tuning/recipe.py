@@ -40,10 +40,13 @@ from .frontier import (
     compare_frontiers,
     evaluate_rules,
     frontier_area,
+    frontier_curve,
     hidden_diff_rules,
+    interpolate,
     kv_rules,
     pick_threshold,
     q_exit_rules,
+    static_gaps,
     static_rules,
     write_frontier,
 )
@@ -53,9 +56,11 @@ from .stage2 import (
     GateTrainer,
     check_stage2_args,
     freeze_lm,
+    gate_state,
     load_gate_state,
     mean_final_loss,
     scaled_target_args,
+    target_stats,
 )
 
 logger = logging.getLogger(__name__)
@@ -107,10 +112,17 @@ class Stage2Section:
     units: Literal["nats", "mean_loss"] = "nats"
     # none: every label token alike (Ouro); loss_change: each token's BCE weighted by |L_{t-1} - L_t| (stage2.py)
     weighting: Literal["none", "loss_change"] = "none"
+    # ouro: Ouro's continue targets (k, gamma, alignment, weighting above); fitted: each token's first loop within
+    # epsilon of its last loop's loss (always next_loop, unweighted; gate_tuning.stage2); auto: both from the same
+    # starting gate, and held-out selection keeps the best snapshot of either (needs selection)
+    target: Literal["ouro", "fitted", "auto"] = "ouro"
+    epsilon: float = 0.02  # fitted: the loss above loop T's that still counts as done, in `units`
 
     def __post_init__(self) -> None:
         if not self.k > 0:
             raise ValueError(f"stage2.k must be > 0, got {self.k}")
+        if not self.epsilon >= 0:
+            raise ValueError(f"stage2.epsilon must be >= 0 (a loss margin, in stage2.units), got {self.epsilon}")
 
 
 @dataclass
@@ -134,6 +146,13 @@ class GateTrainingConfig(TrainingArguments):
     # data.val_rows validation rows is kept. The starting (Stage-I) gate is a candidate: Stage II can then end
     # where it began. 0: keep the last step's gate.
     select_every: int = 0
+    # How far below the static-depth frontier (or a healthy starting gate) a snapshot may dip on the validation rows
+    # and still count as "at or above" it: a fraction of static 1 loop's loss minus static T's. Validation rows
+    # are few; a strict 0 turned down snapshots far better on average for a dip of 2e-4 of the loss (issue 24).
+    select_tolerance: float = 0.01
+    # The same for the teacher-forced exact match (the fraction of validation rows whose reference is every token's
+    # argmax, a stand-in for accuracy): 0.01 = one point.
+    select_exact_tolerance: float = 0.01
 
 
 @dataclass
@@ -182,9 +201,15 @@ class GateRecipeConfig:
     def __post_init__(self) -> None:
         if self.training.select_every < 0:
             raise ValueError(f"training.select_every must be >= 0, got {self.training.select_every}")
+        for key in ("select_tolerance", "select_exact_tolerance"):
+            if not getattr(self.training, key) >= 0:
+                raise ValueError(f"training.{key} must be >= 0, got {getattr(self.training, key)}")
         if (self.training.select_every > 0) != (self.data.val_rows > 0):
             raise ValueError("held-out gate selection needs both training.select_every > 0 and data.val_rows > 0 "
                              f"(got {self.training.select_every} and {self.data.val_rows})")
+        if self.stage2.target == "auto" and self.training.select_every == 0:
+            raise ValueError("stage2.target = auto needs held-out selection (training.select_every > 0 and "
+                             "data.val_rows > 0): it is what decides whether Ouro's targets worked")
 
 
 @dataclass
@@ -307,38 +332,85 @@ def tune_gate(
     model: LoopLMForCausalLM, examples: list[Example], stage2: Stage2Section, cfg: GateTrainingConfig, pad_id: int,
     selection: Selection | None = None,
 ) -> dict[str, Any]:
-    """Stage II in place on `model` (only the gate changes); -> the trainer's log history (and, with `selection`
-    and cfg.select_every > 0, which snapshot was kept)."""
+    """Stage II in place on `model` (only the gate changes); -> the trainer's log history per target, which
+    targets were used and (with `selection` and cfg.select_every > 0) which snapshot was kept."""
     check_stage2_args(stage2.k, model.config.total_ut_steps)
     require_examples(examples, "data.train")
+    if stage2.target == "auto" and (selection is None or cfg.select_every == 0):
+        raise ValueError("stage2.target = auto needs held-out selection (training.select_every > 0, validation rows)")
     freeze_lm(model)
     features, collator = [training_features(e) for e in examples], PadCollator(pad_id)
-    scale = None
-    if stage2.units == "mean_loss":
-        batches = DataLoader(features, batch_size=cfg.per_device_train_batch_size, collate_fn=collator)
-        scale = mean_final_loss(model.eval(), batches)
+    targets = target_args(model, features, collator, stage2, cfg.per_device_train_batch_size)
+    start, snapshots = gate_state(model), {START: gate_state(model)}
+    phases = ["ouro", "fitted"] if stage2.target == "auto" else [stage2.target]
+    results: dict[str, Any] = {"targets": targets, "log_history": {}, "train_loss": {}}
+    cache: dict[str, list[FrontierPoint]] = {}
+    for phase in phases:
+        load_gate_state(model, start)  # each target trains from the starting gate
+        output, history, taken = train_gate(model, features, collator, phase, stage2, targets, cfg, selection)
+        results["train_loss"][phase], results["log_history"][phase] = output, history
+        snapshots |= taken
+        if selection is None or cfg.select_every == 0:
+            results["target_used"] = phase
+            break
+        # auto: both targets' snapshots compete on the validation rows, so Ouro's is kept wherever it does best
+        results["selection"] = select_gate(model, snapshots, selection, cache)
+        results["target_used"] = results["selection"]["kept"].split(" ")[0]
+    logger.info("Stage II used the %s gate (targets tried: %s)", results["target_used"], ", ".join(results["log_history"]))
+    return results
+
+
+START = "start"  # the starting gate's snapshot name
+
+
+def target_args(model: LoopLMForCausalLM, features: list, collator: PadCollator, stage2: Stage2Section,
+                batch_size: int) -> dict[str, Any]:
+    """k, gamma and epsilon in nats (mean_loss units measured on the training rows), and the mean continue label per
+    loop of each target on the first batches, logged so the output says what the targets ask of this gate."""
+    batches = DataLoader(features, batch_size=batch_size, collate_fn=collator)
+    scale = mean_final_loss(model.eval(), batches) if stage2.units == "mean_loss" else None
     k, gamma = scaled_target_args(stage2.k, stage2.gamma, stage2.units, scale)
-    logger.info("Stage-II targets: w = sigmoid(%.4g (I - %.4g)) with I in nats (units %s, mean loss at loop T %s)",
-                k, gamma, stage2.units, "not measured" if scale is None else f"{scale:.4g}")
-    snapshots = GateSnapshots(model, cfg.select_every) if cfg.select_every > 0 and selection is not None else None
+    epsilon = stage2.epsilon * (scale if scale is not None else 1.0)
+    first = [batch for _, batch in zip(range(STAT_BATCHES), batches, strict=False)]
+    labels = target_stats(model, first, k, gamma, epsilon)
+    logger.info("Stage-II targets: w = sigmoid(%.4g (I - %.4g)), fitted epsilon %.4g, in nats (units %s, mean loss at "
+                "loop T %s); mean continue label for loops 2..T: ouro %s, fitted %s", k, gamma, epsilon, stage2.units,
+                "not measured" if scale is None else f"{scale:.4g}", _fmt_list(labels["ouro"]),
+                _fmt_list(labels["fitted"]))
+    return {"units": stage2.units, "mean_final_loss": scale, "k_per_nat": k, "gamma_nats": gamma,
+            "epsilon_nats": epsilon, "mean_continue_label": labels}
+
+
+STAT_BATCHES = 8  # batches the target statistics are read on (one forward each; the LM is frozen)
+
+
+def _fmt_list(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.3f}" for v in values) + "]"
+
+
+def train_gate(
+    model: LoopLMForCausalLM, features: list, collator: PadCollator, target: str, stage2: Stage2Section,
+    targets: dict[str, Any], cfg: GateTrainingConfig, selection: Selection | None,
+) -> tuple[float, list[dict], dict[str, dict[str, torch.Tensor]]]:
+    """One Stage-II run with `target` ("ouro" or "fitted"); -> (train loss, log history, snapshots by name)."""
+    snapshots = GateSnapshots(model, cfg.select_every, target) if cfg.select_every > 0 and selection else None
+    fitted = target == "fitted"
     trainer = GateTrainer(
         model=model,
         args=trainer_args(cfg, use_cpu=model.device.type == "cpu"),
         train_dataset=features,
         data_collator=collator,
         callbacks=[snapshots] if snapshots else None,
-        k=k,
-        gamma=gamma,
-        alignment=stage2.alignment,
-        weighting=stage2.weighting,
+        k=targets["k_per_nat"],
+        gamma=targets["gamma_nats"],
+        alignment="next_loop" if fitted else stage2.alignment,  # a fitted label is about running loop t
+        weighting="none" if fitted else stage2.weighting,  # hard labels: each token counts once
+        target=target,
+        epsilon=targets["epsilon_nats"],
     )
     output = trainer.train()
     model.eval()
-    results = {"train_loss": output.training_loss, "log_history": trainer.state.log_history,
-               "targets": {"units": stage2.units, "mean_final_loss": scale, "k_per_nat": k, "gamma_nats": gamma}}
-    if snapshots is not None:
-        results["selection"] = select_gate(model, snapshots.snapshots, selection)
-    return results
+    return output.training_loss, trainer.state.log_history, snapshots.snapshots if snapshots else {}
 
 
 @dataclass
@@ -349,39 +421,93 @@ class Selection:
     tokenizer: PreTrainedTokenizerBase
     q_grid: list[float]
     batch_size: int = 32
+    tolerance: float = 0.01  # training.select_tolerance
+    exact_tolerance: float = 0.01  # training.select_exact_tolerance
 
 
-def select_gate(model: LoopLMForCausalLM, snapshots: dict[int, dict[str, torch.Tensor]], sel: Selection) -> dict:
+def select_gate(
+    model: LoopLMForCausalLM, snapshots: dict[str, dict[str, torch.Tensor]], sel: Selection,
+    cache: dict[str, list[FrontierPoint]] | None = None,
+) -> dict[str, Any]:
     """Load into `model` the snapshot kept by held-out selection on the validation rows, and say which.
 
     Each snapshot's teacher-forced Q-exit frontier (-loss against average loops) is measured on the validation
-    rows. Eligible: the snapshots whose frontier is at or above the starting (Stage-I) gate's at every average
-    depth (`compare_frontiers`); the starting gate always is. Kept: the eligible one with the largest
-    `frontier_area` (ties: the earliest step). So Stage II ends at the Stage-I gate when no snapshot beats it.
+    rows (`cache` keeps those already measured), and so is the static-depth frontier. Eligible: the snapshots at or
+    above the static-depth frontier at every average depth (`compare_frontiers`) and, when the starting gate is
+    itself at or above it (a healthy gate), at or above the starting gate too, both within `sel.tolerance` of static
+    1 loop's loss minus static T's (validation rows are few). Kept: the eligible one with the
+    largest `frontier_area`; with none eligible, the one least below the static frontier (a warning says so). So a
+    healthy Stage-I gate is kept unless a snapshot beats it, and a broken one is replaced.
     """
+    cache = {} if cache is None else cache
     grid = sorted({0.0, 1.0, *sel.q_grid})  # q = 0 is static 1 loop, q = 1 static T: every curve spans 1..T
-    num_loops, frontiers = model.config.total_ut_steps, {}
-    for step, state in snapshots.items():
-        load_gate_state(model, state)
-        frontiers[step] = evaluate_rules(model, sel.tokenizer, sel.examples, q_exit_rules(grid, f"step {step}"),
+    num_loops = model.config.total_ut_steps
+    if "static" not in cache:
+        cache["static"] = evaluate_rules(model, sel.tokenizer, sel.examples, static_rules(num_loops), sel.batch_size,
+                                         accuracy=False)
+    for name, state in snapshots.items():
+        if name not in cache:
+            load_gate_state(model, state)
+            cache[name] = evaluate_rules(model, sel.tokenizer, sel.examples, q_exit_rules(grid, name),
                                          sel.batch_size, accuracy=False)
-    start = min(frontiers)
-    areas = {step: frontier_area(points, num_loops, metric="loss") for step, points in frontiers.items()}
-    gaps = {step: compare_frontiers(points, frontiers[start], metric="loss").min_gap
-            for step, points in frontiers.items()}
-    eligible = [step for step in frontiers if step == start or gaps[step] >= -GAP_TOL]
-    best = max(eligible, key=lambda step: (areas[step], -step))
-    for step in frontiers:
-        logger.info("gate selection: step %d, validation frontier area %.5f, min gap to the starting gate %.5f%s",
-                    step, areas[step], gaps[step], " (kept)" if step == best else "")
+    static_loss = [p.loss for p in cache["static"]]
+    tols = {"loss": GAP_TOL + sel.tolerance * abs(static_loss[0] - static_loss[-1]),  # in nats
+            "exact_tf": GAP_TOL + sel.exact_tolerance}
+    # Loss alone hides the few tokens an answer hangs on (issue 24: a gate on the static loss frontier was 11 points
+    # below it in accuracy at 1.4 loops), so the teacher-forced exact match must hold up too; and a q whose point is
+    # below static depth on the validation rows is not offered: a user runs static depth there instead, so each
+    # snapshot's curve is its offered points with the static depths (an area above static's is what it adds).
+    offered = {n: validated_points(cache[n], cache["static"], tols) for n in snapshots}
+    curves = {n: [*offered[n], *cache["static"]] for n in snapshots}
+    areas = {name: frontier_area(curves[name], num_loops, metric="loss") for name in snapshots}
+    # Ranked by the exact-match area first (what the user's accuracy follows), then the loss area.
+    exact_areas = {name: frontier_area(curves[name], num_loops, metric="exact_tf") for name in snapshots}
+    to_static = {n: {m: compare_frontiers(curves[n], cache["static"], m).min_gap for m in tols} for n in snapshots}
+    to_start = {n: {m: compare_frontiers(curves[n], curves[START], m).min_gap for m in tols} for n in snapshots}
+
+    def above(gaps: dict[str, float]) -> bool:
+        return all(gaps[m] >= -tols[m] for m in tols)
+
+    healthy = above(to_static[START])
+    eligible = [n for n in snapshots if above(to_static[n]) and (not healthy or above(to_start[n]))]
+    best = (max(eligible, key=lambda n: (round(exact_areas[n], 9), areas[n])) if eligible
+            else max(snapshots, key=lambda n: min(to_static[n][m] / tols[m] for m in tols)))
+    for name in snapshots:
+        logger.info("gate selection: %s, validation area %.5f (exact match %.4f), min gap to static %.5f nats / %+.1f points of exact "
+                    "match, to the starting gate %.5f / %+.1f%s", name, areas[name], exact_areas[name],
+                    to_static[name]["loss"],
+                    100 * to_static[name]["exact_tf"], to_start[name]["loss"], 100 * to_start[name]["exact_tf"],
+                    " (kept)" if name == best else "")
     load_gate_state(model, snapshots[best])
-    if best == start:
-        logger.warning("gate selection kept the starting (Stage-I) gate: no Stage-II snapshot was at or above it "
-                       "at every depth with a larger area on the validation rows")
-    return {"kept_step": best, "kept_starting_gate": best == start, "validation_rows": len(sel.examples),
-            "areas": areas, "min_gap_to_start": gaps,
-            "criterion": "largest area under the teacher-forced Q-exit frontier (-loss over average loops 1..T) "
-                         "among snapshots at or above the starting gate's frontier at every depth"}
+    if not eligible:
+        logger.warning("gate selection: no snapshot is at or above the static-depth frontier on the validation "
+                       "rows; kept %s, the least below it", best)
+    elif best == START:
+        logger.warning("gate selection kept the starting gate: no Stage-II snapshot was at or above it and the "
+                       "static frontier at every depth with a larger area on the validation rows")
+    qs = sorted(float(p.param) for p in offered[best] if float(p.param) in set(sel.q_grid))
+    return {"kept": best, "kept_starting_gate": best == START, "eligible": bool(eligible), "tolerances": tols,
+            "validated_q": qs or [1.0],
+            "starting_gate_at_or_above_static": healthy, "validation_rows": len(sel.examples), "areas": areas,
+            "exact_match_areas": exact_areas, "min_gap_to_static": to_static, "min_gap_to_start": to_start,
+            "criterion": "largest area under the teacher-forced exact-match frontier (then -loss) over average "
+                         "loops 1..T among snapshots at or above the static-depth frontier (and, when the starting gate is, "
+                         "at or above it) at every depth, in -loss and in teacher-forced exact match, within "
+                         "tolerances, each curve made of the static depths and its q's whose points are at or above "
+                         "static depth"}
+
+
+def validated_points(
+    curve: list[FrontierPoint], static: list[FrontierPoint], tols: dict[str, float]
+) -> list[FrontierPoint]:
+    """The points of a Q-exit curve at or above the static-depth line at their own depth in every metric of `tols`
+    (within it); q = 0 and q = 1 (static 1 and T loops) always stay, so the curve spans 1..T."""
+    lines = {m: frontier_curve(static, m) for m in tols}
+
+    def gap(p: FrontierPoint, m: str) -> float:
+        return (-p.loss if m == "loss" else getattr(p, m)) - interpolate(lines[m], p.avg_loops)
+
+    return [p for p in curve if float(p.param) in (0.0, 1.0) or all(gap(p, m) >= -tols[m] for m in tols)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -425,7 +551,8 @@ def run_gate(config: GateRecipeConfig) -> dict[str, Any]:
     if config.data.val_rows > 0:
         train, val = train[: -config.data.val_rows], train[-config.data.val_rows :]
         require_examples(train, "data.train (after taking data.val_rows off it)")
-        selection = Selection(val, tokenizer, config.eval.q_grid, config.eval.batch_size)
+        selection = Selection(val, tokenizer, config.eval.q_grid, config.eval.batch_size,
+                              config.training.select_tolerance, config.training.select_exact_tolerance)
     model = load_model(config.model, tokenizer)
     num_loops = model.config.total_ut_steps
     check_stage2_args(config.stage2.k, num_loops)
@@ -435,23 +562,28 @@ def run_gate(config: GateRecipeConfig) -> dict[str, Any]:
                       config.model.eval_dtype)
     logger.info("Stage II on %d examples", len(train))
     training = tune_gate(model, train, config.stage2, config.training, tokenizer.pad_token_id, selection)
-    after = frontier(model, tokenizer, held_out, q_exit_rules(config.eval.q_grid, TUNED), config.eval,
-                     config.model.eval_dtype)
+    offered = (training.get("selection") or {}).get("validated_q", config.eval.q_grid)
+    after = frontier(model, tokenizer, held_out, q_exit_rules(offered, TUNED), config.eval, config.model.eval_dtype)
     points = [*before, *after]
     pick = pick_threshold(points, TUNED, num_loops, config.select.target_avg_loops, config.select.max_accuracy_drop)
     model_dir = save_tuned(model, config.model.path, out / MODEL_DIR, float(pick.param))
-    paths = write_frontier(points, out, title=f"{config.model.path}: Stage-I vs Stage-II gate",
-                           note=selection_note(training.get("selection")))
+    note = "\n\n".join(filter(None, [
+        static_note(points, num_loops), target_note(training),
+        selection_note(training.get("selection")), pick_note(pick, points, num_loops, config.select),
+    ]))
+    paths = write_frontier(points, out, title=f"{config.model.path}: Stage-I vs Stage-II gate", note=note)
     save_config(config, out / "gate_config.yaml")
     results = summarize(points, pick, num_loops) | {
-        "train_loss": training["train_loss"], "stage2_targets": training["targets"],
-        "gate_selection": training.get("selection"), "model_dir": str(model_dir), **{k: str(v) for k, v in paths.items()},
+        "stage2_target_used": training["target_used"], "train_loss": training["train_loss"],
+        "stage2_targets": training["targets"], "gate_selection": training.get("selection"),
+        "model_dir": str(model_dir), **{k: str(v) for k, v in paths.items()},
     }
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=float) + "\n")
     logger.info("frontier (%s):\n%s", paths["md"], paths["md"].read_text())
     gap = results["tuned_vs_untuned"]
     logger.info("tuned vs untuned gate over %s average loops: min gap %.4f (%s) at %.3f loops; tuned below on %s",
                 gap["depth_range"], gap["min_gap"], gap["metric"], gap["at_loops"], gap["below"] or "no interval")
+    logger.info("%s", static_note(points, num_loops))
     logger.info("chosen q %.3g: %.2f loops per token (%.1f%% fewer than static T), accuracy drop %s",
                 results["chosen_q"], pick.avg_loops, 100 * results["loops_saved_vs_static_T"],
                 results["accuracy_drop_vs_static_T"])
@@ -481,16 +613,50 @@ def selection_note(selection: dict[str, Any] | None) -> str:
     """What frontier.md says about held-out selection, so that a reader of the table knows which gate it shows."""
     if selection is None:
         return ""
-    kept = "the starting Stage-I gate (step 0)" if selection["kept_starting_gate"] else f"step {selection['kept_step']}"
+    kept = "the starting gate" if selection["kept_starting_gate"] else selection["kept"]
     return (f"{TUNED}: held-out selection kept {kept}, by the {selection['criterion']}, on "
-            f"{selection['validation_rows']} validation rows taken off the training rows; areas by step: "
-            + ", ".join(f"{step}: {area:.5f}" for step, area in selection["areas"].items()))
+            f"{selection['validation_rows']} validation rows taken off the training rows; q offered (validated): "
+            f"{selection['validated_q']}; areas: "
+            + ", ".join(f"{name}: {area:.5f}" for name, area in selection["areas"].items()))
+
+
+def target_note(training: dict[str, Any]) -> str:
+    used, tried = training["target_used"], ", ".join(training["log_history"])
+    what = "none (the starting gate was kept)" if used == START else f"{used} (gate_tuning.stage2)"
+    return f"{TUNED}: Stage-II targets used: {what}; targets tried: {tried}."
+
+
+def static_note(points: list[FrontierPoint], num_loops: int) -> str:
+    """Each Q-exit curve against the static-depth frontier, in the table's metric, for frontier.md and the log."""
+    lines = []
+    for rule in (UNTUNED, TUNED):
+        gaps = static_gaps([p for p in points if p.rule == rule], [p for p in points if p.rule == "static"])
+        if not gaps:
+            continue
+        unit = "points" if gaps["metric"] == "accuracy" else "nats of -loss"
+        scale = 100 if gaps["metric"] == "accuracy" else 1
+        lines.append(f"{rule} vs static depths 1..{num_loops} ({gaps['metric']}): {gaps['above']} of "
+                     f"{gaps['points']} points above (best {scale * gaps['max_gap']:+.4g} {unit} at "
+                     f"{gaps['max_at']:.2f} loops), {gaps['below']} below (worst {scale * gaps['min_gap']:+.4g} at "
+                     f"{gaps['min_at']:.2f} loops)")
+    return "\n".join(lines)
+
+
+def pick_note(pick: FrontierPoint, points: list[FrontierPoint], num_loops: int, select: SelectSection) -> str:
+    budget = (f"within {100 * select.max_accuracy_drop:.3g} points of static {num_loops} loops"
+              if select.max_accuracy_drop is not None else f"at most {select.target_avg_loops} average loops")
+    static_t = next(p for p in points if p.rule == "static" and p.param == num_loops)
+    acc = "" if pick.accuracy is None else f" at {100 * pick.accuracy:.1f}%"
+    ref = "" if static_t.accuracy is None else f" ({100 * static_t.accuracy:.1f}% at static {num_loops})"
+    return (f"Chosen q = {pick.param} for the budget ({budget}): {pick.avg_loops:.2f} loops per token{acc}{ref}, "
+            f"{100 * (1 - pick.avg_loops / num_loops):.1f}% fewer loops than static {num_loops}.")
 
 
 def summarize(points: list[FrontierPoint], pick: FrontierPoint, num_loops: int) -> dict[str, Any]:
     """The chosen q, loops saved against static T, and how the tuned curve compares with the untuned one."""
     static_t = next(p for p in points if p.rule == "static" and p.param == num_loops)
     tuned, untuned = [p for p in points if p.rule == TUNED], [p for p in points if p.rule == UNTUNED]
+    static = [p for p in points if p.rule == "static"]
     metric = "accuracy" if static_t.accuracy is not None else "loss"
     return {
         "chosen_q": float(pick.param),
@@ -499,6 +665,8 @@ def summarize(points: list[FrontierPoint], pick: FrontierPoint, num_loops: int) 
         "loops_saved_vs_static_T": 1.0 - pick.avg_loops / num_loops,
         "accuracy_drop_vs_static_T": None if pick.accuracy is None else static_t.accuracy - pick.accuracy,
         "tuned_vs_untuned": comparison_summary(compare_frontiers(tuned, untuned, metric), metric),
+        "tuned_vs_static": static_gaps(tuned, static),
+        "untuned_vs_static": static_gaps(untuned, static),
         "points": [asdict(p) for p in points],
     }
 
@@ -523,6 +691,7 @@ __all__ = [
     "save_tuned",
     "select_gate",
     "selection_note",
+    "static_note",
     "tune_gate",
 ]
 

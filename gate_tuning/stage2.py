@@ -20,6 +20,16 @@ Units of I_t and gamma (`units`, `scaled_target_args`):
                Ouro's instead of squeezing every token's target into sigmoid(k * (0 .. 0.01) - 0.25) ~ 0.44 .. 0.56,
                which pulls every gate toward 1/2. (On the tiny models of BENCHMARKS.md this alone did not keep the
                Stage-I gate's frontier; held-out selection, `training.select_every`, keeps it on validation rows.)
+Which targets (`target`):
+    ouro       the continue label w_t above (Ouro's Stage II).
+    fitted     w_t = 1 if t <= e, else 0, with e each token's first loop whose loss is within `epsilon` of its loss at
+               loop T (L_e <= L_T + epsilon; `epsilon` in the same `units` as gamma): the gate is fitted, as a
+               classifier, to "is this token done?", and Q-exit's q is then the probability of being done that a
+               token needs before it exits. Ouro's w_t asks whether loop t alone gains more than gamma, so a token
+               whose gain arrives at a later loop, or spreads below gamma over several loops, is told to stop; and on
+               a model whose losses are ~0.03 nats almost every token's I_t sits below gamma, where w ~ 0.44 says
+               "stop or go, either way" (BENCHMARKS.md, issue 24). Fitted labels are hard, so the labels' balance
+               follows the data, not a sigmoid's offset; always paired next_loop (the label is about running loop t).
 Only the gate's parameters get gradients: the LM is frozen by `requires_grad=False` and its states carry no
 graph, so the backward pass is the gate's alone. Shapes follow `looplm.losses`: ce (T, B, S-1), mask (B, S-1),
 gate_logits (B, S, T) (position i's gate decides the depth used to predict token i + 1).
@@ -43,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 Alignment = Literal["same_loop", "next_loop"]
 Units = Literal["nats", "mean_loss"]
+Target = Literal["ouro", "fitted"]
 Weighting = Literal["none", "loss_change"]
 GATE_PREFIX = "model.early_exit_gate."
 
@@ -62,6 +73,19 @@ def loop_improvements(ce: torch.Tensor) -> torch.Tensor:
 def continue_targets(ce: torch.Tensor, k: float, gamma: float) -> torch.Tensor:
     """(T, B, S-1) -> (T-1, B, S-1) w_t = sigmoid(k * (I_t - gamma)) for t = 2..T (detached)."""
     return torch.sigmoid(k * (loop_improvements(ce.detach().float()) - gamma))
+
+
+def fitted_exit_loops(ce: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """(T, B, S-1) -> (B, S-1) each token's first loop e (1..T) with L_e <= L_T + epsilon (T always qualifies)."""
+    done = ce <= ce[-1:] + epsilon  # (T, B, S-1)
+    return done.float().argmax(0) + 1  # argmax returns the first maximum: the first loop that is done
+
+
+def fitted_targets(ce: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """(T, B, S-1) -> (T-1, B, S-1) the continue label for running loop t = 2..T: 1 while t <= e (detached)."""
+    exit_loop = fitted_exit_loops(ce.detach().float(), epsilon)
+    loops = torch.arange(2, ce.shape[0] + 1, device=ce.device).view(-1, 1, 1)
+    return (loops <= exit_loop).float()
 
 
 def token_weights(ce: torch.Tensor, mask: torch.Tensor, weighting: Weighting) -> torch.Tensor:
@@ -85,11 +109,13 @@ def stage2_loss(
     gamma: float = 0.005,
     alignment: Alignment = "same_loop",
     weighting: Weighting = "none",
+    target: Target = "ouro",
+    epsilon: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """-> (loss, detached stats). gate_logits (B, S, T), ce (T, B, S-1), mask (B, S-1); see the module docstring."""
     num_loops = ce.shape[0]
     check_stage2_args(k, num_loops)
-    w = continue_targets(ce, k, gamma)  # (T-1, B, S-1)
+    w = continue_targets(ce, k, gamma) if target == "ouro" else fitted_targets(ce, epsilon)  # (T-1, B, S-1)
     gates = gate_logits[:, :-1].float().permute(2, 0, 1)  # (T, B, S-1)
     gates = gates[1:] if alignment == "same_loop" else gates[:-1]  # the gate paired with each I_t
     # BCE of the continue probability 1 - lambda = sigmoid(-g) against w, in logit form for stability.
@@ -141,6 +167,28 @@ def scaled_target_args(k: float, gamma: float, units: Units, loss_scale: float |
     return k / loss_scale, gamma * loss_scale
 
 
+@torch.no_grad()
+def target_stats(
+    model: LoopLMForCausalLM, batches: Iterable[dict[str, torch.Tensor]], k: float, gamma: float, epsilon: float
+) -> dict[str, list[float]]:
+    """Mean continue label per loop t = 2..T over the label tokens of `batches`, for both targets (nats args).
+
+    Logged before training, so a reader sees what each target asks of the gate on this model (issue 24: Ouro's
+    labels on a ~0.03-nat model sit near sigmoid(-k gamma) for almost every token).
+    """
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    for batch in batches:
+        batch = {name: t.to(model.device) for name, t in batch.items()}
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                    output_loop_states=True, logits_to_keep=1)
+        ce, mask = per_loop_token_losses(out.loop_hidden_states, model.get_output_embeddings(), batch["labels"])
+        for name, w in (("ouro", continue_targets(ce, k, gamma)), ("fitted", fitted_targets(ce, epsilon))):
+            sums[name] = sums.get(name, 0) + (w * mask).sum((1, 2)).double()
+        count += int(mask.sum())
+    return {name: (total / max(count, 1)).tolist() for name, total in sums.items()}
+
+
 def gate_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """A copy of the exit gate's parameters."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith(GATE_PREFIX)}
@@ -154,16 +202,16 @@ def load_gate_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 class GateSnapshots(TrainerCallback):
-    """Copies of the gate during Stage II: the starting (Stage-I) gate as step 0, then every `every` steps and the
-    last step, for held-out selection (`gate_tuning.recipe.select_gate`)."""
+    """Copies of the gate during one Stage-II run, every `every` steps and at the last step, named
+    "<label> step N", for held-out selection (`gate_tuning.recipe.select_gate`)."""
 
-    def __init__(self, model: nn.Module, every: int):
-        self.model, self.every = model, every
-        self.snapshots: dict[int, dict[str, torch.Tensor]] = {0: gate_state(model)}
+    def __init__(self, model: nn.Module, every: int, label: str):
+        self.model, self.every, self.label = model, every, label
+        self.snapshots: dict[str, dict[str, torch.Tensor]] = {}
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every == 0 or state.global_step == state.max_steps:
-            self.snapshots[state.global_step] = gate_state(self.model)
+            self.snapshots[f"{self.label} step {state.global_step}"] = gate_state(self.model)
 
 
 class GateTrainer(Trainer):
@@ -173,9 +221,10 @@ class GateTrainer(Trainer):
     """
 
     def __init__(self, *args, k: float = 50.0, gamma: float = 0.005, alignment: Alignment = "same_loop",
-                 weighting: Weighting = "none", **kwargs):
+                 weighting: Weighting = "none", target: Target = "ouro", epsilon: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.k, self.gamma, self.alignment, self.weighting = k, gamma, alignment, weighting
+        self.target, self.epsilon = target, epsilon
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
@@ -185,7 +234,8 @@ class GateTrainer(Trainer):
         with torch.no_grad():
             lm_head = self.accelerator.unwrap_model(model).get_output_embeddings()
             ce, mask = per_loop_token_losses(outputs.loop_hidden_states, lm_head, labels)
-        loss, _ = stage2_loss(outputs.gate_logits, ce, mask, self.k, self.gamma, self.alignment, self.weighting)
+        loss, _ = stage2_loss(outputs.gate_logits, ce, mask, self.k, self.gamma, self.alignment, self.weighting,
+                              self.target, self.epsilon)
         return (loss, outputs) if return_outputs else loss
 
 
@@ -195,6 +245,8 @@ __all__ = [
     "GateTrainer",
     "check_stage2_args",
     "continue_targets",
+    "fitted_exit_loops",
+    "fitted_targets",
     "freeze_lm",
     "gate_state",
     "load_gate_state",
@@ -202,5 +254,6 @@ __all__ = [
     "mean_final_loss",
     "scaled_target_args",
     "stage2_loss",
+    "target_stats",
     "token_weights",
 ]

@@ -42,7 +42,7 @@ def test_static_teacher_forced_loss_is_the_full_forward_at_that_loop(setup, same
     if same_lengths:  # no padding anywhere: the completion chunk after the cache still needs a causal mask
         examples = [Example(e.prompt_ids[:8], e.completion_ids[:10], None) for e in examples]
     for loops in (1, 3, 4):
-        ce_sum, tokens, loops_sum, positions = teacher_forced(model, examples, DepthConfig(num_loops=loops))
+        ce_sum, tokens, loops_sum, positions, _ = teacher_forced(model, examples, DepthConfig(num_loops=loops))
         want, count = 0.0, 0
         for e in examples:
             ids = torch.tensor([e.prompt_ids + e.completion_ids])
@@ -60,7 +60,7 @@ def test_adaptive_teacher_forced_loss_replays_with_its_exit_steps(setup):
     model, _, examples = setup
     e = examples[0]
     depth = DepthConfig(policy="adaptive", exit_threshold=0.5)
-    ce_sum, tokens, loops_sum, positions = teacher_forced(model, [e], depth)
+    ce_sum, tokens, loops_sum, positions, _ = teacher_forced(model, [e], depth)
     assert 1.0 < loops_sum / positions < 4.0
     # Recover the decided exits from a decode-style chunk, then replay them in one full forward.
     ids = torch.tensor([e.prompt_ids + e.completion_ids[:-1]])

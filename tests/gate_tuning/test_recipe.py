@@ -30,7 +30,7 @@ SHRINK = [
     "data.train_rows=24", "data.eval_rows=6", "training.max_steps=4", "training.per_device_train_batch_size=8", "training.learning_rate=0.05",
     "training.logging_steps=2", "training.disable_tqdm=true", "eval.q_grid=[0.3, 0.8]",
     "eval.hidden_eps_grid=[0.5]", "eval.max_new_tokens=6", "eval.batch_size=4", "training.select_every=0",
-    "data.val_rows=0",
+    "data.val_rows=0", "stage2.target=ouro",  # gate_tiny.yaml's auto needs selection, off here for speed
 ]
 
 
@@ -66,14 +66,26 @@ def test_held_out_selection_keeps_the_best_validation_snapshot(checkpoint, tmp_p
     start = {n: t.clone() for n, t in model.state_dict().items() if n.startswith(GATE_PREFIX)}
     selection = Selection(examples[-6:], tokenizer, [0.3, 0.8], batch_size=6)
     kept = tune_gate(model, examples[:-6], cfg.stage2, cfg.training, tokenizer.pad_token_id, selection)["selection"]
-    areas, gaps = kept["areas"], kept["min_gap_to_start"]
-    assert sorted(areas) == [0, 2, 4] and kept["validation_rows"] == 6  # step 0: the starting gate
-    assert gaps[0] == 0.0
-    eligible = [step for step in areas if gaps[step] >= 0.0]  # at or above the starting gate at every depth
-    assert kept["kept_step"] in eligible
-    assert areas[kept["kept_step"]] == max(areas[step] for step in eligible)
+    areas, gaps, static = kept["areas"], kept["min_gap_to_start"], kept["min_gap_to_static"]
+    assert sorted(areas) == ["ouro step 2", "ouro step 4", "start"] and kept["validation_rows"] == 6
+    assert gaps["start"] == {"loss": 0.0, "exact_tf": 0.0}
+    tols = kept["tolerances"]
+
+    def above(g: dict[str, float]) -> bool:  # at or above in -loss and in exact match, within the tolerances
+        return all(g[m] >= -tols[m] for m in tols)
+
+    healthy = kept["starting_gate_at_or_above_static"]
+    assert healthy == above(static["start"])
+    eligible = [n for n in areas if above(static[n]) and (not healthy or above(gaps[n]))]
+    assert kept["eligible"] == bool(eligible)
+    if eligible:
+        assert kept["kept"] in eligible
+        exact = kept["exact_match_areas"]  # ranked by the exact-match area, then the loss area
+        assert (exact[kept["kept"]], areas[kept["kept"]]) == max((exact[n], areas[n]) for n in eligible)
+    else:
+        assert kept["kept"] in areas
     gate_moved = any(not torch.equal(start[n], t) for n, t in model.state_dict().items() if n in start)
-    assert gate_moved == (kept["kept_step"] != 0)
+    assert gate_moved == (kept["kept"] != "start")
     note = selection_note(kept)
     assert "held-out selection kept" in note and "6 validation rows" in note
 
@@ -135,6 +147,10 @@ def test_an_empty_dataset_is_refused(checkpoint, tmp_path, no_compute):
         ("select.target_avg_loops=2.5", "exactly one of max_accuracy_drop and target_avg_loops"),
         ("training.select_every=5", "needs both training.select_every > 0 and data.val_rows > 0"),
         ("data.val_rows=5", "needs both training.select_every > 0 and data.val_rows > 0"),
+        ("stage2.target=auto", "stage2.target = auto needs held-out selection"),
+        ("stage2.epsilon=-1", "stage2.epsilon must be >= 0"),
+        ("training.select_tolerance=-0.1", "training.select_tolerance must be >= 0"),
+        ("stage2.target=oracle", "stage2.target"),
     ],
 )
 def test_bad_settings_fail_at_load_time(checkpoint, tmp_path, override, message):
