@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.exact_bench import ExactBenchConfig
+from bench.gate_repair import GateRepairBenchConfig
 from bench.loss_memory import LossMemoryBenchConfig
 from bench.ouro_cpu import OuroCPUBenchConfig
 from bench.rollout_bench import RolloutBenchConfig
@@ -26,6 +27,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "ouro_cpu": ("bench.ouro_cpu", "run_ouro_cpu_bench"),
     "exact": ("bench.exact_bench", "run_exact_bench"),
     "weight_sync": ("bench.weight_sync", "run_weight_sync_bench"),
+    "gate_repair": ("bench.gate_repair", "run_gate_repair_bench"),
 }
 
 
@@ -37,6 +39,7 @@ class BenchConfig:
     ouro_cpu: OuroCPUBenchConfig = field(default_factory=OuroCPUBenchConfig)
     exact: ExactBenchConfig = field(default_factory=ExactBenchConfig)
     weight_sync: WeightSyncBenchConfig = field(default_factory=WeightSyncBenchConfig)
+    gate_repair: GateRepairBenchConfig = field(default_factory=GateRepairBenchConfig)
     output_dir: str = "runs/bench"
 
     def __post_init__(self) -> None:

@@ -11,8 +11,11 @@ from gate_tuning.recipe import (
     GateTrainingConfig,
     ModelSection,
     Selection,
+    SelectSection,
     Stage2Section,
+    budget_rank,
     load_tokenizer,
+    point_at_budget,
     tune_gate,
 )
 from gate_tuning.stage2 import GATE_PREFIX, fitted_exit_loops, fitted_targets, stage2_loss
@@ -117,3 +120,23 @@ def test_calibration_trains_only_the_gate_and_says_which_target(checkpoint, tmp_
     for name, tensor in model.state_dict().items():
         if not name.startswith(GATE_PREFIX):
             assert torch.equal(tensor, before[name]), f"{name} changed"
+
+
+def validation_point(rule: str, q: float, loops: float, exact: float) -> FrontierPoint:
+    return FrontierPoint(rule, q, loops, 0.03, None, 0, loops, exact_tf=exact)
+
+
+def test_selection_ranks_by_the_loops_at_the_users_budget_not_by_area():
+    """The demo's case (last round): a gate that saves 45% of the loops with a 0.05-point dip below static depth
+    must outrank a snapshot whose only offered q is 1.0 (static T), though the dip makes its area smaller."""
+    static = [validation_point("static", t, t, e) for t, e in zip((1, 2, 3, 4), (0.68, 0.859, 0.891, 0.883), strict=True)]
+    stage1 = [validation_point("start", 0.0, 1.0, 0.68), validation_point("start", 0.4, 2.2, 0.8745),
+              validation_point("start", 0.7, 2.9, 0.8905), validation_point("start", 1.0, 4.0, 0.883)]
+    flat = [validation_point("fitted step 50", 0.0, 1.0, 0.68), validation_point("fitted step 50", 1.0, 4.0, 0.883)]
+    drop = SelectSection(max_accuracy_drop=0.01)
+    at_start, at_flat = (point_at_budget(c, static, drop, T) for c in (stage1, flat))
+    assert (at_start.param, at_flat.param) == (0.4, 1.0)
+    assert budget_rank(at_start, drop) > budget_rank(at_flat, drop)
+    loops = SelectSection(max_accuracy_drop=None, target_avg_loops=3.0)  # the best exact match within 3 loops
+    assert point_at_budget(stage1, static, loops, T).param == 0.7
+    assert budget_rank(point_at_budget(stage1, static, loops, T), loops) == pytest.approx(0.8905)

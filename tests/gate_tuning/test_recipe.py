@@ -80,8 +80,9 @@ def test_held_out_selection_keeps_the_best_validation_snapshot(checkpoint, tmp_p
     assert kept["eligible"] == bool(eligible)
     if eligible:
         assert kept["kept"] in eligible
-        exact = kept["exact_match_areas"]  # ranked by the exact-match area, then the loss area
-        assert (exact[kept["kept"]], areas[kept["kept"]]) == max((exact[n], areas[n]) for n in eligible)
+        # Ranked by the fewest loops at the budget (1 point of exact match below static T), then the areas.
+        loops = kept["at_budget"]
+        assert loops[kept["kept"]]["avg_loops"] == pytest.approx(min(loops[n]["avg_loops"] for n in eligible))
     else:
         assert kept["kept"] in areas
     gate_moved = any(not torch.equal(start[n], t) for n, t in model.state_dict().items() if n in start)
