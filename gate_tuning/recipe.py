@@ -141,10 +141,10 @@ class GateTrainingConfig(TrainingArguments):
     logging_steps: float = 20
     save_strategy: str = "no"
     seed: int = 0
-    # Held-out selection: > 0 snapshots the gate every select_every steps; the snapshot with the largest area under
-    # its teacher-forced Q-exit frontier (-loss over average loops 1..T, eval.q_grid plus q = 0 and 1) on the
-    # data.val_rows validation rows is kept. The starting (Stage-I) gate is a candidate: Stage II can then end
-    # where it began. 0: keep the last step's gate.
+    # Held-out selection: > 0 snapshots the gate every select_every steps; on the data.val_rows validation rows
+    # (teacher-forced, eval.q_grid plus q = 0 and 1) the snapshot with the fewest loops at the `select:` budget is
+    # kept among those at or above static depth (`select_gate`). The starting (Stage-I) gate is a candidate: Stage
+    # II can then end where it began. 0: keep the last step's gate.
     select_every: int = 0
     # How far below the static-depth frontier (or a healthy starting gate) a snapshot may dip on the validation rows
     # and still count as "at or above" it: a fraction of static 1 loop's loss minus static T's. Validation rows
@@ -488,8 +488,9 @@ def select_gate(
         logger.warning("gate selection: no snapshot is at or above the static-depth frontier on the validation "
                        "rows; kept %s, the least below it", best)
     elif best == START:
-        logger.warning("gate selection kept the starting gate: no Stage-II snapshot was at or above it and the "
-                       "static frontier at every depth with a larger area on the validation rows")
+        logger.warning("gate selection kept the starting gate: no Stage-II snapshot at or above it and the static "
+                       "frontier at every depth did better at the budget (%s) on the validation rows",
+                       budget_text(sel.budget))
     qs = sorted(float(p.param) for p in offered[best] if float(p.param) in set(sel.q_grid))
     return {"kept": best, "kept_starting_gate": best == START, "eligible": bool(eligible), "tolerances": tols,
             "validated_q": qs or [1.0],
@@ -497,9 +498,9 @@ def select_gate(
             "exact_match_areas": exact_areas, "min_gap_to_static": to_static, "min_gap_to_start": to_start,
             "at_budget": {n: {"q": float(p.param), "avg_loops": p.avg_loops, "exact_tf": p.exact_tf, "loss": p.loss}
                           for n, p in at_budget.items()},
-            "criterion": f"at the budget ({budget_text(sel.budget)}, teacher-forced exact match as accuracy): "
-                         "fewest average loops (a loops budget: highest exact match), then the areas under the "
-                         "exact-match and -loss frontiers, among snapshots at or above the static-depth frontier (and, "
+            "criterion": f"ranked at the budget ({budget_text(sel.budget)}; teacher-forced exact match as "
+                         "accuracy) by the fewest average loops (for a loops budget: the highest exact match), then by "
+                         "the areas under the exact-match and -loss frontiers, among snapshots at or above the static-depth frontier (and, "
                          "when the starting gate is, at or above it) at every depth, in -loss and in teacher-forced "
                          "exact match, within tolerances; a snapshot offers only its q's whose points are at or above "
                          "static depth"}
@@ -643,7 +644,7 @@ def selection_note(selection: dict[str, Any] | None) -> str:
     if selection is None:
         return ""
     kept = "the starting gate" if selection["kept_starting_gate"] else selection["kept"]
-    return (f"{TUNED}: held-out selection kept {kept}, by the {selection['criterion']}, on "
+    return (f"{TUNED}: held-out selection kept {kept} ({selection['criterion']}) on "
             f"{selection['validation_rows']} validation rows taken off the training rows; q offered (validated): "
             f"{selection['validated_q']}; areas: "
             + ", ".join(f"{name}: {area:.5f}" for name, area in selection["areas"].items()))
