@@ -31,7 +31,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from .batch_invariant import exact_mode_aware
 from .cache import LoopKVCache, SlotKVCache
 from .configuration_looplm import LoopLMConfig
-from .exit_gate import check_threshold, log_survival, q_exit_reached
+from .exits import ExitRule, ExitTracker, RunningExits
 
 # transformers 5.24 renamed the KV cache `past_key_values` -> `cache` (forward kwargs, outputs, generate()'s
 # model_kwargs). The model speaks the new name; a caller's `past_key_values=` still works, with a FutureWarning
@@ -184,76 +184,6 @@ def build_attention_mask(
         mask = mask & (segment[:, None, :, None] == segment[:, None, None, :])
     # A query that may see nothing (a pad position) would make SDPA return NaN: let it see itself.
     return mask | (cols == rows)[None, None], False
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Exit bookkeeping
-
-
-class ExitTracker:
-    """Which tokens have exited, at which loop, and their output state.
-
-    Exits come from `exit_steps` (replay), from Q-exit with `threshold` (decided on the fly; a (B, S) tensor of
-    per-token thresholds u ~ U(0, 1) samples each exit from the gate's distribution at `temperature`), from the
-    hidden-state-difference rule with `hidden_eps` (on the fly: exit at the first loop t >= 2 where
-    ||h_t - h_{t-1}|| / ||h_{t-1}|| < hidden_eps, per token, on the normed states; relative so that one eps fits
-    any hidden size), or happen at the last loop. `active` is None while every token is still running, which
-    keeps the default path select-free.
-    """
-
-    def __init__(
-        self, shape, num_loops: int, exit_steps=None, threshold: float | None = None, device=None,
-        hidden_eps: float | None = None, temperature: float = 1.0,
-    ):
-        self.num_loops, self.exit_steps, self.threshold = num_loops, exit_steps, threshold
-        self.temperature = temperature
-        self.hidden_eps, self.previous_h = hidden_eps, None
-        self.exited = torch.zeros(shape, dtype=torch.bool, device=device)
-        self.steps = torch.full(shape, num_loops, dtype=torch.long, device=device)
-        self.any_exited = False
-        self.output: torch.Tensor | None = None
-
-    @property
-    def active(self) -> torch.Tensor | None:
-        return ~self.exited if self.any_exited else None
-
-    @property
-    def all_exited(self) -> bool:
-        return self.any_exited and bool(self.exited.all())
-
-    def step(self, loop: int, h: torch.Tensor, gate_logits: list[torch.Tensor]) -> None:
-        if loop == self.num_loops - 1:
-            newly = ~self.exited
-        elif self.exit_steps is not None:
-            newly = ~self.exited & (self.exit_steps == loop + 1)
-        elif self.threshold is not None and (torch.is_tensor(self.threshold) or self.threshold < 1.0):
-            logits = torch.stack(gate_logits, dim=-1).float() / self.temperature
-            newly = ~self.exited & q_exit_reached(log_survival(logits)[..., -1], self.threshold)
-        elif self.hidden_eps is not None:
-            newly = ~self.exited & self._converged(h)
-        else:
-            return
-        if not self.any_exited and bool(newly.all()):
-            self.output = h
-        else:
-            self.output = h if self.output is None else torch.where(newly[..., None], h, self.output)
-        self.steps = torch.where(newly, loop + 1, self.steps)
-        self.exited = self.exited | newly
-        self.any_exited = self.any_exited or bool(newly.any())
-
-    def _converged(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, S) bool: the relative change of each token's state since the previous loop is below hidden_eps."""
-        previous, self.previous_h = self.previous_h, h
-        if previous is None:  # loop 1 has no previous normed state to compare with
-            return torch.zeros(h.shape[:-1], dtype=torch.bool, device=h.device)
-        return hidden_converged(h, previous, self.hidden_eps)
-
-
-def hidden_converged(h: torch.Tensor, previous: torch.Tensor, eps: float) -> torch.Tensor:
-    """(...) bool: the hidden-state-difference rule, ||h_t - h_{t-1}|| / ||h_{t-1}|| < eps per token (relative,
-    so one eps fits any hidden size), on (..., D) normed states after loops t and t - 1."""
-    change = (h - previous).float().norm(dim=-1) / previous.float().norm(dim=-1).clamp(min=1e-12)
-    return change < eps
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -549,64 +479,6 @@ def _attention_with_lse(q, k, v, mask) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.matmul((scores - lse[..., None]).exp().to(v.dtype), v), lse
 
 
-class _DecodeExits:
-    """ExitTracker's bookkeeping for the decode fast path, kept for the running rows only: rows that exit leave
-    the running set (their state is final) instead of being masked, so deeper loops compute only for the rest.
-    The rules themselves are shared with ExitTracker (`q_exit_reached`, `hidden_converged`)."""
-
-    def __init__(self, b: int, num_loops: int, threshold, hidden_eps: float | None, device, temperature: float = 1.0):
-        self.num_loops, self.hidden_eps, self.previous = num_loops, hidden_eps, None
-        self.temperature = temperature  # sampled exits: the gate logits are divided by it (see ExitTracker)
-        if isinstance(threshold, torch.Tensor):
-            threshold = threshold.reshape(b).float()  # (b,) or (b, 1): one q per row
-        elif threshold is not None:
-            check_threshold(threshold)
-        self.threshold = threshold
-        self.running: torch.Tensor | None = None  # local indices of running rows; None: all
-        self.output: torch.Tensor | None = None  # (b, D)
-        self.steps = torch.full((b,), num_loops, dtype=torch.long, device=device)
-        self.gate_logits = torch.full((b, num_loops), float("nan"), device=device)
-        self.log_survival = torch.zeros(b, device=device)  # (b_run,) log S after the loops run so far
-
-    def step(self, loop: int, h: torch.Tensor, gate_logit: torch.Tensor) -> torch.Tensor:
-        """(b_run, D) normed state and (b_run,) gate logit after `loop` -> the states of the rows still running."""
-        b = self.steps.shape[0]
-        if self.running is None:
-            self.gate_logits[:, loop] = gate_logit
-        else:
-            self.gate_logits[self.running, loop] = gate_logit.float()
-        newly = self._newly_exited(loop, h, gate_logit)
-        if newly is None or not bool(newly.any()):
-            return h
-        rows = torch.arange(b, device=h.device) if self.running is None else self.running
-        if self.running is None and bool(newly.all()):  # the common case: everyone exits together
-            self.output, self.running = h, rows[:0]
-            self.steps.fill_(loop + 1)
-            return h[:0]
-        if self.output is None:
-            self.output = h.new_empty(b, h.shape[-1])
-        self.output[rows[newly]] = h[newly]
-        self.steps[rows[newly]] = loop + 1
-        keep = ~newly
-        self.running, self.log_survival = rows[keep], self.log_survival[keep]
-        if isinstance(self.threshold, torch.Tensor):
-            self.threshold = self.threshold[keep]
-        if self.previous is not None:
-            self.previous = self.previous[keep]
-        return h[keep]
-
-    def _newly_exited(self, loop: int, h: torch.Tensor, gate_logit: torch.Tensor) -> torch.Tensor | None:
-        if loop == self.num_loops - 1:
-            return torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
-        if self.threshold is not None:  # log S accumulated loop by loop: ExitTracker's cumsum, in the same order
-            self.log_survival = self.log_survival + F.logsigmoid(-gate_logit.float() / self.temperature)
-            return q_exit_reached(self.log_survival, self.threshold)
-        if self.hidden_eps is not None:
-            previous, self.previous = self.previous, h
-            return None if previous is None else hidden_converged(h, previous, self.hidden_eps)
-        return None
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Models
 
@@ -789,8 +661,9 @@ class LoopLMModel(LoopLMPreTrainedModel):
         hidden-difference rule (see ExitTracker). Neither: every row runs `cache.num_loops` loops.
         exit_temperature: divides the gate logits of the Q-exit rule (sampled exits, as in `forward`).
         """
-        if exit_threshold is not None and exit_hidden_eps is not None:
-            raise ValueError("pass one depth rule: exit_threshold or exit_hidden_eps")
+        if torch.is_tensor(exit_threshold):
+            exit_threshold = exit_threshold.reshape(len(tokens)).float()  # (b,) or (b, 1): one q per row
+        rule = ExitRule(cache.num_loops, None, exit_threshold, exit_hidden_eps, exit_temperature).check()
         weights, final_norm = self._decode_weights()
         n_loops, (b,) = cache.num_loops, tokens.shape
         x = self.embed_tokens(tokens)  # (b, D)
@@ -805,7 +678,7 @@ class LoopLMModel(LoopLMPreTrainedModel):
         if (compiled is not None and exit_threshold is None and exit_hidden_eps is None and not self.config.exact_mode
                 and cache.mode == "full" and b == cache.k.shape[1] and attend.one_call()):
             return self._decode_compiled(compiled, x, (cos, sin), cache, slots, attend, weights, final_norm)
-        exits = _DecodeExits(b, n_loops, exit_threshold, exit_hidden_eps, x.device, exit_temperature)
+        exits = RunningExits(b, rule, x.device)
         for loop in range(n_loops):
             run = exits.running  # local indices of the rows still running (None: all)
             if run is not None and len(run) == 0:
@@ -864,27 +737,7 @@ class LoopLMModel(LoopLMPreTrainedModel):
 
     def _check_depth_args(self, num_loops, exit_steps, exit_threshold, B: int, S: int, hidden_eps=None) -> int:
         n_loops = self.config.total_ut_steps if num_loops is None else int(num_loops)
-        if n_loops < 1:
-            raise ValueError(f"num_loops must be >= 1, got {num_loops}")
-        if exit_steps is not None:
-            if exit_threshold is not None:
-                raise ValueError("pass either exit_steps (replay) or exit_threshold (Q-exit), not both")
-            if tuple(exit_steps.shape) != (B, S):
-                raise ValueError(f"exit_steps must have shape (batch, seq) = {(B, S)}, got {tuple(exit_steps.shape)}")
-            if exit_steps.dtype.is_floating_point:
-                raise ValueError(f"exit_steps must be an integer tensor, got {exit_steps.dtype}")
-            lo, hi = int(exit_steps.min()), int(exit_steps.max())
-            if lo < 1 or hi > n_loops:
-                raise ValueError(f"exit_steps must be in 1..{n_loops} (num_loops), got values in {lo}..{hi}")
-        if exit_threshold is not None:
-            check_threshold(exit_threshold)
-            if torch.is_tensor(exit_threshold) and tuple(exit_threshold.shape) != (B, S):
-                raise ValueError(f"exit_threshold tensor must have shape (batch, seq) = {(B, S)}, got {tuple(exit_threshold.shape)}")
-        if hidden_eps is not None:
-            if exit_steps is not None or exit_threshold is not None:
-                raise ValueError("pass one depth rule: exit_steps, exit_threshold or exit_hidden_eps")
-            if not hidden_eps >= 0.0:
-                raise ValueError(f"exit_hidden_eps must be >= 0, got {hidden_eps}")
+        ExitRule(n_loops, exit_steps, exit_threshold, hidden_eps).check((B, S))
         return n_loops
 
 

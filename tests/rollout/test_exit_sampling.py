@@ -15,7 +15,7 @@ import ray
 import torch
 
 from looplm.exit_gate import exit_cdf, exit_log_pdf, exit_log_prob, exit_pdf
-from looplm.modeling_looplm import ExitTracker
+from looplm.exits import ExitTracker
 from looplm.tiny import tiny_model
 from rollout.engine import DepthConfig, SamplingConfig, exit_uniforms, gumbel_noise, request_keys
 from rollout.parity import check_exit_parity, check_parity
