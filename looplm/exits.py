@@ -18,6 +18,10 @@ import torch.nn.functional as F
 
 from .exit_gate import check_threshold, q_exit_reached
 
+# How `ExitRule.check` names its fields: as the model's arguments (a config passes its own field names).
+ARG_NAMES = {"num_loops": "num_loops", "threshold": "exit threshold", "hidden_eps": "exit_hidden_eps",
+             "temperature": "exit_temperature"}
+
 
 @dataclass(frozen=True)
 class ExitRule:
@@ -34,25 +38,28 @@ class ExitRule:
         """Q-exit decides exits: a float q of 1 never exits early, so it runs as fixed depth (same exits)."""
         return self.threshold is not None and (torch.is_tensor(self.threshold) or self.threshold < 1.0)
 
-    def check(self, shape: tuple[int, ...] | None = None) -> ExitRule:
-        """Raise ValueError naming the first bad argument; per-token tensors must have `shape` when it is given."""
+    def check(self, shape: tuple[int, ...] | None = None, names: dict[str, str] = ARG_NAMES) -> ExitRule:
+        """Raise ValueError naming the first bad argument (by `names`: the model's arguments, or a config's
+        fields); per-token tensors must have `shape` when it is given. -> self."""
         if self.num_loops < 1:
-            raise ValueError(f"num_loops must be >= 1, got {self.num_loops}")
+            raise ValueError(f"{names['num_loops']} must be >= 1, got {self.num_loops}")
         if self.exit_steps is not None:
             self._check_exit_steps(shape)
-        if self.threshold is not None:
+        if torch.is_tensor(self.threshold):
             check_threshold(self.threshold)
-            if torch.is_tensor(self.threshold) and shape is not None and tuple(self.threshold.shape) != shape:
+            if shape is not None and tuple(self.threshold.shape) != shape:
                 raise ValueError(
                     f"exit_threshold tensor must have shape (batch, seq) = {shape}, got {tuple(self.threshold.shape)}"
                 )
+        elif self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"{names['threshold']} q must be in [0, 1], got {self.threshold}")
         if self.hidden_eps is not None:
             if self.exit_steps is not None or self.threshold is not None:
                 raise ValueError("pass one depth rule: exit_steps, exit_threshold or exit_hidden_eps")
             if not self.hidden_eps >= 0.0:
-                raise ValueError(f"exit_hidden_eps must be >= 0, got {self.hidden_eps}")
+                raise ValueError(f"{names['hidden_eps']} must be >= 0, got {self.hidden_eps}")
         if not self.temperature > 0.0:
-            raise ValueError(f"exit temperature must be > 0, got {self.temperature}")
+            raise ValueError(f"{names['temperature']} must be > 0, got {self.temperature}")
         return self
 
     def _check_exit_steps(self, shape: tuple[int, ...] | None) -> None:
@@ -191,4 +198,4 @@ class RunningExits:
         return h[keep]
 
 
-__all__ = ["ExitRule", "ExitRun", "ExitTracker", "RunningExits", "hidden_converged"]
+__all__ = ["ARG_NAMES", "ExitRule", "ExitRun", "ExitTracker", "RunningExits", "hidden_converged"]

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import torch
 
+from looplm.exits import ExitRule
 from looplm.tokenizer import apply_chat
 
 # A prompt is token ids, a chat (list of {"role", "content"} messages, rendered by the tokenizer's template),
@@ -75,6 +76,10 @@ class SamplingConfig:
         return dataclasses.replace(self, seed=seed)
 
 
+DEPTH_NAMES = {"num_loops": "depth.num_loops", "threshold": "depth.exit_threshold", "hidden_eps": "depth.hidden_eps",
+               "temperature": "depth.exit_temperature"}
+
+
 @dataclass
 class DepthConfig:
     """How deep every decoded token runs.
@@ -102,14 +107,10 @@ class DepthConfig:
             raise ValueError(
                 f"depth.policy must be 'fixed', 'adaptive', 'hidden_diff' or 'sampled', got {self.policy!r}"
             )
-        if not self.exit_temperature > 0.0:
-            raise ValueError(f"depth.exit_temperature must be > 0, got {self.exit_temperature}")
-        if not self.hidden_eps >= 0.0:
-            raise ValueError(f"depth.hidden_eps must be >= 0, got {self.hidden_eps}")
-        if self.num_loops is not None and self.num_loops < 1:
-            raise ValueError(f"depth.num_loops must be >= 1, got {self.num_loops}")
-        if not 0.0 <= self.exit_threshold <= 1.0:
-            raise ValueError(f"depth.exit_threshold q must be in [0, 1], got {self.exit_threshold}")
+        # The numbers are an exit rule's: checked by it (one rule at a time), under this config's names.
+        loops = 1 if self.num_loops is None else self.num_loops
+        ExitRule(loops, threshold=self.exit_threshold, temperature=self.exit_temperature).check(names=DEPTH_NAMES)
+        ExitRule(loops, hidden_eps=self.hidden_eps).check(names=DEPTH_NAMES)
         if self.kv_mode not in ("full", "last", "average", "first"):
             raise ValueError(f"depth.kv_mode must be one of full/last/average/first, got {self.kv_mode!r}")
 
