@@ -228,7 +228,7 @@ class SlotKVCache:
     Buffers are preallocated, (planes, slots, Hkv, capacity, d); slot s holds its positions 0..lengths[s]-1 with
     no padding, so a finished sequence's slot is refilled by copying a new prompt's prefill into it. Planes are
     as in `LoopKVCache` (T x L in "full" mode, indexed loop * L + layer; L in the shared modes). The decode step
-    (`LoopLMModel.decode_step`) calls `store` for every (loop, layer) in order and `commit` once at the end.
+    (`looplm.decode`) calls `store` for every (loop, layer) in order and `commit` once at the end.
     In the shared modes every loop writes the plane (a token attends to its own current-loop K/V, as in
     `LoopKVCache`) and `commit` leaves what that mode keeps: the last loop's, loop 1's or the mean over loops.
     """
