@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batch_invariant import exact_mode_aware
-from .cache import SlotKVCache
+from .cache import SlotKVCache, keep_exited_rows, plane_index
 from .exits import ExitRule, RunningExits
 from .modeling_looplm import LoopLMDecoderLayer, LoopLMForCausalLM, LoopLMModel, LoopLMRMSNorm, rms_norm
 
@@ -176,13 +176,13 @@ class _SlotAttention:
 
     def store_exited(self, loop: int) -> None:
         """Every row exited before `loop`: its planes get the exited K/V, uncomputed."""
-        for layer, kv in enumerate(self.last_kv):
-            self.cache.store(loop, layer, *kv, self.write_index)
+        self.cache.store_exited(loop, self.last_kv, self.write_index)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
         """(b_run, H, d) queries and (b_run, Hkv, d) K/V of the running rows at `layer` -> (b_run, H, d)."""
         if self.run is not None:  # exited rows keep the K/V of their exit loop
-            k, v = self.last_kv[layer][0].index_copy(0, self.run, k), self.last_kv[layer][1].index_copy(0, self.run, v)
+            last_k, last_v = self.last_kv[layer]
+            k, v = keep_exited_rows(k, last_k, self.run), keep_exited_rows(v, last_v, self.run)
         self.last_kv[layer] = (k, v)
         plane = self.cache.store(self.loop, layer, k, v, self.write_index)
         keys, values = self.cache.k[plane], self.cache.v[plane]  # (S, Hkv, capacity, d)
@@ -278,7 +278,7 @@ def decode_all_loops(
 
     for loop in range(num_loops):
         for i, w in enumerate(layers):
-            x = decode_layer(x, w, rope, functools.partial(attend, plane=loop * len(layers) + i))
+            x = decode_layer(x, w, rope, functools.partial(attend, plane=plane_index(loop, i, len(layers))))
         x = decode_rms_norm(x, final_norm, layers[0].eps, layers[0].fast_norm)
         gate_logits.append(F.linear(x, gate)[:, 0])
     return x, torch.stack(gate_logits, -1), torch.stack(new_k), torch.stack(new_v)
@@ -330,7 +330,7 @@ def decode_backbone(
     for the rows that have not exited only: at each loop the running rows run the layers (gathered), and a
     row that exited at loop e writes its loop-e K/V into the deeper loops' planes ("last exited").
     tokens: (b,) ids. exit_threshold: Q-exit q, a float or a (b,) tensor of per-row q; exit_hidden_eps: the
-    hidden-difference rule (see ExitTracker). Neither: every row runs `cache.num_loops` loops.
+    hidden-difference rule (see looplm.exits). Neither: every row runs `cache.num_loops` loops.
     exit_temperature: divides the gate logits of the Q-exit rule (sampled exits, as in `forward`).
     """
     if torch.is_tensor(exit_threshold):

@@ -27,7 +27,7 @@ from transformers.utils import ModelOutput
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .batch_invariant import exact_mode_aware
-from .cache import LoopKVCache, SlotKVCache
+from .cache import LoopKVCache, SlotKVCache, keep_exited
 from .configuration_looplm import LoopLMConfig
 from .exits import ExitRule, ExitTracker
 
@@ -102,8 +102,7 @@ class LoopLMAttention(nn.Module):
         v = self.v_proj(h).view(B, S, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if active is not None:  # "last exited": tokens past their exit loop keep that loop's K/V
-            keep = active[:, None, :, None]
-            k, v = torch.where(keep, k, last_kv[0]), torch.where(keep, v, last_kv[1])
+            k, v = keep_exited(k, last_kv[0], active), keep_exited(v, last_kv[1], active)
         new_kv = (k, v)
         if cache is not None:
             k, v = cache.update_loop(k, v, loop, layer_idx)  # (B, Hkv, past + S, d)
@@ -323,7 +322,8 @@ class LoopLMModel(LoopLMPreTrainedModel):
                 loop_states.append(h)
             exits.step(loop, h, gate_logits)
             if exits.all_exited and loop + 1 < n_loops:
-                self._fill_skipped_loops(cache, last_kv, loop + 1, n_loops)
+                if cache is not None:
+                    cache.fill_exited(last_kv, loop + 1)
                 break
         if cache is not None:
             cache.commit()
@@ -334,15 +334,6 @@ class LoopLMModel(LoopLMPreTrainedModel):
             gate_logits=torch.stack(gate_logits, dim=-1),
             loop_hidden_states=tuple(loop_states) if output_loop_states else None,
         )
-
-    @staticmethod
-    def _fill_skipped_loops(cache: LoopKVCache | None, last_kv: list, start: int, n_loops: int) -> None:
-        """Every token exited before loop `start`: deeper planes get each token's exited K/V, uncomputed."""
-        if cache is None:
-            return
-        for loop in range(start, n_loops):
-            for i, (k, v) in enumerate(last_kv):
-                cache.update_loop(k, v, loop, i)
 
     def _check_depth_args(self, num_loops, exit_steps, exit_threshold, B: int, S: int, hidden_eps=None) -> int:
         n_loops = self.config.total_ut_steps if num_loops is None else int(num_loops)
