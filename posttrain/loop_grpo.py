@@ -49,11 +49,12 @@ from trl import GRPOTrainer
 
 from configs import UserError
 from looplm import exit_log_pdf
-from looplm.exit_gate import exit_log_prob
+from looplm.logprobs import entropy, predictors, processed_logprobs, sampled_logprobs, token_logprobs
+from looplm.logprobs import exit_action_logprobs as exit_action_logps  # its name here (tests and callers)
 from posttrain.async_rollouts import Lookahead, RolloutQueue
 from posttrain.callbacks import NonFiniteGuard
 from posttrain.distributed import SharedEngine, full_state_dict
-from rollout.engine import DepthConfig, RolloutEngine, RolloutRecord, SamplingConfig, processed_logprobs
+from rollout.engine import DepthConfig, RolloutEngine, RolloutRecord, SamplingConfig
 from rollout.parity import k3_kl
 
 logger = logging.getLogger(__name__)
@@ -154,17 +155,6 @@ def loop_credit_weights(
     else:
         raise ValueError(f"unknown loop credit {kind!r}; expected uniform, progressive or exit")
     return raw / raw.sum(-1, keepdim=True).clamp(min=1e-12)
-
-
-def exit_action_logps(
-    gate_logits: torch.Tensor, exit_steps: torch.Tensor, completion_width: int, num_loops: int, temperature: float
-) -> torch.Tensor:
-    """(B, P+C, L) gate logits and (B, P+C) replayed exit steps -> (B, C) log p(exit) of the position that
-    predicts each completion token: log p(e_{j-1}) for j >= 1, and 0 for j = 0 (its predictor is the last prompt
-    position, always at full depth: no decision). Lines up with TRL's per-token log-probs."""
-    predictors = slice(-completion_width - 1, -1)
-    logp = exit_log_prob(gate_logits[:, predictors], exit_steps[:, predictors], num_loops, temperature)
-    return torch.cat([torch.zeros_like(logp[:, :1]), logp[:, 1:]], dim=1)
 
 
 def rollout_exit_logps(records: Sequence[RolloutRecord], completion_width: int) -> torch.Tensor:
@@ -595,11 +585,8 @@ class LoopGRPOTrainer(GRPOTrainer):
             input_ids=ids, attention_mask=mask, exit_steps=steps, logits_to_keep=logits_to_keep + 1,
             output_loop_states=output_loop_states, use_cache=False,
         ).logits[:, :-1]  # (b, C, V): position p predicts token p + 1
-        logp = processed_logprobs(logits, SamplingConfig(temperature=self.args.temperature))
-        return SimpleNamespace(
-            log_probs=logp.gather(-1, ids[:, -logits_to_keep:, None])[..., 0],
-            entropy=-(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1),
-        )
+        logp = processed_logprobs(logits, self.args.temperature)
+        return SimpleNamespace(log_probs=token_logprobs(logp, ids[:, -logits_to_keep:]), entropy=entropy(logp))
 
     @contextlib.contextmanager
     def _backbone_output(self) -> Iterator[list]:
@@ -637,17 +624,17 @@ class LoopGRPOTrainer(GRPOTrainer):
             targets = ids[:, -logits_to_keep:]
             # Position p predicts token p + 1: the completion's predictors are the positions before each token.
             per_loop = torch.stack([
-                _sampled_logps(lm_head(h[:, -logits_to_keep - 1 : -1]), targets, self.temperature)
+                sampled_logprobs(lm_head(predictors(h, logits_to_keep)), targets, self.temperature)
                 for h in out.loop_hidden_states
             ], dim=-1)  # (b, C, T)
-            predictor_steps = steps[:, -logits_to_keep - 1 : -1]
-            gates = out.gate_logits[:, -logits_to_keep - 1 : -1]
+            predictor_steps = predictors(steps, logits_to_keep)
+            gates = predictors(out.gate_logits, logits_to_keep)
             weights = loop_credit_weights(
                 self.loop.loop_credit, predictor_steps, self.num_loops, gates, self.loop.progressive_power
             )
             logps.append((per_loop * weights).sum(-1))
             if compute_entropy:
-                entropies.append(_entropy(out.logits[:, :-1], self.temperature))
+                entropies.append(entropy(processed_logprobs(out.logits[:, :-1], self.temperature)))
         return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
 
     # -- dynamic sampling ----------------------------------------------------------------------------------
@@ -779,17 +766,6 @@ def latest_complete_checkpoint(output_dir: str | Path) -> str | None:
 
 def _is_chat(prompt: Any) -> bool:
     return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
-
-
-def _sampled_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(b, C, V) logits, (b, C) ids -> (b, C) log-probs under softmax(logits / temperature)."""
-    logits = logits.float() / temperature
-    return logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)
-
-
-def _entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    logp = (logits.float() / temperature).log_softmax(-1)
-    return -(logp.exp() * logp).sum(-1)
 
 
 def gathered_policy_state(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
-import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Any, Literal
 
 import torch
 
+from looplm import logprobs
 from looplm.exits import ExitRule
 from looplm.tokenizer import apply_chat
 
@@ -286,28 +286,9 @@ def prepare_request(
 
 
 def processed_logprobs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
-    """(..., V) logits -> (..., V) float32 log-probs of the distribution sampled from; filtered tokens -inf.
-
-    Order (HF's warpers): temperature, top-k, top-p, min-p. Ties at a top-k / top-p boundary are kept.
-    """
-    x = logits.float()
-    if sampling.temperature > 0 and sampling.temperature != 1.0:
-        x = x / sampling.temperature
-    if sampling.top_k > 0 and sampling.top_k < x.shape[-1]:
-        kth = x.topk(sampling.top_k, dim=-1).values[..., -1:]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if sampling.top_p < 1.0:
-        probs, order = x.softmax(-1).sort(dim=-1, descending=True)
-        mass_before = probs.cumsum(-1) - probs  # mass of the strictly more likely tokens
-        drop_sorted = mass_before >= sampling.top_p
-        drop_sorted[..., 0] = False  # the most likely token always stays
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        x = x.masked_fill(drop, float("-inf"))
-    if sampling.min_p > 0.0:
-        logp = x.log_softmax(-1)
-        floor = logp.max(-1, keepdim=True).values + math.log(sampling.min_p)
-        x = x.masked_fill(logp < floor, float("-inf"))
-    return x.log_softmax(-1)
+    """(..., V) logits -> (..., V) float32 log-probs of the distribution `sampling` samples from (filtered tokens
+    -inf): `looplm.logprobs.processed_logprobs` with this config's numbers."""
+    return logprobs.processed_logprobs(logits, sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
 
 
 _MASK32 = 0xFFFFFFFF
