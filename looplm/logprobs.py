@@ -77,6 +77,11 @@ def exit_action_logprobs(
     return torch.cat([torch.zeros_like(logp[:, :1]), logp[:, 1:]], dim=1)
 
 
+def exit_actions(record_form: torch.Tensor) -> torch.Tensor:
+    """(..., C) exit log-probs in record form -> (..., C) in action form (see the module docstring)."""
+    return torch.cat([torch.zeros_like(record_form[..., :1]), record_form[..., :-1]], dim=-1)
+
+
 def position_exit_logprobs(
     gate_logits: torch.Tensor, exit_steps: torch.Tensor, num_loops: int, temperature: float
 ) -> torch.Tensor:
@@ -89,6 +94,7 @@ def position_exit_logprobs(
 __all__ = [
     "entropy",
     "exit_action_logprobs",
+    "exit_actions",
     "position_exit_logprobs",
     "predictors",
     "processed_logprobs",

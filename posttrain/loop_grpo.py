@@ -49,7 +49,14 @@ from trl import GRPOTrainer
 
 from configs import UserError
 from looplm import exit_log_pdf
-from looplm.logprobs import entropy, predictors, processed_logprobs, sampled_logprobs, token_logprobs
+from looplm.logprobs import (
+    entropy,
+    exit_actions,
+    predictors,
+    processed_logprobs,
+    sampled_logprobs,
+    token_logprobs,
+)
 from looplm.logprobs import exit_action_logprobs as exit_action_logps  # its name here (tests and callers)
 from posttrain.async_rollouts import Lookahead, RolloutQueue
 from posttrain.callbacks import NonFiniteGuard
@@ -164,7 +171,7 @@ def rollout_exit_logps(records: Sequence[RolloutRecord], completion_width: int) 
     for i, r in enumerate(records):
         if len(r.exit_logprobs) != len(r.completion_ids):
             raise ValueError(f"record {i} has no exit_logprobs: loop.exit_action needs rollout.depth.policy=sampled")
-        out[i, 1 : len(r.exit_logprobs)] = torch.tensor(r.exit_logprobs[:-1])
+        out[i, : len(r.exit_logprobs)] = exit_actions(torch.tensor(r.exit_logprobs))
     return out
 
 
