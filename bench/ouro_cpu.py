@@ -92,8 +92,8 @@ def _sft_stage(config: OuroCPUBenchConfig) -> dict[str, Any]:
 
     from configs import load_config
     from looplm.tokenizer import build_tokenizer, fix_ouro_special_tokens
-    from posttrain.data import corpus_of, load_sft_data
-    from posttrain.sft import SFTRecipeConfig, make_trainer
+    from posttrain.data import corpus_of
+    from posttrain.sft import SFTRecipeConfig, load_sft_data, make_trainer
 
     cfg = load_config(SFTRecipeConfig, CONFIG_DIR / "sft_tiny.yaml",
                       [*config.sft_overrides, "training.output_dir=runs/bench/ouro_cpu_sft"])
@@ -118,7 +118,7 @@ def _grpo_stage(config: OuroCPUBenchConfig) -> dict[str, Any]:
     from configs import load_config
     from looplm.tokenizer import CHAT_TEMPLATE, build_tokenizer, fix_ouro_special_tokens
     from posttrain.data import load_rows
-    from posttrain.grpo import GRPORecipeConfig, build_engine, load_grpo_data, lora_config
+    from posttrain.grpo import GRPORecipeConfig, load_grpo_data, lora_config, rollout_engine
     from posttrain.loop_grpo import LoopGRPOTrainer
     from rewards import get_reward_funcs
 
@@ -132,7 +132,7 @@ def _grpo_stage(config: OuroCPUBenchConfig) -> dict[str, Any]:
     model, build_s = _build_model(config, config.grpo_dtype)
     fix_ouro_special_tokens(tokenizer, model)
     model.model.early_exit_gate.requires_grad_(False)
-    engine = build_engine(cfg.rollout, model, "", tokenizer)
+    engine = rollout_engine(cfg.rollout, model, "", tokenizer)
     trainer = LoopGRPOTrainer(
         model=model, reward_funcs=get_reward_funcs(cfg.rewards.names, **cfg.rewards.options), args=cfg.training,
         train_dataset=train, processing_class=tokenizer, peft_config=lora_config(cfg.model.lora),

@@ -13,7 +13,6 @@ The `training:` section is TRL's own `GRPOConfig` (its field names, defaults and
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 from datasets import Dataset
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
+from transformers import PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 from trl import GRPOConfig
 
@@ -30,18 +29,12 @@ import looplm
 from configs import UserError, save_config
 from configs.inputs import hub_errors, model_source
 from looplm import LoopLMForCausalLM
-from looplm.tokenizer import CHAT_TEMPLATE, fix_ouro_special_tokens
 from posttrain.callbacks import CompactProgress
 from posttrain.data import load_dapo_math, load_gsm8k
 from posttrain.distributed import check_launch
 from posttrain.evaluation import task_accuracy
-from posttrain.loop_grpo import (
-    DynamicSamplingConfig,
-    LoopGRPOTrainer,
-    LoopRLConfig,
-    gathered_policy_state,
-    latest_complete_checkpoint,
-)
+from posttrain.loop_grpo import DynamicSamplingConfig, LoopGRPOTrainer, LoopRLConfig, gathered_policy_state
+from posttrain.recipe_parts import build_engine, close_engine, hold_out, load_tokenizer, resume_checkpoint
 from posttrain.sft import LoraSection
 from posttrain.synthetic import ArithmeticTask, to_dataset
 from rewards import get_reward_funcs
@@ -194,8 +187,7 @@ def load_grpo_data(cfg: GRPODataSection) -> tuple[Dataset, Dataset]:
         held = loader(cfg.eval, split=cfg.eval_split, max_rows=cfg.eval_rows, **kwargs)
         train = data
     else:
-        n = min(cfg.eval_rows, len(data) // 2)
-        held, train = data.select(range(n)), data.select(range(n, len(data)))
+        held, train = hold_out(data, cfg.eval_rows)
     if len(train) == 0:
         raise UserError(f"data: no training rows left from {cfg.train or 'synthetic'} after holding out {len(held)}")
     return train, held
@@ -208,11 +200,8 @@ def load_grpo_data(cfg: GRPODataSection) -> tuple[Dataset, Dataset]:
 def load_policy(cfg: GRPOModelSection) -> tuple[LoopLMForCausalLM, PreTrainedTokenizerBase]:
     with hub_errors("model.path", model_source(cfg.path)):  # a missing folder: one line naming its command
         model = LoopLMForCausalLM.from_pretrained(cfg.path, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path or cfg.path)
+    tokenizer = load_tokenizer(cfg.tokenizer_path or cfg.path, "model.path", model=model)
     model.config.exact_mode = cfg.exact_mode  # shipped with the config to the engine's copy
-    if not tokenizer.chat_template:
-        tokenizer.chat_template = CHAT_TEMPLATE
-    fix_ouro_special_tokens(tokenizer, model)
     for p in model.parameters():
         p.requires_grad_(cfg.lm_trainable)
     for p in model.model.early_exit_gate.parameters():
@@ -220,22 +209,12 @@ def load_policy(cfg: GRPOModelSection) -> tuple[LoopLMForCausalLM, PreTrainedTok
     return model, tokenizer
 
 
-def build_engine(cfg: RolloutSection, model: LoopLMForCausalLM, model_path: str, tokenizer) -> RolloutEngine:
-    """The engine holds its own copy of the weights; the trainer syncs them every optimizer step."""
-    if cfg.engine == "pool":
-        from rollout.pool import RolloutPool
-
-        return RolloutPool(model, cfg.pool, tokenizer=tokenizer, depth=cfg.depth)
-    if cfg.engine == "vllm":
-        from rollout.vllm_engine import VLLMEngine
-
-        return VLLMEngine(model_path, tokenizer=tokenizer, depth=cfg.depth)
-    from rollout.torch_engine import TorchEngine
-
-    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-    return TorchEngine(
-        copy.deepcopy(model).to(device), tokenizer=tokenizer, depth=cfg.depth, max_batch_size=cfg.max_batch_size,
-        compile_decode=cfg.compile_decode,
+def rollout_engine(cfg: RolloutSection, model: LoopLMForCausalLM, model_path: str, tokenizer) -> RolloutEngine:
+    """The `rollout:` section's engine; it holds its own copy of the weights, which the trainer syncs every
+    optimizer step (vLLM loads `model_path`)."""
+    return build_engine(
+        cfg.engine, model, tokenizer, cfg.depth, cfg.pool, max_batch_size=cfg.max_batch_size,
+        compile_decode=cfg.compile_decode, folder=model_path, device=cfg.device,
     )
 
 
@@ -294,20 +273,6 @@ def evaluate(engine: RolloutEngine, tokenizer, held: Dataset, cfg: GRPORecipeCon
     }
 
 
-def resume_arg(args: GRPOConfig) -> str | None:
-    """TRL's `resume_from_checkpoint`: a folder, or "latest" for the newest complete one under output_dir
-    (None when there is none yet: a fresh start, so the same command starts and resumes a run)."""
-    value = args.resume_from_checkpoint
-    if isinstance(value, str) and value.lower() in ("latest", "true"):
-        found = latest_complete_checkpoint(args.output_dir)
-        if found is None:
-            logger.info("no complete checkpoint in %s: fresh start", args.output_dir)
-        return found
-    if value is not None and not Path(value).is_dir():
-        raise UserError(f"training.resume_from_checkpoint: no checkpoint folder {value}")
-    return value
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The recipe
 
@@ -329,11 +294,11 @@ def run_grpo(config: GRPORecipeConfig, callbacks: list[TrainerCallback] | None =
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / CONFIG_FILE)
     reward_funcs = get_reward_funcs(config.rewards.names, **config.rewards.options)
-    engine = build_engine(config.rollout, model, config.model.path, tokenizer) if main else None
+    engine = rollout_engine(config.rollout, model, config.model.path, tokenizer) if main else None
     try:
         results: dict[str, Any] = {"train_rows": len(train), "eval_rows": len(held), "seed": args.seed,
                                    "processes": args.world_size}
-        resume = resume_arg(args)
+        resume = resume_checkpoint(args)
         if main and config.eval.num_prompts and not resume:
             results["before"] = evaluate(engine, tokenizer, held, config)
         trainer = LoopGRPOTrainer(
@@ -356,9 +321,7 @@ def run_grpo(config: GRPORecipeConfig, callbacks: list[TrainerCallback] | None =
             # Under FSDP the main process's modules hold shards: the gathered weights are what it saves.
             save_model(final_policy(trainer), tokenizer, out / MODEL_DIR, state if trainer.is_fsdp_enabled else None)
     finally:
-        close = getattr(engine, "close", None)
-        if close is not None:
-            close()
+        close_engine(engine)
     if main:
         (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=float) + "\n")
         log_summary(results)
@@ -411,6 +374,7 @@ __all__ = [
     "RewardsSection",
     "RolloutSection",
     "load_grpo_data",
+    "rollout_engine",
     "run_grpo",
 ]
 

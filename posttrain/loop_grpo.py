@@ -32,19 +32,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 
 from configs import UserError
@@ -53,6 +50,7 @@ from looplm.exit_gate import exit_log_prob
 from posttrain.async_rollouts import Lookahead, RolloutQueue
 from posttrain.callbacks import NonFiniteGuard
 from posttrain.distributed import SharedEngine, full_state_dict
+from posttrain.recipe_parts import MarkCompleteCheckpoints
 from rollout.engine import DepthConfig, RolloutEngine, RolloutRecord, SamplingConfig, processed_logprobs
 from rollout.parity import k3_kl
 
@@ -275,6 +273,7 @@ class LoopGRPOTrainer(GRPOTrainer):
         self.depth = depth
         self.loop = loop or LoopRLConfig()
         self.add_callback(NonFiniteGuard(self.loop.max_consecutive_nonfinite_steps))
+        self.add_callback(MarkCompleteCheckpoints())  # the recipe resumes only from marked checkpoints
         self.dynamic = dynamic_sampling or DynamicSamplingConfig()
         if self.accelerator.num_processes > 1 and self.args.per_device_train_batch_size % self.num_generations:
             raise UserError(
@@ -714,15 +713,6 @@ class LoopGRPOTrainer(GRPOTrainer):
         data = self.train_dataset
         return [data[rng.randrange(len(data))] for _ in range(count)]
 
-    # -- checkpoints ---------------------------------------------------------------------------------------
-
-    def _save_checkpoint(self, model, trial):
-        """TRL's checkpoint, then a completion marker: a save cut short by a crash is never resumed from."""
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            mark_complete(folder)
-
     # -- timing --------------------------------------------------------------------------------------------
 
     def _phase(self, name: str, seconds: float) -> None:
@@ -743,38 +733,6 @@ class LoopGRPOTrainer(GRPOTrainer):
 
 # ----------------------------------------------------------------------------------------------------------
 # Helpers
-
-
-COMPLETE_MARKER = "checkpoint_complete"
-
-
-def mark_complete(folder: Path) -> None:
-    """Written last, and synced, so its presence means every file of the checkpoint is on disk."""
-    marker = folder / COMPLETE_MARKER
-    with marker.open("w") as f:
-        f.write("ok\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def latest_complete_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest `checkpoint-N` with its completion marker; incomplete ones (a crash mid-save) are renamed
-    `checkpoint-N.incomplete` so that neither this nor transformers' checkpoint rotation picks them up."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return None
-    found = []
-    for folder in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-        step = folder.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")
-        if not folder.is_dir() or not step.isdigit():
-            continue
-        if (folder / COMPLETE_MARKER).exists():
-            found.append((int(step), folder))
-        else:
-            logger.warning("%s was not completely written (crash during save?): set aside", folder)
-            with contextlib.suppress(FileNotFoundError):  # every training process looks; one of them moves it
-                folder.rename(folder.with_name(folder.name + ".incomplete"))
-    return str(max(found)[1]) if found else None
 
 
 def _is_chat(prompt: Any) -> bool:
@@ -830,7 +788,6 @@ __all__ = [
     "exit_metrics",
     "gathered_policy_state",
     "importance_weights",
-    "latest_complete_checkpoint",
     "loop_credit_weights",
     "parity_metrics",
     "policy_state_dict",

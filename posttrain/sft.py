@@ -35,9 +35,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
 import looplm
@@ -45,11 +44,12 @@ from configs import UserError, save_config
 from configs.inputs import hub_errors, model_source
 from looplm import LoopLMConfig, LoopLMForCausalLM, exit_log_pdf
 from looplm.losses import final_loop_loss, mean_loop_loss, per_loop_token_losses, stage1_loss
-from looplm.tokenizer import CHAT_TEMPLATE, THINK_CLOSE, THINK_OPEN, build_tokenizer, fix_ouro_special_tokens
+from looplm.tokenizer import THINK_CLOSE, THINK_OPEN, build_tokenizer, fix_ouro_special_tokens
 from posttrain.callbacks import CompactProgress
-from posttrain.data import SFTData, corpus_of, drop_long_rows, load_sft_data
+from posttrain.data import SFTData, corpus_of, drop_long_rows, load_rows
 from posttrain.distributed import check_launch
 from posttrain.evaluation import sample_check
+from posttrain.recipe_parts import MarkCompleteCheckpoints, hold_out, load_tokenizer, resume_checkpoint
 from posttrain.synthetic import ArithmeticTask
 from rollout.engine import SamplingConfig
 
@@ -168,7 +168,7 @@ def build_model_and_tokenizer(
     """Load (or build) the LoopLM and its tokenizer, with the chat template and Ouro's bos/eos fix applied."""
     if cfg.path is not None:
         model_source(cfg.path)  # a missing local folder: one line naming its command, before any work
-    tokenizer = load_tokenizer(cfg, corpus)
+    tokenizer = model_tokenizer(cfg, corpus)
     if cfg.path is None:
         torch.manual_seed(seed)
         model = LoopLMForCausalLM(tiny_model_config(cfg, tokenizer))
@@ -183,15 +183,12 @@ def build_model_and_tokenizer(
     return model, tokenizer
 
 
-def load_tokenizer(cfg: ModelSection, corpus: Sequence[str] | None) -> PreTrainedTokenizerBase:
+def model_tokenizer(cfg: ModelSection, corpus: Sequence[str] | None) -> PreTrainedTokenizerBase:
+    """The tokenizer at `model.tokenizer_path` or `model.path`; for the tiny model, a BPE trained on `corpus`."""
     source = cfg.tokenizer_path or cfg.path
     if source is None:
         return build_tokenizer(corpus, vocab_size=cfg.tokenizer_vocab_size)
-    with hub_errors("model.tokenizer_path" if cfg.tokenizer_path else "model.path", source):
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    if cfg.chat_template == "looprl":
-        tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+    return load_tokenizer(source, "model.tokenizer_path" if cfg.tokenizer_path else "model.path", cfg.chat_template)
 
 
 def tiny_model_config(cfg: ModelSection, tokenizer: PreTrainedTokenizerBase) -> LoopLMConfig:
@@ -260,6 +257,7 @@ class LoopSFTTrainer(SFTTrainer):
     def __init__(self, *args, objective: ObjectiveSection, **kwargs):
         self.objective = objective
         super().__init__(*args, **kwargs)
+        self.add_callback(MarkCompleteCheckpoints())  # `resume_checkpoint` only resumes from marked checkpoints
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.objective.kind == "final" and self.model.training and not return_outputs:
@@ -356,20 +354,6 @@ def make_trainer(
 
 PROGRESS_KEYS = {"loss": "loss", "ce_loop1": "CE loop 1", "ce_loop4": "CE loop 4", "exit_entropy": "exit entropy",
                  "eval_loss": "eval loss"}
-
-
-def resume_checkpoint(args: SFTConfig) -> str | None:
-    """TRL's `resume_from_checkpoint`: a folder, or "latest" for the newest `checkpoint-N` under output_dir
-    (None when there is none yet: a fresh start, so the same command starts and resumes a run)."""
-    value = args.resume_from_checkpoint
-    if isinstance(value, str) and value.lower() in ("latest", "true"):
-        found = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
-        if found is None:
-            logger.info("training.resume_from_checkpoint=%s: no checkpoint in %s, fresh start", value, args.output_dir)
-        return found
-    if value is not None and not Path(value).is_dir():
-        raise UserError(f"training.resume_from_checkpoint: no checkpoint folder {value}")
-    return value
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -469,6 +453,17 @@ def lora_effect(
     return adapter_logits
 
 
+def load_sft_data(cfg: DataSection) -> SFTData:
+    """Train and eval rows of the `data:` section; without `data.eval` the first `eval_rows` training rows are
+    held out."""
+    train = load_rows(cfg.train, cfg.split, cfg.max_rows, cfg.synthetic_rows, cfg.synthetic_seed, cfg.task)
+    if cfg.eval is not None:
+        evals = load_rows(cfg.eval, cfg.eval_split, cfg.eval_rows, cfg.eval_rows, cfg.synthetic_seed + 1, cfg.task)
+        return SFTData(train, evals)
+    held, rest = hold_out(train, cfg.eval_rows)
+    return SFTData(rest, held if len(held) else None)
+
+
 def setup(config: SFTRecipeConfig) -> tuple[SFTData, LoopLMForCausalLM, PreTrainedTokenizerBase]:
     """Data first (the tiny model's tokenizer is trained on it), then the over-length filter (needs it)."""
     t = config.training
@@ -530,6 +525,7 @@ __all__ = [
     "SFTRecipeConfig",
     "SampleSection",
     "build_model_and_tokenizer",
+    "load_sft_data",
     "loop_metrics",
     "make_trainer",
     "objective_loss",

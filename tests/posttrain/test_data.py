@@ -16,7 +16,6 @@ from configs import UserError
 from posttrain.data import (
     SFTData,
     drop_overlong,
-    format_trace,
     load_dapo_math,
     load_gsm8k,
     load_rows,
@@ -24,6 +23,7 @@ from posttrain.data import (
     split_prompt,
 )
 from posttrain.synthetic import ArithmeticTask
+from rewards.answer_format import format_trace
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 AIME = SHARED_DATA / "dapo" / "aime-2024.parquet"

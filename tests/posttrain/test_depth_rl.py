@@ -18,9 +18,9 @@ from posttrain.grpo import (
     GRPOModelSection,
     GRPORecipeConfig,
     RolloutSection,
-    build_engine,
     load_grpo_data,
     load_policy,
+    rollout_engine,
 )
 from posttrain.loop_grpo import LoopGRPOTrainer, LoopRLConfig, exit_action_logps, rollout_exit_logps
 from rewards import get_reward_funcs
@@ -50,7 +50,7 @@ def make_trainer(model_dir, tmp_path, loop: LoopRLConfig, alpha: float = 0.0, lm
     model, tokenizer = load_policy(cfg.model)
     return LoopGRPOTrainer(
         model=model, reward_funcs=[length_reward, *get_reward_funcs("depth_penalty", alpha=alpha)], args=cfg.training,
-        train_dataset=train, processing_class=tokenizer, engine=build_engine(cfg.rollout, model, str(model_dir), tokenizer),
+        train_dataset=train, processing_class=tokenizer, engine=rollout_engine(cfg.rollout, model, str(model_dir), tokenizer),
         depth=SAMPLED, loop=loop,
     )
 

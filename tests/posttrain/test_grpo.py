@@ -21,9 +21,9 @@ from posttrain.grpo import (
     GRPOModelSection,
     GRPORecipeConfig,
     RolloutSection,
-    build_engine,
     load_grpo_data,
     load_policy,
+    rollout_engine,
 )
 from posttrain.loop_grpo import (
     DynamicSamplingConfig,
@@ -87,7 +87,7 @@ def make_trainer(model_dir, tmp_path, depth=ADAPTIVE, loop=None, dynamic=None, r
     model, tokenizer = load_policy(cfg.model)
     return LoopGRPOTrainer(
         model=model, reward_funcs=[reward], args=cfg.training, train_dataset=train, processing_class=tokenizer,
-        engine=build_engine(cfg.rollout, model, str(model_dir), tokenizer), depth=depth, loop=loop or LoopRLConfig(),
+        engine=rollout_engine(cfg.rollout, model, str(model_dir), tokenizer), depth=depth, loop=loop or LoopRLConfig(),
         dynamic_sampling=dynamic, max_staleness=max_staleness,
     )
 
@@ -259,7 +259,7 @@ def test_dapo_schema_files_train_end_to_end(model_dir, tmp_path):
     trainer = LoopGRPOTrainer(
         model=model, reward_funcs=[length_reward], args=grpo_args(tmp_path, max_steps=1, max_completion_length=4),
         train_dataset=train, processing_class=tokenizer,
-        engine=build_engine(RolloutSection(engine="torch"), model, str(model_dir), tokenizer), depth=DepthConfig(),
+        engine=rollout_engine(RolloutSection(engine="torch"), model, str(model_dir), tokenizer), depth=DepthConfig(),
     )
     trainer.train()
     assert trainer.state.global_step == 1
@@ -387,7 +387,7 @@ def test_lora_policy_reaches_the_engine_merged(model_dir, tmp_path):
                            eval_rows=8), training=grpo_args(tmp_path, max_steps=3, learning_rate=5e-2))
     train, _ = load_grpo_data(cfg.data)
     model, tokenizer = load_policy(cfg.model)
-    engine = build_engine(RolloutSection(engine="torch"), model, str(model_dir), tokenizer)
+    engine = rollout_engine(RolloutSection(engine="torch"), model, str(model_dir), tokenizer)
     trainer = LoopGRPOTrainer(
         model=model, reward_funcs=[length_reward], args=cfg.training, train_dataset=train, processing_class=tokenizer,
         peft_config=lora_config(LoraSection(enabled=True, r=4, alpha=8)), engine=engine, depth=ADAPTIVE,

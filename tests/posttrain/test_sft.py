@@ -20,13 +20,14 @@ from trl import SFTConfig
 import looplm
 from configs import ConfigError, load_config
 from looplm.losses import stage1_loss
-from posttrain.data import drop_long_rows, load_sft_data
+from posttrain.data import drop_long_rows
 from posttrain.evaluation import is_well_formed
 from posttrain.sft import (
     ModelSection,
     ObjectiveSection,
     SFTRecipeConfig,
     build_model_and_tokenizer,
+    load_sft_data,
     make_trainer,
     objective_loss,
     run_sft,
