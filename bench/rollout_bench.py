@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from cli.rollout import InitConfig, ensure_model
+from cli.init import InitConfig, ensure_model
 from looplm import KV_MODES, LoopKVCache, LoopLMForCausalLM
 from rollout.engine import DepthConfig, SamplingConfig, mean_loops_per_token
 from rollout.torch_engine import TorchEngine
