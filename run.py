@@ -35,8 +35,8 @@ logger = logging.getLogger("run")
 RECIPES: dict[str, tuple[str, str, str]] = {
     "demo": ("cli.demo", "DemoConfig", "run_demo"),
     "init": ("cli.init", "InitConfig", "run_init"),
-    "sft": ("posttrain.sft", "SFTRecipeConfig", "run_sft"),
-    "grpo": ("posttrain.grpo", "GRPORecipeConfig", "run_grpo"),
+    "sft": ("posttrain.sft_recipe", "SFTRecipeConfig", "run_sft"),
+    "grpo": ("posttrain.grpo_recipe", "GRPORecipeConfig", "run_grpo"),
     "rollout": ("cli.rollout", "RolloutRecipeConfig", "run_rollout"),
     "parity": ("cli.parity", "ParityRecipeConfig", "run_parity"),
     "bench": ("bench.run", "BenchConfig", "run_bench"),

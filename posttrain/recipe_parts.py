@@ -1,5 +1,7 @@
 """What every recipe wires the same way, in one place, so that the recipes cannot drift apart:
 
+- `ModelFolder`, `HeldOutData`, `LoraSection`: the keys the recipes' `model:`, `data:` and `lora:` sections share
+  (each recipe's section extends them with its own keys and defaults), `lora_config`;
 - `hold_out`: the held-out split of a dataset that has no separate eval set (its first rows);
 - checkpoints: a completion marker written after every save (`MarkCompleteCheckpoints`), and
   `resume_checkpoint`, TRL's `resume_from_checkpoint` resolved to the newest complete one;
@@ -16,6 +18,7 @@ import contextlib
 import copy
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,10 +31,72 @@ from configs import UserError
 from configs.inputs import hub_errors
 from looplm import LoopLMForCausalLM
 from looplm.tokenizer import CHAT_TEMPLATE, fix_ouro_special_tokens
+from posttrain.synthetic import ArithmeticTask
 from rollout.engine import DepthConfig, RolloutEngine
 from rollout.pool import PoolConfig
 
 logger = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------------------------------------
+# The sections every recipe shares
+
+
+@dataclass
+class ModelFolder:
+    """The `model:` keys of every recipe: where the weights and the tokenizer come from."""
+
+    # A LoopLM save or an Ouro checkpoint (folder or hub name).
+    path: str | None = None
+    # None: the tokenizer in `path`.
+    tokenizer_path: str | None = None
+
+    def tokenizer(self, chat_template: Literal["keep", "looprl"] = "keep", model: Any = None) -> PreTrainedTokenizerBase:
+        """`load_tokenizer` on `tokenizer_path`, else `path` (errors name the key that gave it)."""
+        key = "model.tokenizer_path" if self.tokenizer_path else "model.path"
+        return load_tokenizer(self.tokenizer_path or self.path, key, chat_template, model)
+
+
+@dataclass
+class HeldOutData:
+    """The `data:` keys of the SFT and RL recipes: training rows, and held-out rows (`eval`, or the first
+    `eval_rows` training rows, `hold_out`)."""
+
+    # "synthetic" (the arithmetic task generated in code), a local file or folder, or a hub dataset name.
+    train: str | None = "synthetic"
+    split: str = "train"
+    eval: str | None = None  # None: hold out the first `eval_rows` rows of `train`
+    eval_split: str = "test"
+    max_rows: int | None = None  # cap on the training rows read (before the hold-out)
+    eval_rows: int = 64
+    synthetic_rows: int = 1024
+    synthetic_seed: int = 0  # the same seed in the SFT and RL configs: held-out rows are never trained on
+    task: ArithmeticTask = field(default_factory=ArithmeticTask)  # the synthetic problems (train: synthetic)
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraSection:
+    """The `lora:` keys (SFT's section, the RL recipe's `model.lora`)."""
+
+    enabled: bool = False  # false: full fine-tuning
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    # Never lm_head: TRL's fused head reads `lm_head.weight` directly, so an adapter there would not train.
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+
+def lora_config(cfg: LoraSection, modules_to_save: list[str] | None = None):
+    """peft's LoraConfig for the section (`modules_to_save`: modules trained in full and saved with the adapter)."""
+    from peft import LoraConfig  # peft only where LoRA is asked for
+
+    return LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
+        modules_to_save=modules_to_save, task_type="CAUSAL_LM",
+    )
+
 
 # ----------------------------------------------------------------------------------------------------------
 # The held-out split
@@ -175,6 +240,6 @@ def close_engine(engine: RolloutEngine | None) -> None:
 
 
 __all__ = [
-    "COMPLETE_MARKER", "MarkCompleteCheckpoints", "build_engine", "close_engine", "hold_out",
-    "latest_complete_checkpoint", "load_tokenizer", "mark_complete", "resolve_device", "resume_checkpoint",
+    "COMPLETE_MARKER", "HeldOutData", "LoraSection", "MarkCompleteCheckpoints", "ModelFolder", "build_engine", "close_engine", "hold_out",
+    "latest_complete_checkpoint", "load_tokenizer", "lora_config", "mark_complete", "resolve_device", "resume_checkpoint",
 ]

@@ -5,7 +5,7 @@
 
 The `training:` section is TRL's own `GRPOConfig` (its field names, defaults and help); our options sit in
 `model`, `data`, `rollout`, `rewards`, `loop`, `dynamic_sampling` and `eval`. The trainer is
-`posttrain.loop_grpo.LoopGRPOTrainer`; this file only wires data, model, engine, rewards and outputs:
+`posttrain.grpo_trainer.LoopGRPOTrainer`; this file only wires data, model, engine, rewards and outputs:
 
     data -> model + tokenizer -> rollout engine -> held-out accuracy before -> train (resumable) ->
     held-out accuracy after -> save (model folder in Ouro's layout, results.json, metrics.jsonl)
@@ -33,10 +33,18 @@ from posttrain.callbacks import CompactProgress
 from posttrain.data import load_dapo_math, load_gsm8k
 from posttrain.distributed import check_launch
 from posttrain.evaluation import task_accuracy
-from posttrain.loop_grpo import DynamicSamplingConfig, LoopGRPOTrainer, LoopRLConfig, gathered_policy_state
-from posttrain.recipe_parts import build_engine, close_engine, hold_out, load_tokenizer, resume_checkpoint
-from posttrain.sft import LoraSection
-from posttrain.synthetic import ArithmeticTask, to_dataset
+from posttrain.grpo_trainer import DynamicSamplingConfig, LoopGRPOTrainer, LoopRLConfig, gathered_policy_state
+from posttrain.recipe_parts import (
+    HeldOutData,
+    LoraSection,
+    ModelFolder,
+    build_engine,
+    close_engine,
+    hold_out,
+    lora_config,
+    resume_checkpoint,
+)
+from posttrain.synthetic import to_dataset
 from rewards import get_reward_funcs
 from rollout.engine import DepthConfig, RolloutEngine, SamplingConfig
 from rollout.pool import PoolConfig
@@ -47,9 +55,8 @@ METRICS_FILE, RESULTS_FILE, MODEL_DIR, CONFIG_FILE = "metrics.jsonl", "results.j
 
 
 @dataclass
-class GRPOModelSection:
+class GRPOModelSection(ModelFolder):
     path: str = "outputs/sft_tiny"  # a LoopLM folder (an SFT output) or an Ouro checkpoint folder
-    tokenizer_path: str | None = None  # None: the model folder's
     gate_trainable: bool = False  # the plain RL update gives the gate no gradient; frozen it is checked to stay put
     # False: only the exit gate trains (depth-aware RL of the gate alone: needs gate_trainable and loop.exit_action)
     lm_trainable: bool = True
@@ -60,20 +67,15 @@ class GRPOModelSection:
 
 
 @dataclass
-class GRPODataSection:
-    # synthetic: arithmetic problems generated in code (`synthetic_*` keys); dapo: a DAPO-Math-17k file, folder or
-    # hub name (de-duplicated); gsm8k: a question/answer file or folder (GSM8K/MATH-style, `#### N` answers).
-    format: Literal["synthetic", "dapo", "gsm8k"] = "synthetic"
-    train: str | None = None
-    split: str = "train"
-    dedupe: bool = True
-    max_rows: int | None = None
-    eval: str | None = None  # None: the first `eval_rows` training rows are held out
-    eval_split: str = "test"
+class GRPODataSection(HeldOutData):
+    train: str | None = None  # the file, folder or hub name of formats dapo and gsm8k
     eval_rows: int = 200
     synthetic_rows: int = 4096
-    synthetic_seed: int = 0  # the SFT data's seed: held-out rows are never trained on by either recipe
-    task: ArithmeticTask = field(default_factory=ArithmeticTask)  # the SFT config's `data.task`
+    # synthetic: arithmetic problems generated in code (`synthetic_*` keys, `task`: the SFT config's `data.task`);
+    # dapo: a DAPO-Math-17k file, folder or hub name (de-duplicated); gsm8k: a question/answer file or folder
+    # (GSM8K/MATH-style, `#### N` answers).
+    format: Literal["synthetic", "dapo", "gsm8k"] = "synthetic"
+    dedupe: bool = True
 
     def __post_init__(self) -> None:
         if self.format != "synthetic" and not self.train:
@@ -200,7 +202,7 @@ def load_grpo_data(cfg: GRPODataSection) -> tuple[Dataset, Dataset]:
 def load_policy(cfg: GRPOModelSection) -> tuple[LoopLMForCausalLM, PreTrainedTokenizerBase]:
     with hub_errors("model.path", model_source(cfg.path)):  # a missing folder: one line naming its command
         model = LoopLMForCausalLM.from_pretrained(cfg.path, dtype=torch.float32)
-    tokenizer = load_tokenizer(cfg.tokenizer_path or cfg.path, "model.path", model=model)
+    tokenizer = cfg.tokenizer(model=model)
     model.config.exact_mode = cfg.exact_mode  # shipped with the config to the engine's copy
     for p in model.parameters():
         p.requires_grad_(cfg.lm_trainable)
@@ -215,15 +217,6 @@ def rollout_engine(cfg: RolloutSection, model: LoopLMForCausalLM, model_path: st
     return build_engine(
         cfg.engine, model, tokenizer, cfg.depth, cfg.pool, max_batch_size=cfg.max_batch_size,
         compile_decode=cfg.compile_decode, folder=model_path, device=cfg.device,
-    )
-
-
-def lora_config(cfg: LoraSection):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
-        task_type="CAUSAL_LM",
     )
 
 
