@@ -290,7 +290,9 @@ class LoopGRPOTrainer(GRPOTrainer):
                 "importance-sampling correction is unnecessary%s",
                 " (its weights are all exactly 1)" if self.loop.importance_sampling_correction else "",
             )
-        self._records: list[RolloutRecord] = []  # the batch just generated, in TRL's row order
+        # The batch rollout_func just generated, in TRL's row order: read by TRL's own old-log-prob pass (no argument
+        # of that pass can carry it); once TRL's scoring returns, it travels in the batch dict (`_rollout_tensors`).
+        self._records: list[RolloutRecord] = []
         self._stash: list[RolloutRecord] | None = None  # dynamic sampling's chosen records
         self._replay: torch.Tensor | None = None  # (B, P+C) exit steps of the batch being scored
         self._phase_s: dict[str, float] = {}
@@ -441,14 +443,29 @@ class LoopGRPOTrainer(GRPOTrainer):
         if self.dynamic.enabled and self.model.training:
             inputs = self._dynamic_sample(inputs)
         output = super()._generate_and_score_completions(inputs)
-        prompt_width, completion_width = output["prompt_ids"].shape[1], output["completion_ids"].shape[1]
-        output["exit_steps"] = self._exit_steps(prompt_width, completion_width).to(output["prompt_ids"].device)
+        records, self._records = self._records, []  # this batch's: from here on in `output`, which TRL buffers
+        output |= self._rollout_tensors(records, output)
         self._check_parity(output)
         return output
 
-    def _exit_steps(self, prompt_width: int, completion_width: int) -> torch.Tensor:
+    def _rollout_tensors(self, records: Sequence[RolloutRecord], output: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """What the parity check and the update read of the batch's records, one row per completion, in the dict
+        TRL hands from scoring to `_compute_loss` (split by rows with it): the exit steps to replay, whether the
+        current weights made the row (`rollout_fresh`), and with `exit_action` the rollout's exit log-probs."""
+        device = output["prompt_ids"].device
+        prompt_width, completion_width = output["prompt_ids"].shape[1], output["completion_ids"].shape[1]
+        step = self.state.global_step
+        tensors = {
+            "exit_steps": self._exit_steps(records, prompt_width, completion_width).to(device),
+            "rollout_fresh": torch.tensor([r.policy_version == step for r in records], device=device),
+        }
+        if self.loop.exit_action:
+            tensors["rollout_exit_logps"] = rollout_exit_logps(records, completion_width).to(device)
+        return tensors
+
+    def _exit_steps(self, records: Sequence[RolloutRecord], prompt_width: int, completion_width: int) -> torch.Tensor:
         full = self.loop.update_depth == "full"
-        return replay_exit_steps(self._records, prompt_width, completion_width, self.num_loops, full)
+        return replay_exit_steps(records, prompt_width, completion_width, self.num_loops, full)
 
     @torch.no_grad()
     def _check_parity(self, output: dict[str, Any]) -> None:
@@ -463,15 +480,13 @@ class LoopGRPOTrainer(GRPOTrainer):
         completion_mask = output["completion_mask"]
         # Replay parity holds for the records the current weights made; older ones (asynchronous rollouts) differ
         # by the updates since, which the importance weights correct: their gap is logged apart (offpolicy/*).
-        fresh = torch.tensor(
-            [r.policy_version == self.state.global_step for r in self._records], device=completion_mask.device
-        )[:, None]
+        fresh = output["rollout_fresh"][:, None]
         parity_mask = completion_mask * fresh
         metrics: dict[str, float] = {}
         with self.replaying(output["exit_steps"]):
             if self.loop.exit_action:  # token and exit parts apart, for their own parity (one forward)
                 trainer_logps, exit_logps, _ = self._fused_parts(self.model, ids, mask, width, batch, False)
-                rollout_exit = rollout_exit_logps(self._records, width).to(exit_logps.device)
+                rollout_exit = output["rollout_exit_logps"].to(exit_logps.device)
                 metrics |= {
                     name.replace("parity/", "parity/exit_"): value
                     for name, value in parity_metrics(rollout_exit, exit_logps, parity_mask, self._gather).items()
@@ -532,7 +547,7 @@ class LoopGRPOTrainer(GRPOTrainer):
 
     def _replay_rows(self, start: int, end: int, input_ids: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
         if self._replay is None:  # TRL's own old-log-prob pass, right after our rollout_func
-            self._replay = self._exit_steps(input_ids.shape[1] - logits_to_keep, logits_to_keep)
+            self._replay = self._exit_steps(self._records, input_ids.shape[1] - logits_to_keep, logits_to_keep)
         return self._replay[start:end].to(input_ids.device)
 
     def _get_per_token_logps_and_entropies(
