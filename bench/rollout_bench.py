@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from cli.rollout import InitConfig, ensure_model
+from cli.init import InitConfig, ensure_model
 from looplm import KV_MODES, LoopKVCache, LoopLMForCausalLM
 from looplm.decode import compile_decode
 from rollout.engine import DepthConfig, SamplingConfig, mean_loops_per_token

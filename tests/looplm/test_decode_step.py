@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from looplm import LoopKVCache, decode
 from looplm.cache import SlotKVCache
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 PROMPTS = [[5, 9, 17, 33, 8], [40, 41], [7, 3, 90, 12, 66, 2, 71, 30, 9]]
 DEPTHS = [{}, {"exit_threshold": 0.6}, {"exit_hidden_eps": 0.3}]

@@ -11,7 +11,7 @@ from looplm import decode
 from rollout.engine import SamplingConfig
 from rollout.parity import check_parity
 from rollout.torch_engine import TorchEngine
-from tests.rollout.conftest import ADAPTIVE, mixed_prompts, small_model
+from tests.helpers import ADAPTIVE, mixed_prompts, small_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -21,7 +21,7 @@ from rollout.engine import DepthConfig, SamplingConfig, exit_uniforms, gumbel_no
 from rollout.parity import check_exit_parity, check_parity
 from rollout.pool import PoolConfig, RolloutPool
 from rollout.torch_engine import TorchEngine
-from tests.rollout.conftest import ADAPTIVE, mixed_prompts
+from tests.helpers import ADAPTIVE, mixed_prompts
 
 SAMPLED = DepthConfig(policy="sampled")
 
