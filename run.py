@@ -34,11 +34,11 @@ logger = logging.getLogger("run")
 # (Ray, TRL, vLLM) cost nothing to the others.
 RECIPES: dict[str, tuple[str, str, str]] = {
     "demo": ("cli.demo", "DemoConfig", "run_demo"),
-    "init": ("cli.rollout", "InitConfig", "run_init"),
-    "sft": ("posttrain.sft", "SFTRecipeConfig", "run_sft"),
-    "grpo": ("posttrain.grpo", "GRPORecipeConfig", "run_grpo"),
+    "init": ("cli.init", "InitConfig", "run_init"),
+    "sft": ("posttrain.sft_recipe", "SFTRecipeConfig", "run_sft"),
+    "grpo": ("posttrain.grpo_recipe", "GRPORecipeConfig", "run_grpo"),
     "rollout": ("cli.rollout", "RolloutRecipeConfig", "run_rollout"),
-    "parity": ("cli.rollout", "ParityRecipeConfig", "run_parity"),
+    "parity": ("cli.parity", "ParityRecipeConfig", "run_parity"),
     "bench": ("bench.run", "BenchConfig", "run_bench"),
     "gate": ("gate_tuning.recipe", "GateRecipeConfig", "run_gate"),
     "eval": ("gate_tuning.recipe", "EvalRecipeConfig", "run_eval"),

@@ -4,7 +4,7 @@ The model is built with random weights from Ouro-1.4B's config (24 layers, hidde
 vocab 49,152, T = 4; docs: looplm-facts.md): 1.44B parameters, 5.8 GB in fp32. Nothing is downloaded: the tokenizer is the tiny
 recipes' byte-level BPE (its ids fit the 49,152-row embedding), the data the synthetic arithmetic task, so the
 sequences are short. Each stage runs in its own subprocess through the recipes' own pieces
-(`posttrain.sft.make_trainer`; `posttrain.grpo`'s data, engine and LoRA builders with `LoopGRPOTrainer`), with
+(`posttrain.sft_recipe.make_trainer`; `posttrain.grpo_recipe`'s data, engine and LoRA builders with `LoopGRPOTrainer`), with
 its peak RSS (`ru_maxrss`) reported: the SFT stage holds one model; the GRPO stage holds the policy and the
 rollout engine's copy (our engine, in process; the Ray pool would add one copy per actor).
 """
@@ -92,8 +92,8 @@ def _sft_stage(config: OuroCPUBenchConfig) -> dict[str, Any]:
 
     from configs import load_config
     from looplm.tokenizer import build_tokenizer, fix_ouro_special_tokens
-    from posttrain.data import corpus_of, load_sft_data
-    from posttrain.sft import SFTRecipeConfig, make_trainer
+    from posttrain.data import corpus_of
+    from posttrain.sft_recipe import SFTRecipeConfig, load_sft_data, make_trainer
 
     cfg = load_config(SFTRecipeConfig, CONFIG_DIR / "sft_tiny.yaml",
                       [*config.sft_overrides, "training.output_dir=runs/bench/ouro_cpu_sft"])
@@ -118,8 +118,9 @@ def _grpo_stage(config: OuroCPUBenchConfig) -> dict[str, Any]:
     from configs import load_config
     from looplm.tokenizer import CHAT_TEMPLATE, build_tokenizer, fix_ouro_special_tokens
     from posttrain.data import load_rows
-    from posttrain.grpo import GRPORecipeConfig, build_engine, load_grpo_data, lora_config
-    from posttrain.loop_grpo import LoopGRPOTrainer
+    from posttrain.grpo_recipe import GRPORecipeConfig, load_grpo_data, rollout_engine
+    from posttrain.grpo_trainer import LoopGRPOTrainer
+    from posttrain.recipe_parts import lora_config
     from rewards import get_reward_funcs
 
     cfg = load_config(GRPORecipeConfig, CONFIG_DIR / "grpo_tiny.yaml",
@@ -132,7 +133,7 @@ def _grpo_stage(config: OuroCPUBenchConfig) -> dict[str, Any]:
     model, build_s = _build_model(config, config.grpo_dtype)
     fix_ouro_special_tokens(tokenizer, model)
     model.model.early_exit_gate.requires_grad_(False)
-    engine = build_engine(cfg.rollout, model, "", tokenizer)
+    engine = rollout_engine(cfg.rollout, model, "", tokenizer)
     trainer = LoopGRPOTrainer(
         model=model, reward_funcs=get_reward_funcs(cfg.rewards.names, **cfg.rewards.options), args=cfg.training,
         train_dataset=train, processing_class=tokenizer, peft_config=lora_config(cfg.model.lora),

@@ -37,8 +37,9 @@ from typing import Any
 
 import torch
 
-from cli.rollout import InitConfig, ensure_model
+from cli.init import InitConfig, ensure_model
 from looplm import KV_MODES, LoopKVCache, LoopLMForCausalLM
+from looplm.decode import compile_decode
 from rollout.engine import DepthConfig, SamplingConfig, mean_loops_per_token
 from rollout.torch_engine import TorchEngine
 
@@ -308,7 +309,7 @@ def _compiled_model(model: LoopLMForCausalLM, config: RolloutBenchConfig) -> Loo
     if not config.compile_decode:
         return None
     compiled = copy.deepcopy(model)
-    compiled.model.compile_decode()
+    compile_decode(compiled)
     for rows in (1, 2):
         prompts = _prompts(rows, config, model.config.vocab_size, config.seed + 7)
         TorchEngine(compiled, max_batch_size=rows).generate(prompts, SamplingConfig(max_new_tokens=4))

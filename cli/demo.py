@@ -56,8 +56,8 @@ class DemoConfig:
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
     from gate_tuning.recipe import GateRecipeConfig, run_gate
-    from posttrain.grpo import GRPORecipeConfig, run_grpo
-    from posttrain.sft import SFTRecipeConfig, run_sft
+    from posttrain.grpo_recipe import GRPORecipeConfig, run_grpo
+    from posttrain.sft_recipe import SFTRecipeConfig, run_sft
 
     quiet_terminal()
     out = Path(config.output_dir)

@@ -44,6 +44,24 @@ def keep_shared_kv(
             acc[0], acc[1] = acc[0] + key / num_loops, acc[1] + value / num_loops
 
 
+def plane_index(loop: int, layer: int, num_layers: int) -> int:
+    """The plane of (loop, layer), both 0-based, in a "full" cache: loops outer, layers inner."""
+    return loop * num_layers + layer
+
+
+# "Last exited": a token that exits at loop e keeps its loop-e K/V at every deeper loop t > e (architecture.md). The
+# forward keeps every token and selects; the decode step runs only the rows still running and scatters them back.
+def keep_exited(new: torch.Tensor, last: torch.Tensor | None, active: torch.Tensor | None) -> torch.Tensor:
+    """The forward's (B, Hkv, S, d) K or V at a loop: tokens not `active` ((B, S) bool; None: all) keep `last`."""
+    return new if active is None else torch.where(active[:, None, :, None], new, last)
+
+
+def keep_exited_rows(new: torch.Tensor, last: torch.Tensor | None, running: torch.Tensor | None) -> torch.Tensor:
+    """The decode step's (b_run, Hkv, d) K or V of the `running` rows (indices into b; None: all), scattered
+    into (b, Hkv, d) `last` so that the other rows keep the K/V of their exit loop."""
+    return new if running is None else last.index_copy(0, running, new)
+
+
 class GrowingKVLayer(CacheLayerMixin):
     """One K/V plane, (B, H, S, D), in a buffer that doubles when full.
 
@@ -186,12 +204,19 @@ class LoopKVCache(Cache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this forward's (B, H, q, D) K/V for `loop` (0-based) and `layer`; return all K/V to attend to."""
         if self.mode == "full":
-            return self._plane(loop * self.num_layers + layer).update(key, value)
+            return self._plane(plane_index(loop, layer, self.num_layers)).update(key, value)
         self._accumulate(key, value, loop, layer)
         plane = self._plane(layer)
         if plane.length == 0:
             return key, value
         return torch.cat([plane.keys, key], dim=-2), torch.cat([plane.values, value], dim=-2)
+
+    def fill_exited(self, last_kv: list, start: int) -> None:
+        """Every token exited before loop `start`: the deeper loops' planes get each token's exited K/V (per layer
+        in `last_kv`), uncomputed."""
+        for loop in range(start, self.num_loops):
+            for layer, (k, v) in enumerate(last_kv):
+                self.update_loop(k, v, loop, layer)
 
     def _accumulate(self, key: torch.Tensor, value: torch.Tensor, loop: int, layer: int) -> None:
         if self.mode == "last":
@@ -228,7 +253,7 @@ class SlotKVCache:
     Buffers are preallocated, (planes, slots, Hkv, capacity, d); slot s holds its positions 0..lengths[s]-1 with
     no padding, so a finished sequence's slot is refilled by copying a new prompt's prefill into it. Planes are
     as in `LoopKVCache` (T x L in "full" mode, indexed loop * L + layer; L in the shared modes). The decode step
-    (`LoopLMModel.decode_step`) calls `store` for every (loop, layer) in order and `commit` once at the end.
+    (`looplm.decode`) calls `store` for every (loop, layer) in order and `commit` once at the end.
     In the shared modes every loop writes the plane (a token attends to its own current-loop K/V, as in
     `LoopKVCache`) and `commit` leaves what that mode keeps: the last loop's, loop 1's or the mean over loops.
     """
@@ -275,7 +300,7 @@ class SlotKVCache:
         self.k, self.v, self.lengths = self.k[:, slots], self.v[:, slots], self.lengths[slots]
 
     def plane(self, loop: int, layer: int) -> int:
-        return loop * self.num_layers + layer if self.mode == "full" else layer
+        return plane_index(loop, layer, self.num_layers) if self.mode == "full" else layer
 
     def write_index(self, slots: torch.Tensor, position: torch.Tensor | None = None) -> torch.Tensor:
         """(b * Hkv,) rows, in a plane seen as (slots * Hkv * capacity, d), of each slot's next position (its
@@ -291,6 +316,11 @@ class SlotKVCache:
         self._write(self.k[p], self.v[p], index, k, v)
         keep_shared_kv(self._pending, p, k, v, loop, self.mode, self.num_loops)  # "last": the plane holds it
         return p
+
+    def store_exited(self, loop: int, last_kv: list, index: torch.Tensor) -> None:
+        """Every row exited before `loop`: its planes get each row's exited K/V (per layer in `last_kv`), uncomputed."""
+        for layer, kv in enumerate(last_kv):
+            self.store(loop, layer, *kv, index)
 
     def store_planes(self, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> None:
         """Write (planes, b, Hkv, d) K/V of every plane at once, at `index` (`write_index`)."""
@@ -317,4 +347,5 @@ class SlotKVCache:
         return self.k.nbytes + self.v.nbytes
 
 
-__all__ = ["GrowingKVLayer", "KV_MODES", "KVMode", "LoopKVCache", "SlotKVCache"]
+__all__ = ["GrowingKVLayer", "KV_MODES", "KVMode", "LoopKVCache", "SlotKVCache", "keep_exited", "keep_exited_rows",
+           "plane_index"]

@@ -13,11 +13,9 @@ calls `model.base_model(...)` and reads `.last_hidden_state`, sees each token's 
 
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +27,9 @@ from transformers.utils import ModelOutput
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .batch_invariant import exact_mode_aware
-from .cache import LoopKVCache, SlotKVCache
+from .cache import LoopKVCache, SlotKVCache, keep_exited
 from .configuration_looplm import LoopLMConfig
-from .exit_gate import check_threshold, log_survival, q_exit_reached
+from .exits import ExitRule, ExitTracker
 
 # transformers 5.24 renamed the KV cache `past_key_values` -> `cache` (forward kwargs, outputs, generate()'s
 # model_kwargs). The model speaks the new name; a caller's `past_key_values=` still works, with a FutureWarning
@@ -54,7 +52,7 @@ class LoopLMRMSNorm(nn.Module):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm in float32 (the decode fast path calls it too: the same op order keeps it close to training)."""
+    """RMSNorm in float32 (looplm.decode calls it too: the same op order keeps it close to training)."""
     dtype = x.dtype
     x = x.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
@@ -104,8 +102,7 @@ class LoopLMAttention(nn.Module):
         v = self.v_proj(h).view(B, S, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if active is not None:  # "last exited": tokens past their exit loop keep that loop's K/V
-            keep = active[:, None, :, None]
-            k, v = torch.where(keep, k, last_kv[0]), torch.where(keep, v, last_kv[1])
+            k, v = keep_exited(k, last_kv[0], active), keep_exited(v, last_kv[1], active)
         new_kv = (k, v)
         if cache is not None:
             k, v = cache.update_loop(k, v, loop, layer_idx)  # (B, Hkv, past + S, d)
@@ -184,427 +181,6 @@ def build_attention_mask(
         mask = mask & (segment[:, None, :, None] == segment[:, None, None, :])
     # A query that may see nothing (a pad position) would make SDPA return NaN: let it see itself.
     return mask | (cols == rows)[None, None], False
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Exit bookkeeping
-
-
-class ExitTracker:
-    """Which tokens have exited, at which loop, and their output state.
-
-    Exits come from `exit_steps` (replay), from Q-exit with `threshold` (decided on the fly; a (B, S) tensor of
-    per-token thresholds u ~ U(0, 1) samples each exit from the gate's distribution at `temperature`), from the
-    hidden-state-difference rule with `hidden_eps` (on the fly: exit at the first loop t >= 2 where
-    ||h_t - h_{t-1}|| / ||h_{t-1}|| < hidden_eps, per token, on the normed states; relative so that one eps fits
-    any hidden size), or happen at the last loop. `active` is None while every token is still running, which
-    keeps the default path select-free.
-    """
-
-    def __init__(
-        self, shape, num_loops: int, exit_steps=None, threshold: float | None = None, device=None,
-        hidden_eps: float | None = None, temperature: float = 1.0,
-    ):
-        self.num_loops, self.exit_steps, self.threshold = num_loops, exit_steps, threshold
-        self.temperature = temperature
-        self.hidden_eps, self.previous_h = hidden_eps, None
-        self.exited = torch.zeros(shape, dtype=torch.bool, device=device)
-        self.steps = torch.full(shape, num_loops, dtype=torch.long, device=device)
-        self.any_exited = False
-        self.output: torch.Tensor | None = None
-
-    @property
-    def active(self) -> torch.Tensor | None:
-        return ~self.exited if self.any_exited else None
-
-    @property
-    def all_exited(self) -> bool:
-        return self.any_exited and bool(self.exited.all())
-
-    def step(self, loop: int, h: torch.Tensor, gate_logits: list[torch.Tensor]) -> None:
-        if loop == self.num_loops - 1:
-            newly = ~self.exited
-        elif self.exit_steps is not None:
-            newly = ~self.exited & (self.exit_steps == loop + 1)
-        elif self.threshold is not None and (torch.is_tensor(self.threshold) or self.threshold < 1.0):
-            logits = torch.stack(gate_logits, dim=-1).float() / self.temperature
-            newly = ~self.exited & q_exit_reached(log_survival(logits)[..., -1], self.threshold)
-        elif self.hidden_eps is not None:
-            newly = ~self.exited & self._converged(h)
-        else:
-            return
-        if not self.any_exited and bool(newly.all()):
-            self.output = h
-        else:
-            self.output = h if self.output is None else torch.where(newly[..., None], h, self.output)
-        self.steps = torch.where(newly, loop + 1, self.steps)
-        self.exited = self.exited | newly
-        self.any_exited = self.any_exited or bool(newly.any())
-
-    def _converged(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, S) bool: the relative change of each token's state since the previous loop is below hidden_eps."""
-        previous, self.previous_h = self.previous_h, h
-        if previous is None:  # loop 1 has no previous normed state to compare with
-            return torch.zeros(h.shape[:-1], dtype=torch.bool, device=h.device)
-        return hidden_converged(h, previous, self.hidden_eps)
-
-
-def hidden_converged(h: torch.Tensor, previous: torch.Tensor, eps: float) -> torch.Tensor:
-    """(...) bool: the hidden-state-difference rule, ||h_t - h_{t-1}|| / ||h_{t-1}|| < eps per token (relative,
-    so one eps fits any hidden size), on (..., D) normed states after loops t and t - 1."""
-    change = (h - previous).float().norm(dim=-1) / previous.float().norm(dim=-1).clamp(min=1e-12)
-    return change < eps
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Decode fast path: one token per sequence, the same math as the forward above, fewer and fused ops.
-
-
-def decode_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fast: bool) -> torch.Tensor:
-    """RMSNorm in the decode step, with a weight from `DecodeLayerWeights.norm_weight`.
-
-    Not `fast` (exact mode, or weights not in fp32): `rms_norm` itself, the training forward's ops. Otherwise
-    the same function in five ops instead of nine (a norm costs its ops' dispatch at decode sizes, and a token
-    runs 17 a loop), equal to fp32 rounding: x * rsqrt(mean(x^2) + eps) * w = x * rsqrt(|x|^2 + D eps) * (sqrt(D) w),
-    with sqrt(D) w stored.
-    """
-    if not fast:
-        return rms_norm(x, weight, eps)
-    r = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().add_(x.shape[-1] * eps).rsqrt_()  # (b, 1)
-    return (x * r).mul_(weight)
-
-
-@dataclass
-class DecodeLayerWeights:
-    """One layer's weights for the decode step: fused projections, built from the checkpoint-named ones.
-
-    Exact mode keeps nn.Linear's (out, in) matrices for F.linear (its batch-invariant matmul must see the
-    training forward's operands, bit for bit) and the norm weights as they are. Otherwise each matrix is stored
-    (in, out), contiguous, for `torch.mm`: a few rows times a contiguous (in, out) matrix is 1.3-1.7x faster on
-    this CPU at 1-32 rows when the weights are in cache (measured), and one dispatch instead of F.linear's four;
-    fp32 norm weights hold sqrt(D) w for `decode_rms_norm`'s fast form. Both equal nn.Linear and rms_norm to
-    fp32 rounding.
-    """
-
-    # (out, in) in exact mode, (in, out) otherwise
-    qkv: torch.Tensor  # (H*d + 2*Hkv*d, D): q_proj, k_proj, v_proj stacked
-    o: torch.Tensor  # (D, H*d)
-    gate_up: torch.Tensor  # (2F, D): gate_proj, up_proj stacked
-    down: torch.Tensor  # (D, F)
-    norms: tuple[torch.Tensor, ...]  # input, input_2, post_attention, post_attention_2 RMSNorm weights
-    eps: float
-    heads: tuple[int, int, int]  # (H, Hkv, d)
-    exact: bool
-    fast_norm: bool  # `decode_rms_norm`'s fast form: fp32 weights outside exact mode
-
-    @staticmethod
-    def sources(layer: LoopLMDecoderLayer) -> tuple[nn.Module, ...]:
-        """The modules whose weights `of` reads, in its order (the decode cache's key checks their weights)."""
-        a, m = layer.self_attn, layer.mlp
-        return (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj, layer.input_layernorm,
-                layer.input_layernorm_2, layer.post_attention_layernorm, layer.post_attention_layernorm_2)
-
-    @classmethod
-    def of(cls, layer: LoopLMDecoderLayer, exact: bool) -> DecodeLayerWeights:
-        q, k, v, o, gate, up, down, *norms = cls.sources(layer)
-
-        def matrix(*linears: nn.Linear) -> torch.Tensor:
-            w = torch.cat([lin.weight for lin in linears]).detach()
-            return w if exact else w.t().contiguous()
-
-        # In bf16, sqrt(D) w would be rounded once more, and rms_norm's fp32 detour matters: keep its ops there.
-        fast_norm = not exact and norms[0].weight.dtype == torch.float32
-        return cls(
-            qkv=matrix(q, k, v), o=matrix(o), gate_up=matrix(gate, up), down=matrix(down),
-            norms=tuple(cls.norm_weight(n, fast_norm) for n in norms), eps=norms[0].eps,
-            heads=(layer.self_attn.num_heads, layer.self_attn.num_kv_heads, layer.self_attn.head_dim), exact=exact,
-            fast_norm=fast_norm,
-        )
-
-    @staticmethod
-    def norm_weight(norm: LoopLMRMSNorm, fast: bool) -> torch.Tensor:
-        w = norm.weight.detach()
-        return w * w.shape[-1] ** 0.5 if fast else w
-
-    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """(b, in) -> (b, out) with one of this layer's matrices."""
-        return F.linear(x, weight) if self.exact else torch.mm(x, weight)
-
-    def norm(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        return decode_rms_norm(x, self.norms[i], self.eps, self.fast_norm)
-
-
-@dataclass
-class DecodeStepOutput:
-    hidden: torch.Tensor  # (b, D) each row's normed state at its exit loop
-    exit_steps: torch.Tensor  # (b,) in 1..num_loops
-    gate_logits: torch.Tensor  # (b, num_loops) per loop run; NaN for loops a row did not run
-    logits: torch.Tensor | None = None  # (b, V), from LoopLMForCausalLM.decode_step
-
-
-class _AttentionCall(NamedTuple):
-    """One SDPA call of `_SlotAttention`: slots start..end-1 of a plane, their first `positions` positions."""
-
-    start: int
-    end: int
-    positions: int
-    rows: int  # the running rows it serves (the next ones, in order)
-    offsets: torch.Tensor | None  # (rows,) their slots - start when some slot in the span does not run
-    masked: bool  # the rows differ in length, or a slot does not run
-
-
-class _SlotAttention:
-    """Attention of one new token per row over a SlotKVCache, for the rows still running at a loop; it writes
-    the rows' new K/V first (an exited row's K/V of its exit loop: "last exited").
-
-    A batched call reads every slot it spans up to its longest row, padding included; a call per row reads only
-    that row's positions but costs a call. On CPU `attention_segments` splits the running rows (in slot order)
-    into runs that minimise the two together, once a loop: a batch of rows at one length is one call, a long
-    row among short ones (continuous batching: new requests next to old) gets its own, and so do the few rows of
-    the deeper loops of adaptive depth (gathering their planes would copy them first). On other devices, where a
-    call costs more than reading padding, one call spans the running rows.
-    """
-
-    def __init__(self, cache: SlotKVCache, slots: torch.Tensor, position: torch.Tensor, num_layers: int):
-        self.cache, self.device = cache, slots.device  # position: (b,) each row's new token's position
-        self.n = int(position.max()) + 1  # positions the longest row attends
-        cache.reserve(self.n)
-        self.write_index = cache.write_index(slots, position)  # where each row's new K/V goes
-        self.slot_list, self.position_list = slots.tolist(), position.tolist()
-        self.loop, self.run = 0, None  # this loop; its running rows (local indices)
-        self.calls: list[_AttentionCall] = []  # this loop's, planned by start_loop
-        self.last_kv: list = [None] * num_layers  # per layer (b, Hkv, d): each row's K/V at its latest loop
-        k = cache.k  # a call's cost in positions of a slot read (K and V); None: one call spans the running rows
-        position_bytes = 2 * k.shape[2] * k.shape[4] * k.element_size()
-        self.call_positions = _CALL_BYTES / position_bytes if k.device.type == "cpu" else None
-        self.plan_all: list[_AttentionCall] | None = None  # the calls when every row runs (the same at each loop)
-
-    def start_loop(self, loop: int, run: torch.Tensor | None) -> None:
-        """The rows running loop `loop`: local indices into the step's slots (None: all). Plans its calls."""
-        self.loop, self.run = loop, run
-        if run is None and self.plan_all is not None:
-            self.calls = self.plan_all
-            return
-        local = range(len(self.slot_list)) if run is None else run.tolist()
-        slots, lengths = [self.slot_list[i] for i in local], [self.position_list[i] + 1 for i in local]
-        if self.call_positions is None:
-            segments = [(0, len(slots), max(lengths))]
-        else:
-            segments = attention_segments(slots, lengths, self.call_positions)
-        self.calls = []
-        for first, end, n in segments:
-            s0, s1 = slots[first], slots[end - 1] + 1
-            offsets = None if s1 - s0 == end - first else torch.tensor(slots[first:end], device=self.device) - s0
-            masked = offsets is not None or min(lengths[first:end]) < n
-            self.calls.append(_AttentionCall(s0, s1, n, end - first, offsets, masked))
-        if run is None:
-            self.plan_all = self.calls
-
-    @functools.cached_property
-    def mask(self) -> torch.Tensor:
-        """(S, 1, 1, n) additive, for the calls over rows of different lengths (made at the first)."""
-        return _attention_mask(self.cache.lengths, self.n, self.cache.k.dtype)
-
-    def one_call(self) -> bool:
-        """Whether the plan for every row running is one call over every slot of the cache."""
-        self.start_loop(0, None)
-        return len(self.calls) == 1 and self.calls[0].rows == self.cache.k.shape[1]
-
-    def store_exited(self, loop: int) -> None:
-        """Every row exited before `loop`: its planes get the exited K/V, uncomputed."""
-        for layer, kv in enumerate(self.last_kv):
-            self.cache.store(loop, layer, *kv, self.write_index)
-
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
-        """(b_run, H, d) queries and (b_run, Hkv, d) K/V of the running rows at `layer` -> (b_run, H, d)."""
-        if self.run is not None:  # exited rows keep the K/V of their exit loop
-            k, v = self.last_kv[layer][0].index_copy(0, self.run, k), self.last_kv[layer][1].index_copy(0, self.run, v)
-        self.last_kv[layer] = (k, v)
-        plane = self.cache.store(self.loop, layer, k, v, self.write_index)
-        keys, values = self.cache.k[plane], self.cache.v[plane]  # (S, Hkv, capacity, d)
-        out, row = [], 0
-        for s0, s1, n, rows, offsets, masked in self.calls:
-            q_call = q[row : row + rows]
-            mask = self.mask[s0:s1, :, :, :n] if masked else None
-            if offsets is None:
-                out.append(_sdpa(q_call, keys[s0:s1, :, :n], values[s0:s1, :, :n], mask))
-            else:  # slots in the span that do not run: attend for them too, keep the running rows
-                q_all = q.new_zeros(s1 - s0, *q.shape[1:]).index_copy_(0, offsets, q_call)
-                out.append(_sdpa(q_all, keys[s0:s1, :, :n], values[s0:s1, :, :n], mask).index_select(0, offsets))
-            row += rows
-        return out[0] if len(out) == 1 else torch.cat(out)
-
-
-# One attention call on CPU costs about as long as reading this much K/V (measured on one thread: about 25 us
-# a call beside 0.33 us per position of 5 K/V heads of 64, K and V in fp32: 7.7 GB/s).
-_CALL_BYTES = 192 * 1024
-# The most rows one planned call serves, so that planning costs O(rows x this) (0.1 ms at 32 rows); a larger
-# batch at one length takes a call per 32 rows, whose overhead is a few percent of what they read.
-_MAX_CALL_ROWS = 32
-
-
-def attention_segments(slots: list[int], lengths: list[int], call_positions: float) -> list[tuple[int, int, int]]:
-    """Split rows (in slot order; row i attends `lengths[i]` positions of slot `slots[i]`) into runs, one
-    attention call each, that minimise the positions read plus `call_positions` a call: a call over rows
-    first..end-1 reads every slot from slots[first] to slots[end - 1] up to the run's longest length, and serves
-    at most `_MAX_CALL_ROWS` rows. -> (first, end, longest) per call, in order. Dynamic programming over the rows."""
-    best, cut = [0.0], [0]  # best[end]: the least cost of rows 0..end-1; cut[end]: its last run's first row
-    for end in range(1, len(slots) + 1):
-        top, longest, least, first_of_least = slots[end - 1] + 1, 0, float("inf"), 0
-        for first in range(end - 1, max(end - _MAX_CALL_ROWS, 0) - 1, -1):
-            longest = max(longest, lengths[first])
-            cost = best[first] + (top - slots[first]) * longest
-            if cost < least:
-                least, first_of_least = cost, first
-        best.append(least + call_positions)
-        cut.append(first_of_least)
-    segments, end = [], len(slots)
-    while end > 0:
-        first = cut[end]
-        segments.append((first, end, max(lengths[first:end])))
-        end = first
-    return segments[::-1]
-
-
-def _attention_mask(lengths: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """(S, 1, 1, n) additive: a slot sees its positions up to its length (the held ones and the new one);
-    finite everywhere, so a slot that is not fed never makes NaNs."""
-    seen = torch.arange(n, device=lengths.device)[None] <= lengths[:, None]
-    return torch.zeros(seen.shape, dtype=dtype, device=lengths.device).masked_fill_(~seen, float("-inf"))[:, None, None]
-
-
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """(b, H, d) queries over (b, Hkv, n, d) keys and values -> (b, H, d)."""
-    out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
-    return out[:, :, 0]
-
-
-def decode_layer(x: torch.Tensor, w: DecodeLayerWeights, rope: tuple[torch.Tensor, torch.Tensor], attend) -> torch.Tensor:
-    """One layer for one new token per row, (b, D) -> (b, D): `LoopLMDecoderLayer` with fused projections.
-    attend: (q (b, H, d), k, v (b, Hkv, d)) -> (b, H, d), the rows' attention over their past and new K/V."""
-    H, Hkv, d = w.heads
-    qkv = w.linear(w.norm(x, 0), w.qkv)  # (b, (H + 2 Hkv) d)
-    qk = qkv[:, : (H + Hkv) * d].view(-1, H + Hkv, d)
-    cos, sin = rope
-    qk = qk * cos + qk.roll(d // 2, dims=-1) * sin  # RoPE on q and k at once
-    attn = attend(qk[:, :H], qk[:, H:], qkv[:, (H + Hkv) * d :].view(-1, Hkv, d)).reshape(-1, H * d)
-    x = x + w.norm(w.linear(attn, w.o), 1)
-    gate, up = w.linear(w.norm(x, 2), w.gate_up).chunk(2, dim=-1)
-    return x + w.norm(w.linear(F.silu(gate) * up, w.down), 3)
-
-
-def decode_all_loops(
-    x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], k_past: torch.Tensor, v_past: torch.Tensor,
-    mask: torch.Tensor, layers: list[DecodeLayerWeights], final_norm: torch.Tensor, gate: torch.Tensor,
-    num_loops: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The decode step at fixed depth, every row running every loop, as one function of tensors: no cache writes
-    and no decisions on values, so that `torch.compile` makes it one graph (`LoopLMModel.compile_decode`).
-
-    x: (b, D) embedded tokens; k_past, v_past: (T*L, b, Hkv, n, d) the rows' held K/V per plane; mask: (b, 1,
-    1, n) additive over those positions. Each token attends to its past and to its own new K/V, which
-    the caller writes afterwards. -> (b, D) final state, (b, T) gate logits, (T*L, b, Hkv, d) new K and V.
-    """
-    new_k, new_v, gate_logits = [], [], []
-
-    def attend(q, k, v, plane):
-        new_k.append(k)
-        new_v.append(v)
-        return _attend_past_and_new(q, k, v, k_past[plane], v_past[plane], mask)
-
-    for loop in range(num_loops):
-        for i, w in enumerate(layers):
-            x = decode_layer(x, w, rope, functools.partial(attend, plane=loop * len(layers) + i))
-        x = decode_rms_norm(x, final_norm, layers[0].eps, layers[0].fast_norm)
-        gate_logits.append(F.linear(x, gate)[:, 0])
-    return x, torch.stack(gate_logits, -1), torch.stack(new_k), torch.stack(new_v)
-
-
-def _attend_past_and_new(q, k, v, k_past, v_past, mask) -> torch.Tensor:
-    """Softmax attention of (b, H, d) queries over (b, Hkv, n, d) past K/V and the rows' own (b, Hkv, d) new K/V
-    -> (b, H, d), without writing the new K/V into the past first: attention over the past comes with its
-    log-sum-exp, and the new key joins the softmax by weighting the two parts."""
-    b, H, d = q.shape
-    Hkv = k.shape[1]
-    q = q.reshape(b, Hkv, H // Hkv, d)  # the query heads of a K/V head as its query rows: GQA without copies
-    if q.device.type == "cpu":  # the fused kernel, which returns its log-sum-exp (written out, the compiler
-        # turned the one-row products into loops: 2x slower than this at 32 rows, measured)
-        past, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k_past, v_past, attn_mask=mask)
-    else:
-        past, lse = _attention_with_lse(q, k_past, v_past, mask)
-    new = (q.float() * k[:, :, None].float()).sum(-1) * d**-0.5  # (b, Hkv, g): each query's score on its new key
-    top = torch.maximum(lse, new)
-    w_past, w_new = (lse - top).exp(), (new - top).exp()
-    out = (past.float() * w_past[..., None] + v[:, :, None].float() * w_new[..., None]) / (w_past + w_new)[..., None]
-    return out.to(q.dtype).reshape(b, H, d)
-
-
-def _attention_with_lse(q, k, v, mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """(b, h, m, d) queries over (b, h, n, d) K/V, written out: -> (b, h, m, d) output and (b, h, m) fp32
-    log-sum-exp of the scaled scores (what the CPU flash kernel returns)."""
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
-    if mask is not None:
-        scores = scores + mask
-    lse = scores.logsumexp(-1)
-    return torch.matmul((scores - lse[..., None]).exp().to(v.dtype), v), lse
-
-
-class _DecodeExits:
-    """ExitTracker's bookkeeping for the decode fast path, kept for the running rows only: rows that exit leave
-    the running set (their state is final) instead of being masked, so deeper loops compute only for the rest.
-    The rules themselves are shared with ExitTracker (`q_exit_reached`, `hidden_converged`)."""
-
-    def __init__(self, b: int, num_loops: int, threshold, hidden_eps: float | None, device, temperature: float = 1.0):
-        self.num_loops, self.hidden_eps, self.previous = num_loops, hidden_eps, None
-        self.temperature = temperature  # sampled exits: the gate logits are divided by it (see ExitTracker)
-        if isinstance(threshold, torch.Tensor):
-            threshold = threshold.reshape(b).float()  # (b,) or (b, 1): one q per row
-        elif threshold is not None:
-            check_threshold(threshold)
-        self.threshold = threshold
-        self.running: torch.Tensor | None = None  # local indices of running rows; None: all
-        self.output: torch.Tensor | None = None  # (b, D)
-        self.steps = torch.full((b,), num_loops, dtype=torch.long, device=device)
-        self.gate_logits = torch.full((b, num_loops), float("nan"), device=device)
-        self.log_survival = torch.zeros(b, device=device)  # (b_run,) log S after the loops run so far
-
-    def step(self, loop: int, h: torch.Tensor, gate_logit: torch.Tensor) -> torch.Tensor:
-        """(b_run, D) normed state and (b_run,) gate logit after `loop` -> the states of the rows still running."""
-        b = self.steps.shape[0]
-        if self.running is None:
-            self.gate_logits[:, loop] = gate_logit
-        else:
-            self.gate_logits[self.running, loop] = gate_logit.float()
-        newly = self._newly_exited(loop, h, gate_logit)
-        if newly is None or not bool(newly.any()):
-            return h
-        rows = torch.arange(b, device=h.device) if self.running is None else self.running
-        if self.running is None and bool(newly.all()):  # the common case: everyone exits together
-            self.output, self.running = h, rows[:0]
-            self.steps.fill_(loop + 1)
-            return h[:0]
-        if self.output is None:
-            self.output = h.new_empty(b, h.shape[-1])
-        self.output[rows[newly]] = h[newly]
-        self.steps[rows[newly]] = loop + 1
-        keep = ~newly
-        self.running, self.log_survival = rows[keep], self.log_survival[keep]
-        if isinstance(self.threshold, torch.Tensor):
-            self.threshold = self.threshold[keep]
-        if self.previous is not None:
-            self.previous = self.previous[keep]
-        return h[keep]
-
-    def _newly_exited(self, loop: int, h: torch.Tensor, gate_logit: torch.Tensor) -> torch.Tensor | None:
-        if loop == self.num_loops - 1:
-            return torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
-        if self.threshold is not None:  # log S accumulated loop by loop: ExitTracker's cumsum, in the same order
-            self.log_survival = self.log_survival + F.logsigmoid(-gate_logit.float() / self.temperature)
-            return q_exit_reached(self.log_survival, self.threshold)
-        if self.hidden_eps is not None:
-            previous, self.previous = self.previous, h
-            return None if previous is None else hidden_converged(h, previous, self.hidden_eps)
-        return None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -746,7 +322,8 @@ class LoopLMModel(LoopLMPreTrainedModel):
                 loop_states.append(h)
             exits.step(loop, h, gate_logits)
             if exits.all_exited and loop + 1 < n_loops:
-                self._fill_skipped_loops(cache, last_kv, loop + 1, n_loops)
+                if cache is not None:
+                    cache.fill_exited(last_kv, loop + 1)
                 break
         if cache is not None:
             cache.commit()
@@ -758,133 +335,9 @@ class LoopLMModel(LoopLMPreTrainedModel):
             loop_hidden_states=tuple(loop_states) if output_loop_states else None,
         )
 
-    @staticmethod
-    def _fill_skipped_loops(cache: LoopKVCache | None, last_kv: list, start: int, n_loops: int) -> None:
-        """Every token exited before loop `start`: deeper planes get each token's exited K/V, uncomputed."""
-        if cache is None:
-            return
-        for loop in range(start, n_loops):
-            for i, (k, v) in enumerate(last_kv):
-                cache.update_loop(k, v, loop, i)
-
-    # -- decode fast path ------------------------------------------------------------------------------------
-
-    @exact_mode_aware
-    @torch.inference_mode()
-    def decode_step(
-        self,
-        tokens: torch.Tensor,
-        slots: torch.Tensor,
-        cache: SlotKVCache,
-        exit_threshold: float | torch.Tensor | None = None,
-        exit_hidden_eps: float | None = None,
-        exit_temperature: float = 1.0,
-    ) -> DecodeStepOutput:
-        """Decode one token for each of `slots` (sorted, distinct) of a SlotKVCache, at the slot's next position.
-
-        The same function as `forward` on one new token with a cache (the parity tests hold it to that), computed
-        for the rows that have not exited only: at each loop the running rows run the layers (gathered), and a
-        row that exited at loop e writes its loop-e K/V into the deeper loops' planes ("last exited").
-        tokens: (b,) ids. exit_threshold: Q-exit q, a float or a (b,) tensor of per-row q; exit_hidden_eps: the
-        hidden-difference rule (see ExitTracker). Neither: every row runs `cache.num_loops` loops.
-        exit_temperature: divides the gate logits of the Q-exit rule (sampled exits, as in `forward`).
-        """
-        if exit_threshold is not None and exit_hidden_eps is not None:
-            raise ValueError("pass one depth rule: exit_threshold or exit_hidden_eps")
-        weights, final_norm = self._decode_weights()
-        n_loops, (b,) = cache.num_loops, tokens.shape
-        x = self.embed_tokens(tokens)  # (b, D)
-        position = cache.lengths[slots]  # (b,) the new token's position in its slot
-        cos, sin = (t[:, 0] for t in self.rotary_emb(position[:, None], x.dtype))  # (b, 1, d): over heads
-        # rotate_half(x) = roll(x, d/2) * [-1]*d/2 + [1]*d/2: the sign goes into sin, RoPE is three ops
-        half = sin.shape[-1] // 2
-        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-        attend = _SlotAttention(cache, slots, position, len(weights))
-        compiled = self.__dict__.get("_compiled_decode")
-        # The graph attends over every slot up to the longest: taken where the eager step would make that one call.
-        if (compiled is not None and exit_threshold is None and exit_hidden_eps is None and not self.config.exact_mode
-                and cache.mode == "full" and b == cache.k.shape[1] and attend.one_call()):
-            return self._decode_compiled(compiled, x, (cos, sin), cache, slots, attend, weights, final_norm)
-        exits = _DecodeExits(b, n_loops, exit_threshold, exit_hidden_eps, x.device, exit_temperature)
-        for loop in range(n_loops):
-            run = exits.running  # local indices of the rows still running (None: all)
-            if run is not None and len(run) == 0:
-                attend.store_exited(loop)
-                continue
-            attend.start_loop(loop, run)
-            rope = (cos, sin) if run is None else (cos[run], sin[run])
-            for i, w in enumerate(weights):
-                x = decode_layer(x, w, rope, functools.partial(attend, layer=i))
-            x = decode_rms_norm(x, final_norm, self.norm.eps, weights[0].fast_norm)  # (b_run, D)
-            x = exits.step(loop, x, self.early_exit_gate(x)[:, 0])
-        cache.commit(slots)
-        return DecodeStepOutput(exits.output, exits.steps, exits.gate_logits)
-
-    def compile_decode(self, **compile_kwargs) -> None:
-        """Decode fixed-depth steps that feed every slot of the cache through `torch.compile(decode_all_loops)`:
-        one graph for all loops and layers instead of thousands of small ops a token. The first steps compile
-        (tens of seconds on CPU; a C++ compiler is needed there); other steps, exact mode, adaptive depth and the
-        shared cache modes keep the eager path. The compiled step equals the eager one to fp32 rounding."""
-        self.__dict__["_compiled_decode"] = torch.compile(decode_all_loops, **compile_kwargs)
-
-    def _decode_compiled(self, compiled, x, rope, cache: SlotKVCache, slots, attend: _SlotAttention, weights,
-                         final_norm) -> DecodeStepOutput:
-        """Every slot of a "full" cache fed, fixed depth: the whole step in the compiled `decode_all_loops`."""
-        n_past = attend.n - 1  # positions held by the longest slot
-        k_past, v_past = cache.k[:, :, :, :n_past], cache.v[:, :, :, :n_past]  # slots == every slot, in order
-        mask = _attention_mask(cache.lengths - 1, n_past, cache.k.dtype)  # (S, 1, 1, n_past) the held positions
-        for t, dims in ((x, (0,)), (rope[0], (0,)), (rope[1], (0,)), (k_past, (1, 3)), (v_past, (1, 3)), (mask, (0, 3))):
-            for dim in dims:  # one graph whatever the number of rows and positions
-                torch._dynamo.maybe_mark_dynamic(t, dim)
-        hidden, gate_logits, new_k, new_v = compiled(
-            x, rope, k_past, v_past, mask, weights, final_norm, self.early_exit_gate.weight, cache.num_loops
-        )
-        cache.store_planes(new_k, new_v, attend.write_index)
-        cache.commit(slots)
-        steps = torch.full((len(slots),), cache.num_loops, dtype=torch.long, device=x.device)
-        return DecodeStepOutput(hidden, steps, gate_logits.float())
-
-    def _decode_weights(self) -> tuple[list[DecodeLayerWeights], torch.Tensor]:
-        """Fused per-layer weights and the final norm's, rebuilt when any parameter changed (load_state_dict, an
-        optimizer step and `.to()` all change a parameter's version or storage) or exact mode was switched; not
-        parameters, so the state_dict is unchanged."""
-        # (Parameters made under inference_mode have no version counter: only their storage is compared.)
-        # The weights are read straight from the modules `of` uses: walking `parameters()` cost 0.3 ms a step.
-        exact = self.config.exact_mode
-        weights = [m.weight for layer in self.layers for m in DecodeLayerWeights.sources(layer)] + [self.norm.weight]
-        key = (exact, *((w.data_ptr(), -1 if w.is_inference() else w._version) for w in weights))
-        cached = self.__dict__.get("_decode_cache")
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                layers = [DecodeLayerWeights.of(layer, exact) for layer in self.layers]
-                final = DecodeLayerWeights.norm_weight(self.norm, layers[0].fast_norm)  # applied with that flag
-                cached = (key, (layers, final))
-            self.__dict__["_decode_cache"] = cached
-        return cached[1]
-
     def _check_depth_args(self, num_loops, exit_steps, exit_threshold, B: int, S: int, hidden_eps=None) -> int:
         n_loops = self.config.total_ut_steps if num_loops is None else int(num_loops)
-        if n_loops < 1:
-            raise ValueError(f"num_loops must be >= 1, got {num_loops}")
-        if exit_steps is not None:
-            if exit_threshold is not None:
-                raise ValueError("pass either exit_steps (replay) or exit_threshold (Q-exit), not both")
-            if tuple(exit_steps.shape) != (B, S):
-                raise ValueError(f"exit_steps must have shape (batch, seq) = {(B, S)}, got {tuple(exit_steps.shape)}")
-            if exit_steps.dtype.is_floating_point:
-                raise ValueError(f"exit_steps must be an integer tensor, got {exit_steps.dtype}")
-            lo, hi = int(exit_steps.min()), int(exit_steps.max())
-            if lo < 1 or hi > n_loops:
-                raise ValueError(f"exit_steps must be in 1..{n_loops} (num_loops), got values in {lo}..{hi}")
-        if exit_threshold is not None:
-            check_threshold(exit_threshold)
-            if torch.is_tensor(exit_threshold) and tuple(exit_threshold.shape) != (B, S):
-                raise ValueError(f"exit_threshold tensor must have shape (batch, seq) = {(B, S)}, got {tuple(exit_threshold.shape)}")
-        if hidden_eps is not None:
-            if exit_steps is not None or exit_threshold is not None:
-                raise ValueError("pass one depth rule: exit_steps, exit_threshold or exit_hidden_eps")
-            if not hidden_eps >= 0.0:
-                raise ValueError(f"exit_hidden_eps must be >= 0, got {hidden_eps}")
+        ExitRule(n_loops, exit_steps, exit_threshold, hidden_eps).check((B, S))
         return n_loops
 
 
@@ -964,15 +417,12 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
             loop_logits=loop_logits,
         )
 
-    @exact_mode_aware
-    def decode_step(self, tokens: torch.Tensor, slots: torch.Tensor, cache: SlotKVCache, **depth) -> DecodeStepOutput:
-        """`LoopLMModel.decode_step` plus the (b, V) logits of each row's exit state (the rollout engine's step)."""
-        out = self.model.decode_step(tokens, slots, cache, **depth)
-        with torch.inference_mode():
-            out.logits = self.lm_head(out.hidden)
-        return out
+    def decode_step(self, tokens: torch.Tensor, slots: torch.Tensor, cache: SlotKVCache, **depth):
+        """One decode step of the rollout engine: `looplm.decode.decode_step`, whose module holds the fast path."""
+        from .decode import decode_step  # imported here: looplm.decode builds on this module
 
-    # -- generation: transformers' own `generate()` with our cache ------------------------------------------
+        return decode_step(self, tokens, slots, cache, **depth)
+
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         if model_kwargs.get(GENERATE_CACHE_KEY) is None and generation_config.use_cache is not False:
@@ -1010,7 +460,6 @@ class LoopLMForCausalLM(LoopLMPreTrainedModel, GenerationMixin):
 
 
 __all__ = [
-    "DecodeStepOutput",
     "ExitTracker",
     "LoopLMCausalLMOutput",
     "LoopLMForCausalLM",

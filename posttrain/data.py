@@ -15,8 +15,7 @@ Output schemas:
   (str), `data_source` (str), `index` (int64), one row per problem unless `dedupe=False`.
 - `load_gsm8k`: `form="grpo"` -> `prompt`, `ground_truth`; `form="sft"` -> `messages`.
 
-Answer format shared by SFT traces and rewards (DAPO's): `<think>\\n{steps}\\n</think>\\nAnswer: {answer}`,
-the answer alone on the last line (see `format_trace`).
+The answer format that SFT traces, GSM8K prompts and the rewards share lives in `rewards.answer_format`.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -37,11 +36,8 @@ from datasets.table import InMemoryTable
 
 from configs import UserError
 from configs.inputs import hub_errors
-from rewards.dapo import INVALID, extract_answer
-
-if TYPE_CHECKING:  # only for type hints: the synthetic task builds its traces with `format_trace` (here)
-    from posttrain.sft import DataSection
-    from posttrain.synthetic import ArithmeticTask
+from posttrain.synthetic import ArithmeticTask, to_dataset
+from rewards.answer_format import dapo_prompt, format_trace, parse_answer
 
 logger = logging.getLogger(__name__)
 
@@ -57,27 +53,6 @@ ACCEPTED_SFT_SCHEMAS = (
     "'conversations' (ShareGPT: list of {from, value}, from in human/user, gpt/assistant, system)"
 )
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-# DAPO-Math-17k's instruction around each problem; GSM8K prompts reuse it so one reward parses both.
-DAPO_PREFIX = (
-    "Solve the following math problem step by step. The last line of your response should be of the form "
-    "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
-)
-DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
-
-
-# ---------------------------------------------------------------- shared answer format
-
-
-def format_trace(steps: str, answer: str) -> str:
-    """An SFT target: worked steps in a think block, then `Answer: N` alone on the last line."""
-    return f"<think>\n{steps.strip()}\n</think>\nAnswer: {answer}"
-
-
-def dapo_prompt(problem: str) -> str:
-    """Wrap a problem in DAPO-Math-17k's `Answer:` instruction."""
-    return f"{DAPO_PREFIX}{problem.strip()}{DAPO_SUFFIX}"
-
 
 # ---------------------------------------------------------------- loading
 
@@ -300,22 +275,9 @@ def load_rows(
     """SFT rows from `source`: "synthetic" (arithmetic traces generated in code, no download) or anything
     `load_sft_dataset` reads; normalised to `messages`, or `prompt` + `completion` (message lists)."""
     if source == "synthetic":
-        from posttrain.synthetic import ArithmeticTask, to_dataset  # it imports this module (format_trace)
-
         n = synthetic_rows if max_rows is None else min(max_rows, synthetic_rows)
         return to_dataset((task or ArithmeticTask()).rows(n, seed), columns=["messages"])
     return load_sft_dataset(source, split=split, max_rows=max_rows)
-
-
-def load_sft_data(cfg: DataSection) -> SFTData:
-    """Train and eval rows of the SFT recipe's `data:` section; without `data.eval` the first `eval_rows`
-    training rows are held out."""
-    train = load_rows(cfg.train, cfg.split, cfg.max_rows, cfg.synthetic_rows, cfg.synthetic_seed, cfg.task)
-    if cfg.eval is not None:
-        evals = load_rows(cfg.eval, cfg.eval_split, cfg.eval_rows, cfg.eval_rows, cfg.synthetic_seed + 1, cfg.task)
-        return SFTData(train, evals)
-    held = min(cfg.eval_rows, len(train) // 2)
-    return SFTData(train.select(range(held, len(train))), train.select(range(held)) if held else None)
 
 
 def drop_long_rows(data: SFTData, tokenizer: Any, max_length: int) -> SFTData:
@@ -338,12 +300,6 @@ def split_prompt(row: dict[str, Any]) -> tuple[list[Message], str | None]:
     else:
         prompt, target = list(row["prompt"]), row["completion"][-1]["content"]
     return prompt, parse_answer(target)
-
-
-def parse_answer(text: str) -> str | None:
-    """The normalised last `Answer:` (DAPO's scorer, the one the rewards use), or None when there is none."""
-    answer = extract_answer(text)
-    return None if answer == INVALID else answer
 
 
 def corpus_of(dataset: Dataset) -> list[str]:
@@ -552,7 +508,6 @@ def load_gsm8k(
 
 
 __all__ = [
-    "DAPO_PREFIX", "DAPO_SUFFIX", "SFTData", "corpus_of", "dapo_prompt", "drop_long_rows", "drop_overlong",
-    "format_trace", "load_dapo_math", "load_gsm8k", "load_rows", "load_sft_data", "load_sft_dataset", "parse_answer",
-    "split_prompt",
+    "SFTData", "corpus_of", "drop_long_rows", "drop_overlong", "load_dapo_math", "load_gsm8k", "load_rows",
+    "load_sft_dataset", "split_prompt",
 ]

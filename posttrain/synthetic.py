@@ -17,7 +17,7 @@ from typing import Any
 
 from datasets import Dataset
 
-from posttrain.data import format_trace
+from rewards.answer_format import format_trace
 
 MODULUS = 23
 OPERATORS = "+-*"

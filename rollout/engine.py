@@ -16,7 +16,6 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
-import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,8 @@ from typing import Any, Literal
 
 import torch
 
+from looplm import logprobs
+from looplm.exits import ExitRule
 from looplm.tokenizer import apply_chat
 
 # A prompt is token ids, a chat (list of {"role", "content"} messages, rendered by the tokenizer's template),
@@ -75,6 +76,10 @@ class SamplingConfig:
         return dataclasses.replace(self, seed=seed)
 
 
+DEPTH_NAMES = {"num_loops": "depth.num_loops", "threshold": "depth.exit_threshold", "hidden_eps": "depth.hidden_eps",
+               "temperature": "depth.exit_temperature"}
+
+
 @dataclass
 class DepthConfig:
     """How deep every decoded token runs.
@@ -102,14 +107,10 @@ class DepthConfig:
             raise ValueError(
                 f"depth.policy must be 'fixed', 'adaptive', 'hidden_diff' or 'sampled', got {self.policy!r}"
             )
-        if not self.exit_temperature > 0.0:
-            raise ValueError(f"depth.exit_temperature must be > 0, got {self.exit_temperature}")
-        if not self.hidden_eps >= 0.0:
-            raise ValueError(f"depth.hidden_eps must be >= 0, got {self.hidden_eps}")
-        if self.num_loops is not None and self.num_loops < 1:
-            raise ValueError(f"depth.num_loops must be >= 1, got {self.num_loops}")
-        if not 0.0 <= self.exit_threshold <= 1.0:
-            raise ValueError(f"depth.exit_threshold q must be in [0, 1], got {self.exit_threshold}")
+        # The numbers are an exit rule's: checked by it (one rule at a time), under this config's names.
+        loops = 1 if self.num_loops is None else self.num_loops
+        ExitRule(loops, threshold=self.exit_threshold, temperature=self.exit_temperature).check(names=DEPTH_NAMES)
+        ExitRule(loops, hidden_eps=self.hidden_eps).check(names=DEPTH_NAMES)
         if self.kv_mode not in ("full", "last", "average", "first"):
             raise ValueError(f"depth.kv_mode must be one of full/last/average/first, got {self.kv_mode!r}")
 
@@ -285,28 +286,9 @@ def prepare_request(
 
 
 def processed_logprobs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
-    """(..., V) logits -> (..., V) float32 log-probs of the distribution sampled from; filtered tokens -inf.
-
-    Order (HF's warpers): temperature, top-k, top-p, min-p. Ties at a top-k / top-p boundary are kept.
-    """
-    x = logits.float()
-    if sampling.temperature > 0 and sampling.temperature != 1.0:
-        x = x / sampling.temperature
-    if sampling.top_k > 0 and sampling.top_k < x.shape[-1]:
-        kth = x.topk(sampling.top_k, dim=-1).values[..., -1:]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if sampling.top_p < 1.0:
-        probs, order = x.softmax(-1).sort(dim=-1, descending=True)
-        mass_before = probs.cumsum(-1) - probs  # mass of the strictly more likely tokens
-        drop_sorted = mass_before >= sampling.top_p
-        drop_sorted[..., 0] = False  # the most likely token always stays
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        x = x.masked_fill(drop, float("-inf"))
-    if sampling.min_p > 0.0:
-        logp = x.log_softmax(-1)
-        floor = logp.max(-1, keepdim=True).values + math.log(sampling.min_p)
-        x = x.masked_fill(logp < floor, float("-inf"))
-    return x.log_softmax(-1)
+    """(..., V) logits -> (..., V) float32 log-probs of the distribution `sampling` samples from (filtered tokens
+    -inf): `looplm.logprobs.processed_logprobs` with this config's numbers."""
+    return logprobs.processed_logprobs(logits, sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
 
 
 _MASK32 = 0xFFFFFFFF

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from looplm import LoopLMForCausalLM
-from looplm.exit_gate import exit_log_prob
+from looplm.logprobs import position_exit_logprobs, token_logprobs
 
 from .engine import RolloutRecord, SamplingConfig, processed_logprobs
 
@@ -138,10 +138,9 @@ def replay_exit_logprobs(
         replay = _replay_forward(model, chunk)
         for i, r in enumerate(chunk):
             p, c = len(r.prompt_ids), len(r.completion_ids)
-            lp = exit_log_prob(
+            out.append(position_exit_logprobs(
                 replay.gate_logits[i, p : p + c], replay.exit_steps[i, p : p + c], r.num_loops, temperature
-            ).cpu()
-            out.append(torch.cat([lp[:-1], lp.new_zeros(1)]))
+            ).cpu())
     return out
 
 
@@ -164,9 +163,8 @@ def token_gaps(records: Sequence[RolloutRecord], replayed: Sequence[torch.Tensor
     gaps, kls, changed = [], [], []
     exact = all(r.distributions is not None for r in records)
     for r, train in zip(records, replayed, strict=True):
-        tokens = torch.tensor(r.completion_ids)[:, None]
         rollout_lp = torch.tensor(r.logprobs, dtype=torch.float32)
-        train_lp = train.gather(-1, tokens)[:, 0]
+        train_lp = token_logprobs(train, torch.tensor(r.completion_ids))
         gaps.append((rollout_lp - train_lp).abs())
         if exact:
             kls.append(_exact_kl(r.distributions, train))

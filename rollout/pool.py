@@ -70,7 +70,7 @@ class PoolConfig:
     placement: Literal["none", "pack", "spread"] = "none"
     placement_timeout_s: float = 120.0  # how long to wait for the cluster to place the actors before failing
     max_batch_size: int = 32  # rows decoded together inside one actor
-    # Each actor decodes fixed-depth steps through torch.compile (LoopLMModel.compile_decode): 1.4x at batch 1 on
+    # Each actor decodes fixed-depth steps through torch.compile (looplm.decode.compile_decode): 1.4x at batch 1 on
     # CPU after a compile of tens of seconds per actor (a C++ compiler is needed). Worth it for long runs.
     compile_decode: bool = False
     max_replacements: int = 3  # dead or hung actors replaced within one generate call before giving up

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from looplm import LoopKVCache, LoopLMForCausalLM
+from looplm import LoopKVCache, LoopLMForCausalLM, decode
 from looplm.cache import SlotKVCache
 from looplm.exit_gate import exit_log_prob
 
@@ -53,7 +53,7 @@ class TorchEngine(RolloutEngine):
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model = model.eval()
         if compile_decode:  # fixed-depth steps with every slot fed run as one compiled graph (see compile_decode)
-            self.model.model.compile_decode()
+            decode.compile_decode(self.model)
         self.tokenizer = tokenizer
         self.depth = depth or DepthConfig()
         self.depth.check()

@@ -49,7 +49,7 @@ def test_an_unreachable_hub_is_one_line_and_local_errors_pass_through(tmp_path):
 
 def test_the_tiny_configs_start_from_the_demos_outputs():
     from gate_tuning.recipe import EvalRecipeConfig, GateRecipeConfig
-    from posttrain.grpo import GRPORecipeConfig
+    from posttrain.grpo_recipe import GRPORecipeConfig
 
     demo = DemoConfig()
     assert demo.output_dir == DEMO_OUTPUT_DIR

@@ -123,12 +123,12 @@ def test_a_missing_model_folder_is_one_line_or_a_traceback_on_request(tmp_path, 
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):
-    import cli.rollout
+    import cli.init
 
     def broken(config):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(cli.rollout, "run_init", broken)
+    monkeypatch.setattr(cli.init, "run_init", broken)
     with pytest.raises(KeyError, match="a bug"):
         main(["init"])
 

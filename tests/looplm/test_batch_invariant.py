@@ -11,7 +11,7 @@ from looplm.tiny import tiny_model
 from rollout.engine import DepthConfig, SamplingConfig
 from rollout.parity import check_parity
 from rollout.torch_engine import TorchEngine
-from tests.rollout.conftest import ADAPTIVE, mixed_prompts
+from tests.helpers import ADAPTIVE, mixed_prompts
 
 DTYPES = [torch.float32, torch.bfloat16]
 

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import looplm
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 # The public Ouro-1.4B config.json, as its authors ship it (transformers 4.x field names, remote-code auto_map).
 OURO_1_4B_CONFIG = {

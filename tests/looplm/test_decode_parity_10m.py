@@ -10,7 +10,7 @@ import torch
 
 import looplm
 from looplm.tiny import tiny_model
-from tests.looplm.test_model import decode_incrementally
+from tests.helpers import decode_incrementally
 
 
 @pytest.fixture(scope="module")

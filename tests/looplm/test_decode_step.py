@@ -6,10 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from looplm import LoopKVCache
-from looplm import modeling_looplm as modeling
+from looplm import LoopKVCache, decode
 from looplm.cache import SlotKVCache
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 PROMPTS = [[5, 9, 17, 33, 8], [40, 41], [7, 3, 90, 12, 66, 2, 71, 30, 9]]
 DEPTHS = [{}, {"exit_threshold": 0.6}, {"exit_hidden_eps": 0.3}]
@@ -29,7 +28,7 @@ def test_decode_step_matches_the_cached_forward_in_any_slot(depth, call_bytes, m
     """Rows of different lengths in slots 3, 0 and 2 of 4 (slot 1 empty): logits and exit depths of each row equal
     a one-sequence cached forward's, with every exit loop present under Q-exit; whether attention runs a call per
     row or one call over slots 0-3 (slot 1 attended and dropped, rows masked to their lengths)."""
-    monkeypatch.setattr(modeling, "_CALL_BYTES", call_bytes)
+    monkeypatch.setattr(decode, "_CALL_BYTES", call_bytes)
     model = tiny_model()
     slots_of = [3, 0, 2]
     cache = SlotKVCache(model.config, 4, model.config.total_ut_steps, capacity=4)  # grows while decoding
@@ -55,17 +54,17 @@ def test_decode_step_matches_the_cached_forward_in_any_slot(depth, call_bytes, m
 
 def test_attention_segments_batch_rows_unless_their_padding_costs_more_than_a_call():
     # Four rows at one length in slots 0-3: one call. A long row among short ones: a call of its own.
-    assert modeling.attention_segments([0, 1, 2, 3], [50] * 4, 75) == [(0, 4, 50)]
-    segments = modeling.attention_segments([0, 1, 2, 3, 4], [40, 45, 300, 50, 40], 75)
+    assert decode.attention_segments([0, 1, 2, 3], [50] * 4, 75) == [(0, 4, 50)]
+    segments = decode.attention_segments([0, 1, 2, 3, 4], [40, 45, 300, 50, 40], 75)
     assert segments == [(0, 2, 45), (2, 3, 300), (3, 5, 50)]
     # Rows in slots 0 and 9 only (a deep loop of adaptive depth): one call would read the 8 slots between.
-    assert modeling.attention_segments([0, 9], [60, 60], 75) == [(0, 1, 60), (1, 2, 60)]
+    assert decode.attention_segments([0, 9], [60, 60], 75) == [(0, 1, 60), (1, 2, 60)]
     # A call cost of nothing: a call per row; a cost above any padding: one call.
-    assert modeling.attention_segments([0, 1, 2], [10, 20, 30], 0) == [(0, 1, 10), (1, 2, 20), (2, 3, 30)]
-    assert modeling.attention_segments([0, 1, 2], [10, 20, 30], 1e9) == [(0, 3, 30)]
+    assert decode.attention_segments([0, 1, 2], [10, 20, 30], 0) == [(0, 1, 10), (1, 2, 20), (2, 3, 30)]
+    assert decode.attention_segments([0, 1, 2], [10, 20, 30], 1e9) == [(0, 3, 30)]
     # A large batch at one length: calls of at most _MAX_CALL_ROWS rows (planning stays linear in the rows).
-    many = modeling.attention_segments(list(range(100)), [50] * 100, 75)
-    assert len(many) == 4 and max(end - first for first, end, _ in many) == modeling._MAX_CALL_ROWS
+    many = decode.attention_segments(list(range(100)), [50] * 100, 75)
+    assert len(many) == 4 and max(end - first for first, end, _ in many) == decode._MAX_CALL_ROWS
 
 
 def test_per_row_thresholds_and_fused_weights_follow_the_parameters():
@@ -113,18 +112,18 @@ def test_attention_over_the_past_and_the_new_key_equals_attention_over_both():
     k_past, v_past = torch.randn(2, b, Hkv, n, d, generator=g)
     held = torch.tensor([7, 2, 5])  # row r holds positions < held[r]
     mask = torch.zeros(b, 1, 1, n).masked_fill_(torch.arange(n) >= held[:, None, None, None], float("-inf"))
-    out = modeling._attend_past_and_new(q, k, v, k_past, v_past, mask)
+    out = decode._attend_past_and_new(q, k, v, k_past, v_past, mask)
     keys, values = torch.cat([k_past, k[:, :, None]], 2), torch.cat([v_past, v[:, :, None]], 2)
     full_mask = torch.cat([mask, torch.zeros(b, 1, 1, 1)], -1)
     expected = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=full_mask, enable_gqa=True)[:, :, 0]
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
     grouped = q.reshape(b, Hkv, H // Hkv, d)
     kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(grouped, k_past, v_past, attn_mask=mask)
-    for ours, theirs in zip(modeling._attention_with_lse(grouped, k_past, v_past, mask), kernel, strict=True):
+    for ours, theirs in zip(decode._attention_with_lse(grouped, k_past, v_past, mask), kernel, strict=True):
         torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
 
 
 def test_the_fast_decode_norm_equals_rms_norm():
     x, w = torch.randn(5, 64) * 3, torch.rand(64) + 0.5
-    torch.testing.assert_close(modeling.decode_rms_norm(x, w * 8.0, 1e-6, fast=True), modeling.rms_norm(x, w, 1e-6))
-    assert torch.equal(modeling.decode_rms_norm(x, w, 1e-6, fast=False), modeling.rms_norm(x, w, 1e-6))
+    torch.testing.assert_close(decode.decode_rms_norm(x, w * 8.0, 1e-6, fast=True), decode.rms_norm(x, w, 1e-6))
+    assert torch.equal(decode.decode_rms_norm(x, w, 1e-6, fast=False), decode.rms_norm(x, w, 1e-6))

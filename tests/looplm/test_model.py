@@ -8,22 +8,7 @@ import torch.nn.functional as F
 
 import looplm
 from looplm import LoopKVCache
-from tests.conftest import tiny_model
-
-
-def decode_incrementally(model, ids, prompt_len, exit_steps=None, mode="full", num_loops=None, attention_mask=None):
-    """Prefill `prompt_len` tokens, then feed the rest one by one through the cache; return all logits."""
-    cache = LoopKVCache(model.config, mode=mode)
-
-    def call(sl):
-        kwargs = {} if exit_steps is None else {"exit_steps": exit_steps[:, sl]}
-        if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask[:, : sl.stop]
-        return model(ids[:, sl], cache=cache, num_loops=num_loops, **kwargs).logits
-
-    logits = [call(slice(0, prompt_len))]
-    logits += [call(slice(i, i + 1)) for i in range(prompt_len, ids.shape[1])]
-    return torch.cat(logits, dim=1), cache
+from tests.helpers import decode_incrementally, tiny_model
 
 
 @torch.no_grad()

@@ -77,12 +77,8 @@ def test_digits_split_individually(tok):
     assert len(tok) > 262  # merges did happen elsewhere
 
 
-def test_training_is_deterministic_and_fast():
-    import time
-
-    start = time.perf_counter()
+def test_training_is_deterministic():
     a = build_tokenizer(CORPUS * 2)
-    assert time.perf_counter() - start < 2.0
     b = build_tokenizer(iter(CORPUS * 2))  # any iterable, consumed once
     assert a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str()
     assert a.get_vocab() != build_tokenizer().get_vocab()

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from posttrain.async_rollouts import Lookahead
-from posttrain.loop_grpo import DynamicSamplingConfig, LoopRLConfig
-from tests.posttrain.test_grpo import PARITY_MAX, logged, make_trainer, save_policy
+from posttrain.grpo_trainer import DynamicSamplingConfig, LoopRLConfig
+from tests.helpers import PARITY_MAX, logged, make_grpo_trainer, save_policy
 
 CORRECTED = LoopRLConfig(importance_sampling_correction=True)
 SAME_BATCH = ("reward", "loops/mean_exit_loop", "completions/mean_length")
@@ -30,7 +30,7 @@ def test_one_step_ahead_draws_the_synchronous_runs_batches(model_dir, tmp_path):
     started one step ahead are the synchronous run's, step for step."""
     runs = {}
     for k in (0, 1):
-        trainer = make_trainer(model_dir, tmp_path / str(k), loop=CORRECTED, max_staleness=k, learning_rate=0.0,
+        trainer = make_grpo_trainer(model_dir, tmp_path / str(k), loop=CORRECTED, max_staleness=k, learning_rate=0.0,
                                max_steps=4)
         trainer.train()
         runs[k] = trainer
@@ -43,7 +43,7 @@ def test_one_step_ahead_draws_the_synchronous_runs_batches(model_dir, tmp_path):
 
 
 def test_stale_batches_are_corrected_and_logged_apart(model_dir, tmp_path):
-    trainer = make_trainer(model_dir, tmp_path, loop=CORRECTED, max_staleness=1, max_steps=3, learning_rate=5e-2)
+    trainer = make_grpo_trainer(model_dir, tmp_path, loop=CORRECTED, max_staleness=1, max_steps=3, learning_rate=5e-2)
     trainer.train()
     assert trainer.state.global_step == 3
     assert max(logged(trainer, "rollout/staleness_max")) == 1.0
@@ -63,4 +63,4 @@ def test_stale_batches_are_corrected_and_logged_apart(model_dir, tmp_path):
 )
 def test_what_asynchronous_rollouts_do_not_support_is_refused(model_dir, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
-        make_trainer(model_dir, tmp_path, max_staleness=1, **overrides)
+        make_grpo_trainer(model_dir, tmp_path, max_staleness=1, **overrides)

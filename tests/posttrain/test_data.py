@@ -16,7 +16,6 @@ from configs import UserError
 from posttrain.data import (
     SFTData,
     drop_overlong,
-    format_trace,
     load_dapo_math,
     load_gsm8k,
     load_rows,
@@ -24,6 +23,8 @@ from posttrain.data import (
     split_prompt,
 )
 from posttrain.synthetic import ArithmeticTask
+from rewards.answer_format import format_trace
+from tests.helpers import write_jsonl
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 AIME = SHARED_DATA / "dapo" / "aime-2024.parquet"
@@ -35,10 +36,6 @@ SYSTEM = {"role": "system", "content": "be brief"}
 USER = {"role": "user", "content": "what is 2+2"}
 ASSISTANT = {"role": "assistant", "content": "Answer: 4"}
 
-
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
 
 
 # ---------------------------------------------------------------- SFT schemas

@@ -13,20 +13,15 @@ import torch
 
 from configs import ConfigError, load_config
 from looplm.exit_gate import exit_log_pdf
-from posttrain.grpo import (
-    GRPODataSection,
+from posttrain.grpo_recipe import (
     GRPOModelSection,
     GRPORecipeConfig,
-    RolloutSection,
-    build_engine,
-    load_grpo_data,
-    load_policy,
 )
-from posttrain.loop_grpo import LoopGRPOTrainer, LoopRLConfig, exit_action_logps, rollout_exit_logps
+from posttrain.grpo_trainer import LoopGRPOTrainer, LoopRLConfig, exit_action_logps, rollout_exit_logps
 from rewards import get_reward_funcs
 from rewards.depth import depth_penalty
 from rollout.engine import DepthConfig, RolloutRecord
-from tests.posttrain.test_grpo import grpo_args, length_reward, logged, save_policy
+from tests.helpers import length_reward, logged, make_grpo_trainer, save_policy
 
 SAMPLED = DepthConfig(policy="sampled")
 EXIT_PARITY_MAX = 1e-5
@@ -37,22 +32,10 @@ def model_dir(tmp_path_factory) -> Path:
     return save_policy(tmp_path_factory.mktemp("depth_policy"), gate_std=0.3)
 
 
-def make_trainer(model_dir, tmp_path, loop: LoopRLConfig, alpha: float = 0.0, lm: bool = True, gate: bool = False,
-                 **args) -> LoopGRPOTrainer:
-    cfg = GRPORecipeConfig(
-        model=GRPOModelSection(path=str(model_dir), lm_trainable=lm, gate_trainable=gate),
-        data=GRPODataSection(synthetic_rows=64, eval_rows=8),
-        rollout=RolloutSection(engine="torch", depth=SAMPLED),
-        loop=loop,
-        training=grpo_args(tmp_path, **args),
-    )
-    train, _ = load_grpo_data(cfg.data)
-    model, tokenizer = load_policy(cfg.model)
-    return LoopGRPOTrainer(
-        model=model, reward_funcs=[length_reward, *get_reward_funcs("depth_penalty", alpha=alpha)], args=cfg.training,
-        train_dataset=train, processing_class=tokenizer, engine=build_engine(cfg.rollout, model, str(model_dir), tokenizer),
-        depth=SAMPLED, loop=loop,
-    )
+def make_trainer(model_dir, tmp_path, loop: LoopRLConfig, alpha: float = 0.0, **kwargs) -> LoopGRPOTrainer:
+    """The shared trainer at sampled depth, with the depth charge (`alpha` per loop) beside the length reward."""
+    rewards = [length_reward, *get_reward_funcs("depth_penalty", alpha=alpha)]
+    return make_grpo_trainer(model_dir, tmp_path, depth=SAMPLED, loop=loop, rewards=rewards, **kwargs)
 
 
 def params(trainer: LoopGRPOTrainer) -> dict[str, torch.Tensor]:

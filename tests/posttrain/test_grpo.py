@@ -14,18 +14,16 @@ import pytest
 import torch
 from trl import GRPOConfig
 
-from looplm.tiny import tiny_model
-from looplm.tokenizer import build_tokenizer, fix_ouro_special_tokens
-from posttrain.grpo import (
+from posttrain.grpo_recipe import (
     GRPODataSection,
     GRPOModelSection,
     GRPORecipeConfig,
     RolloutSection,
-    build_engine,
     load_grpo_data,
     load_policy,
+    rollout_engine,
 )
-from posttrain.loop_grpo import (
+from posttrain.grpo_trainer import (
     DynamicSamplingConfig,
     LoopGRPOTrainer,
     LoopRLConfig,
@@ -34,66 +32,24 @@ from posttrain.loop_grpo import (
     parity_metrics,
     replay_exit_steps,
 )
-from posttrain.synthetic import arithmetic_traces
 from rollout.engine import DepthConfig, RolloutRecord
-from rollout.pool import PoolConfig
-from tests.conftest import SHARED_DATA
-
-ADAPTIVE = DepthConfig(policy="adaptive", exit_threshold=0.6)
-# fp32, hidden 32, T = 4: rollout and replay differ by rounding only (a few ulps of |logp| ~ 6 per op chain)
-PARITY_MAX, PARITY_MEAN = 1e-4, 1e-6
-
-
-def save_policy(folder: Path, **model_overrides) -> Path:
-    """A random "test"-size LoopLM and a tokenizer trained on the synthetic task, saved in `folder`."""
-    rows = arithmetic_traces(200, seed=0)
-    tokenizer = build_tokenizer([m["content"] for r in rows for m in r["messages"]], vocab_size=300)
-    model = tiny_model("test", vocab_size=len(tokenizer), max_position_embeddings=1024, **model_overrides)
-    fix_ouro_special_tokens(tokenizer, model)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+from tests.helpers import (
+    ADAPTIVE,
+    PARITY_MAX,
+    PARITY_MEAN,
+    SHARED_DATA,
+    grpo_args,
+    length_reward,
+    logged,
+    make_grpo_trainer,
+    save_policy,
+)
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """The policy with a spread-out gate (adaptive depth exits at every loop)."""
     return save_policy(tmp_path_factory.mktemp("tiny_policy"))
-
-
-def length_reward(completions, **_) -> list[float]:
-    """A reward with variance inside every group (a random model never answers right)."""
-    return [float(len(c[-1]["content"]) % 7) for c in completions]
-
-
-def grpo_args(tmp_path: Path, **overrides) -> GRPOConfig:
-    fields = dict(
-        output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, report_to="none", per_device_train_batch_size=8,
-        num_generations=4, max_completion_length=12, max_steps=2, logging_steps=1, learning_rate=1e-2,
-        save_strategy="no", gradient_checkpointing=False, beta=0.0, temperature=1.0, seed=0, disable_tqdm=True,
-    )
-    return GRPOConfig(**(fields | overrides))
-
-
-def make_trainer(model_dir, tmp_path, depth=ADAPTIVE, loop=None, dynamic=None, reward=length_reward, engine="torch",
-                 rows=64, exact_mode=False, max_staleness=0, **args) -> LoopGRPOTrainer:
-    cfg = GRPORecipeConfig(
-        model=GRPOModelSection(path=str(model_dir), exact_mode=exact_mode),
-        data=GRPODataSection(synthetic_rows=rows, eval_rows=8),
-        rollout=RolloutSection(engine=engine, depth=depth, pool=PoolConfig(num_actors=2, num_cpus=2)),
-        training=grpo_args(tmp_path, **args),
-    )
-    train, _ = load_grpo_data(cfg.data)
-    model, tokenizer = load_policy(cfg.model)
-    return LoopGRPOTrainer(
-        model=model, reward_funcs=[reward], args=cfg.training, train_dataset=train, processing_class=tokenizer,
-        engine=build_engine(cfg.rollout, model, str(model_dir), tokenizer), depth=depth, loop=loop or LoopRLConfig(),
-        dynamic_sampling=dynamic, max_staleness=max_staleness,
-    )
-
-
-def logged(trainer: LoopGRPOTrainer, key: str) -> list[float]:
-    return [entry[key] for entry in trainer.state.log_history if key in entry]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -152,7 +108,7 @@ def test_parity_metrics_ignore_padding():
 
 @pytest.mark.parametrize("depth", [DepthConfig(), ADAPTIVE], ids=["fixed", "adaptive"])
 def test_update_replays_rollout_depths_and_logs_parity(model_dir, tmp_path, depth):
-    trainer = make_trainer(model_dir, tmp_path, depth=depth)
+    trainer = make_grpo_trainer(model_dir, tmp_path, depth=depth)
     gate_before = {k: v.clone() for k, v in trainer.model.model.early_exit_gate.state_dict().items()}
     lm_before = trainer.model.model.layers[0].mlp.up_proj.weight.detach().clone()
     trainer.train()
@@ -172,13 +128,13 @@ def test_update_replays_rollout_depths_and_logs_parity(model_dir, tmp_path, dept
 
 def test_mismatch_control_shows_its_gap(model_dir, tmp_path):
     """Adaptive rollouts updated at full depth (the Ouro authors' first attempt): the gap is large and logged."""
-    trainer = make_trainer(model_dir, tmp_path, loop=LoopRLConfig(update_depth="full"), max_steps=1)
+    trainer = make_grpo_trainer(model_dir, tmp_path, loop=LoopRLConfig(update_depth="full"), max_steps=1)
     trainer.train()
     assert logged(trainer, "parity/max_abs")[0] > 1e-2
 
 
 def test_parity_guard_stops_the_run(model_dir, tmp_path):
-    trainer = make_trainer(model_dir, tmp_path, loop=LoopRLConfig(update_depth="full", max_parity_gap=1e-3))
+    trainer = make_grpo_trainer(model_dir, tmp_path, loop=LoopRLConfig(update_depth="full", max_parity_gap=1e-3))
     with pytest.raises(RuntimeError, match="max_parity_gap"):
         trainer.train()
 
@@ -186,7 +142,7 @@ def test_parity_guard_stops_the_run(model_dir, tmp_path):
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo"])
 def test_every_trl_loss_type_runs_on_a_looplm(model_dir, tmp_path, loss_type):
     extra = {"importance_sampling_level": "sequence"} if loss_type == "luspo" else {}
-    trainer = make_trainer(model_dir, tmp_path, loss_type=loss_type, max_steps=1, **extra)
+    trainer = make_grpo_trainer(model_dir, tmp_path, loss_type=loss_type, max_steps=1, **extra)
     before = trainer.model.model.layers[1].self_attn.q_proj.weight.detach().clone()
     trainer.train()
     assert math.isfinite(trainer.state.log_history[0]["loss"])
@@ -195,7 +151,7 @@ def test_every_trl_loss_type_runs_on_a_looplm(model_dir, tmp_path, loss_type):
 
 def test_loop_credit_concentrated_on_the_last_loop_is_the_standard_term(model_dir, tmp_path):
     """Progressive credit with a huge power puts all weight on the exit loop: the same log-probs as TRL's path."""
-    trainer = make_trainer(model_dir, tmp_path, depth=DepthConfig(), loop=LoopRLConfig(loop_credit="progressive",
+    trainer = make_grpo_trainer(model_dir, tmp_path, depth=DepthConfig(), loop=LoopRLConfig(loop_credit="progressive",
                                                                                           progressive_power=200.0))
     ids = torch.tensor([[3, 40, 41, 42, 43, 44, 45]])
     mask = torch.ones_like(ids)
@@ -208,7 +164,7 @@ def test_loop_credit_concentrated_on_the_last_loop_is_the_standard_term(model_di
 
 @pytest.mark.parametrize("credit", ["uniform", "exit"])
 def test_loop_credit_trains(model_dir, tmp_path, credit):
-    trainer = make_trainer(model_dir, tmp_path, loop=LoopRLConfig(loop_credit=credit), max_steps=1)
+    trainer = make_grpo_trainer(model_dir, tmp_path, loop=LoopRLConfig(loop_credit=credit), max_steps=1)
     before = trainer.model.model.embed_tokens.weight.detach().clone()
     trainer.train()
     assert not torch.equal(trainer.model.model.embed_tokens.weight, before)
@@ -219,7 +175,7 @@ def test_dynamic_sampling_drops_and_refills_uninformative_groups(model_dir, tmp_
         # Groups of an even answer all score 0 (no variance); odd ones vary with the completion.
         return [float(len(c[-1]["content"]) % 5) if int(gt) % 2 else 0.0 for c, gt in zip(completions, ground_truth, strict=True)]
 
-    trainer = make_trainer(model_dir, tmp_path, reward=odd_only, dynamic=DynamicSamplingConfig(enabled=True,
+    trainer = make_grpo_trainer(model_dir, tmp_path, rewards=[odd_only], dynamic=DynamicSamplingConfig(enabled=True,
                                                                                                   max_retries=6))
     trainer.train()
     assert logged(trainer, "frac_reward_zero_std") == [0.0, 0.0]  # every kept group is informative
@@ -229,7 +185,7 @@ def test_dynamic_sampling_drops_and_refills_uninformative_groups(model_dir, tmp_
 
 
 def test_rollouts_through_the_ray_pool(model_dir, tmp_path):
-    trainer = make_trainer(model_dir, tmp_path, engine="pool", max_steps=2)
+    trainer = make_grpo_trainer(model_dir, tmp_path, engine="pool", max_steps=2)
     try:
         trainer.train()
     finally:
@@ -239,7 +195,7 @@ def test_rollouts_through_the_ray_pool(model_dir, tmp_path):
 
 def test_exact_mode_parity_reads_exactly_zero_through_the_ray_pool(model_dir, tmp_path):
     """Exact mode: the actors' decode steps and the update's forward give the same log-probs, bit for bit."""
-    trainer = make_trainer(model_dir, tmp_path, engine="pool", max_steps=2, exact_mode=True)
+    trainer = make_grpo_trainer(model_dir, tmp_path, engine="pool", max_steps=2, exact_mode=True)
     try:
         trainer.train()
     finally:
@@ -259,7 +215,7 @@ def test_dapo_schema_files_train_end_to_end(model_dir, tmp_path):
     trainer = LoopGRPOTrainer(
         model=model, reward_funcs=[length_reward], args=grpo_args(tmp_path, max_steps=1, max_completion_length=4),
         train_dataset=train, processing_class=tokenizer,
-        engine=build_engine(RolloutSection(engine="torch"), model, str(model_dir), tokenizer), depth=DepthConfig(),
+        engine=rollout_engine(RolloutSection(engine="torch"), model, str(model_dir), tokenizer), depth=DepthConfig(),
     )
     trainer.train()
     assert trainer.state.global_step == 1
@@ -277,9 +233,9 @@ def test_impossible_combinations_fail_at_config_time():
 
 
 def test_metrics_file_has_one_row_per_step(model_dir, tmp_path):
-    from posttrain.grpo import MetricsFile
+    from posttrain.grpo_recipe import MetricsFile
 
-    trainer = make_trainer(model_dir, tmp_path)
+    trainer = make_grpo_trainer(model_dir, tmp_path)
     path = tmp_path / "metrics.jsonl"
     trainer.add_callback(MetricsFile(path))
     trainer.train()
@@ -292,7 +248,7 @@ def test_metrics_file_has_one_row_per_step(model_dir, tmp_path):
 def test_nonfinite_gradients_skip_the_step_then_stop_the_run(model_dir, tmp_path):
     """A NaN injected into the loss (by a hook the test puts on the model): the step is skipped, the weights stay
     finite and unchanged, and the configured number of bad steps in a row stops the run with a clear error."""
-    trainer = make_trainer(model_dir, tmp_path, loop=LoopRLConfig(max_consecutive_nonfinite_steps=2), max_steps=3)
+    trainer = make_grpo_trainer(model_dir, tmp_path, loop=LoopRLConfig(max_consecutive_nonfinite_steps=2), max_steps=3)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     poison = trainer.model.model.norm.register_forward_hook(lambda m, i, out: out * float("nan") if m.training else out)
     with pytest.raises(RuntimeError, match="2 consecutive optimizer steps had non-finite gradients"):
@@ -308,11 +264,11 @@ import sys
 import torch
 torch.set_num_threads(1)
 from trl import GRPOConfig
-from posttrain.grpo import GRPODataSection, GRPOModelSection, GRPORecipeConfig, RolloutSection, EvalSection, run_grpo
-import posttrain.grpo
-posttrain.grpo.save_config = lambda *a, **k: None  # the recipe config file is not what this test checks
+from posttrain.grpo_recipe import GRPODataSection, GRPOModelSection, GRPORecipeConfig, RolloutSection, EvalSection, run_grpo
+import posttrain.grpo_recipe
+posttrain.grpo_recipe.save_config = lambda *a, **k: None  # the recipe config file is not what this test checks
 # A reward with variance in every group, so the weights (and the optimizer state) change at every step.
-posttrain.grpo.get_reward_funcs = lambda names, **options: [
+posttrain.grpo_recipe.get_reward_funcs = lambda names, **options: [
     lambda completions, **_: [float(len(c[-1]["content"]) % 7) for c in completions]
 ]
 model_dir, out = sys.argv[1], sys.argv[2]
@@ -341,7 +297,7 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(model_dir, tmp_pat
     import time
 
     script = tmp_path / "run.py"
-    script.write_text("from rollout.engine import DepthConfig\nfrom posttrain.grpo import RewardsSection\n" + RUN_SCRIPT)
+    script.write_text("from rollout.engine import DepthConfig\nfrom posttrain.grpo_recipe import RewardsSection\n" + RUN_SCRIPT)
     env_cmd = [sys.executable, str(script), str(model_dir)]
     repo = Path(__file__).resolve().parents[2]
 
@@ -380,14 +336,13 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(model_dir, tmp_pat
 def test_lora_policy_reaches_the_engine_merged(model_dir, tmp_path):
     """With LoRA, the engine gets base + adapter merged under the checkpoint's names: step 2's rollouts come from
     the adapted policy, so parity holds there too (an unmerged engine would sample from the base model)."""
-    from posttrain.grpo import lora_config
-    from posttrain.sft import LoraSection
+    from posttrain.recipe_parts import LoraSection, lora_config
 
     cfg = GRPORecipeConfig(model=GRPOModelSection(path=str(model_dir)), data=GRPODataSection(synthetic_rows=64,
                            eval_rows=8), training=grpo_args(tmp_path, max_steps=3, learning_rate=5e-2))
     train, _ = load_grpo_data(cfg.data)
     model, tokenizer = load_policy(cfg.model)
-    engine = build_engine(RolloutSection(engine="torch"), model, str(model_dir), tokenizer)
+    engine = rollout_engine(RolloutSection(engine="torch"), model, str(model_dir), tokenizer)
     trainer = LoopGRPOTrainer(
         model=model, reward_funcs=[length_reward], args=cfg.training, train_dataset=train, processing_class=tokenizer,
         peft_config=lora_config(LoraSection(enabled=True, r=4, alpha=8)), engine=engine, depth=ADAPTIVE,
@@ -402,7 +357,7 @@ def test_lora_policy_reaches_the_engine_merged(model_dir, tmp_path):
 def test_parity_reuses_trls_old_logprobs_when_generation_spans_steps(model_dir, tmp_path):
     """steps_per_generation=2: TRL computes the old log-probs itself (through our replay), and the parity check
     reads them; the gap stays at rounding and training proceeds over both steps of the generation."""
-    trainer = make_trainer(model_dir, tmp_path, steps_per_generation=2, max_steps=2)
+    trainer = make_grpo_trainer(model_dir, tmp_path, steps_per_generation=2, max_steps=2)
     trainer.train()
     assert trainer.state.global_step == 2
     assert max(logged(trainer, "parity/max_abs")) <= PARITY_MAX

@@ -25,7 +25,7 @@ from looplm.tiny import tiny_model
 from posttrain.distributed import SharedEngine, check_launch, full_state_dict
 from rollout.engine import SamplingConfig
 from rollout.torch_engine import TorchEngine
-from tests.posttrain.test_grpo import save_policy
+from tests.helpers import save_policy
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 3

@@ -20,19 +20,19 @@ from trl import SFTConfig
 import looplm
 from configs import ConfigError, load_config
 from looplm.losses import stage1_loss
-from posttrain.data import drop_long_rows, load_sft_data
+from posttrain.data import drop_long_rows
 from posttrain.evaluation import is_well_formed
-from posttrain.sft import (
+from posttrain.sft_recipe import (
     ModelSection,
-    ObjectiveSection,
     SFTRecipeConfig,
     build_model_and_tokenizer,
+    load_sft_data,
     make_trainer,
-    objective_loss,
     run_sft,
     setup,
 )
-from tests.conftest import REPO_ROOT, tiny_model
+from posttrain.sft_trainer import ObjectiveSection, objective_loss
+from tests.helpers import REPO_ROOT, tiny_model, write_jsonl
 
 TINY_YAML = REPO_ROOT / "configs" / "sft_tiny.yaml"
 SHRINK = [
@@ -193,10 +193,6 @@ def test_gate_trains_only_under_stage1_when_trainable(tmp_path, kind, gate_train
 
 # ------------------------------------------------------------------------------------------ data and labels
 
-
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def test_labels_cover_assistant_tokens_only(tmp_path):

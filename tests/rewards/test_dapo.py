@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from rewards.dapo import INVALID, dapo_answer_reward, dapo_score, extract_answer, normalize_final_answer
-from tests.conftest import SHARED_DATA
+from tests.helpers import SHARED_DATA
 
 
 @pytest.mark.parametrize(

@@ -21,8 +21,8 @@ import ray
 
 import rewards
 from rewards import accuracy_reward, verifier_stats
+from tests.helpers import ACCURACY_CASES
 from tests.rewards.fuzz import HANGS, Report, fuzz_cases, score
-from tests.rewards.test_rewards import ACCURACY_CASES
 
 TIMEOUT_S, CALL_TIMEOUT_S = 0.5, 4.0  # short limits keep the hostile cases cheap
 MARGIN_S = 3.0
@@ -157,6 +157,16 @@ threading.Event().wait()
 """
 
 
+def workers_of(pid: int, at_least: int, timeout_s: float = 30.0) -> list[psutil.Process]:
+    """The process's descendants, once there are `at_least` of them (a worker starts after its request is
+    sent: wait for it to exist rather than for a guessed time)."""
+    deadline = time.monotonic() + timeout_s
+    while len(found := psutil.Process(pid).children(recursive=True)) < at_least and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(found) >= at_least, found
+    return found
+
+
 def test_a_killed_caller_leaves_no_worker_behind(tmp_path):
     """A script without a main guard works; SIGKILL it mid-comparison and its zygote and workers go too."""
     script = tmp_path / "score.py"
@@ -166,9 +176,7 @@ def test_a_killed_caller_leaves_no_worker_behind(tmp_path):
     try:
         assert caller.stdout.readline().strip() == "[1.0]"
         assert caller.stdout.readline().strip() == "hanging"
-        time.sleep(0.5)
-        helpers = psutil.Process(caller.pid).children(recursive=True)
-        assert len(helpers) >= 2  # the zygote and at least the busy worker
+        helpers = workers_of(caller.pid, at_least=2)  # the zygote and at least the busy worker
     finally:
         caller.send_signal(signal.SIGKILL)
         caller.wait()

@@ -18,35 +18,7 @@ from rewards import (
     overlong_reward,
     verifier_stats,
 )
-
-MEGABYTE = "x" * 1_000_000
-
-# (ground truth, completion, accuracy): equivalent forms, think blocks, several answers, no answer, big inputs.
-ACCURACY_CASES = [
-    ("\\frac{1}{2}", "Answer: 0.5", 1.0),
-    ("0.5", "so \\boxed{\\frac{1}{2}}", 1.0),
-    ("\\boxed{3}", "Answer: 3", 1.0),  # LaTeX ground truth vs plain answer
-    ("3", "the answer is \\boxed{3}", 1.0),
-    ("3", "\\boxed{3.0}", 1.0),
-    ("\\frac{3}{4}", "<think>3/4 = 0.75</think>\nAnswer: 0.75", 1.0),
-    ("\\sqrt{2}/2", "\\boxed{\\frac{\\sqrt{2}}{2}}", 1.0),
-    ("x^2+2x+1", "\\boxed{(x+1)^2}", 1.0),
-    ("10^{10}", "Answer: 10000000000", 1.0),
-    ("72", "Answer: $72", 1.0),
-    ("1,000", "Answer: 1000", 1.0),
-    ("\\frac{1}{3}", "Answer: 0.5", 0.0),
-    ("34", "Answer: 35", 0.0),
-    ("3", "<think>it is \\boxed{3}</think> no idea", 0.0),  # only inside the think block
-    ("3", "<think>it is \\boxed{3}", 0.0),  # unclosed think block
-    ("5", "Answer: 3\nwait.\nAnswer: 5", 1.0),  # several Answer: lines: the last counts
-    ("3", "Answer: 3\nwait.\nAnswer: 5", 0.0),
-    ("3", "no answer here", 0.0),
-    ("3", "", 0.0),
-    ("6", MEGABYTE + "\nAnswer: 6", 1.0),  # a 1 MB completion
-    ("6", "Answer: 6\n" + MEGABYTE, 0.0),  # ... whose answer is not at its end
-    ("3", "\\boxed{\\frac{3}{", 0.0),  # malformed LaTeX
-    ("1", "Answer: \\left(\\left(\\left(1\\right)\\right)\\right)", 1.0),
-]
+from tests.helpers import ACCURACY_CASES, MEGABYTE
 
 
 def test_accuracy_table():

@@ -10,7 +10,7 @@ import torch
 
 from bench.rollout_bench import RolloutBenchConfig
 from bench.run import BenchConfig, run_bench
-from cli.rollout import InitConfig, init_model
+from cli.init import InitConfig, init_model
 from looplm import LoopLMConfig
 from looplm.tiny import tiny_config
 from run import main

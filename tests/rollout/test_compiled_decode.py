@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from looplm import modeling_looplm as modeling
+from looplm import decode
 from rollout.engine import SamplingConfig
 from rollout.parity import check_parity
 from rollout.torch_engine import TorchEngine
-from tests.rollout.conftest import ADAPTIVE, mixed_prompts, small_model
+from tests.helpers import ADAPTIVE, mixed_prompts, small_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,7 +78,7 @@ def test_rows_whose_padding_costs_more_than_a_call_keep_the_eager_step(compiled,
     of different lengths (mixed prompts), so those steps run eagerly; only the one-row steps of the draining tail
     still run compiled."""
     engine, calls = compiled
-    monkeypatch.setattr(modeling, "_CALL_BYTES", 0)
+    monkeypatch.setattr(decode, "_CALL_BYTES", 0)
     before = len(calls.rows)
     records = engine.generate(PROMPTS, SAMPLING)
     assert set(calls.rows[before:]) == {1}, calls.rows[before:]

@@ -15,13 +15,13 @@ import ray
 import torch
 
 from looplm.exit_gate import exit_cdf, exit_log_pdf, exit_log_prob, exit_pdf
-from looplm.modeling_looplm import ExitTracker
+from looplm.exits import ExitTracker
 from looplm.tiny import tiny_model
 from rollout.engine import DepthConfig, SamplingConfig, exit_uniforms, gumbel_noise, request_keys
 from rollout.parity import check_exit_parity, check_parity
 from rollout.pool import PoolConfig, RolloutPool
 from rollout.torch_engine import TorchEngine
-from tests.rollout.conftest import ADAPTIVE, mixed_prompts
+from tests.helpers import ADAPTIVE, mixed_prompts
 
 SAMPLED = DepthConfig(policy="sampled")
 

@@ -19,7 +19,7 @@ from ray.cluster_utils import Cluster
 
 from rollout.engine import SamplingConfig
 from rollout.pool import PoolConfig, RolloutPool
-from tests.rollout.conftest import ADAPTIVE, mixed_prompts, small_model
+from tests.helpers import ADAPTIVE, mixed_prompts, small_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 
 import pytest
 import ray
@@ -19,7 +18,7 @@ from rollout.engine import DepthConfig, SamplingConfig
 from rollout.parity import TokenGaps, check_parity
 from rollout.pool import PoolConfig, RolloutPool, pack_state_dict, unpack_state_dict
 from rollout.torch_engine import TorchEngine
-from tests.rollout.conftest import ADAPTIVE, mixed_prompts, small_model
+from tests.helpers import ADAPTIVE, mixed_prompts, small_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,6 +57,32 @@ def test_pool_returns_what_one_engine_returns_in_prompt_order(pool, model):
     assert [(r.completion_ids, r.exit_steps) for r in pooled] == [(r.completion_ids, r.exit_steps) for r in local]
 
 
+def generate_and_signal(pool, sampling: SamplingConfig, index: int, sig: int, join_s: float) -> dict:
+    """`pool.generate(PROMPTS)` in a thread; once the pool has handed actor `index` a shard (its `_submit`,
+    watched: an event, not a guessed wait), send that actor's process `sig`. -> {"records": ...} when the call
+    came back within `join_s` seconds, else {}."""
+    pid = ray.get(pool.actors[index].ping.remote())
+    handed, submit, result = threading.Event(), pool._submit, {}
+
+    def watched(i, *args):
+        future = submit(i, *args)
+        if i == index:
+            handed.set()
+        return future
+
+    call = threading.Thread(target=lambda: result.setdefault("records", pool.generate(PROMPTS, sampling)))
+    pool._submit = watched
+    try:
+        call.start()
+        assert handed.wait(timeout=60), f"actor {index} was never given a shard"
+        assert call.is_alive(), "the call finished before the signal: the workload is too small to test mid-call"
+        os.kill(pid, sig)
+        call.join(timeout=join_s)
+    finally:
+        del pool._submit  # the class's own again
+    return result | {"pid": pid}
+
+
 def kill_actor(pool, index: int) -> None:
     """SIGKILL an actor's process from outside, as an OOM killer or a lost node would."""
     os.kill(ray.get(pool.actors[index].ping.remote()), signal.SIGKILL)
@@ -67,15 +92,7 @@ def test_an_actor_killed_mid_shard_is_replaced_and_every_completion_comes_back_o
     sampling = SamplingConfig(n=2, max_new_tokens=160, seed=9, ignore_eos=True)
     expected = pool.generate(PROMPTS, sampling)
     before = pool.replacements
-    pid = ray.get(pool.actors[1].ping.remote())
-    result: dict = {}
-    call = threading.Thread(target=lambda: result.setdefault("records", pool.generate(PROMPTS, sampling)))
-    call.start()
-    time.sleep(0.5)  # the shards are under way (each takes seconds)
-    assert call.is_alive(), "the call finished before the kill: the workload is too small to test a kill mid-shard"
-    os.kill(pid, signal.SIGKILL)
-    call.join(timeout=300)
-    records = result["records"]
+    records = generate_and_signal(pool, sampling, 1, signal.SIGKILL, join_s=300)["records"]
     assert pool.replacements == before + 1
     assert {r.policy_version for r in records} == {pool.policy_version}
     assert len(records) == len(PROMPTS) * 2
@@ -127,19 +144,12 @@ def test_a_hung_actor_is_timed_out_replaced_and_its_shard_redone(pool):
     before, timeout = pool.replacements, pool.config.actor_timeout_s
     pool.config.actor_timeout_s = 12.0  # covers a replacement's start-up (a few seconds) plus its shard
     try:
-        pid = ray.get(pool.actors[0].ping.remote())
-        result: dict = {}
-        call = threading.Thread(target=lambda: result.setdefault("records", pool.generate(PROMPTS, sampling)))
-        call.start()
-        time.sleep(0.5)
-        assert call.is_alive(), "the call finished before the hang: the workload is too small"
-        os.kill(pid, signal.SIGSTOP)
-        call.join(timeout=120)
-        assert not call.is_alive(), "the pool did not recover from a hung actor"
+        result = generate_and_signal(pool, sampling, 0, signal.SIGSTOP, join_s=120)
+        assert "records" in result, "the pool did not recover from a hung actor"
     finally:
         pool.config.actor_timeout_s = timeout
     with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)  # the stopped process was killed, not left behind
+        os.kill(result["pid"], 0)  # the stopped process was killed, not left behind
     assert pool.replacements == before + 1
     assert [r.completion_ids for r in result["records"]] == [r.completion_ids for r in expected]
 

@@ -8,7 +8,7 @@ import torch
 from rollout.engine import DepthConfig, SamplingConfig
 from rollout.parity import check_parity
 from rollout.pool import PoolConfig, RolloutPool
-from tests.rollout.conftest import ADAPTIVE, mixed_prompts, small_model
+from tests.helpers import ADAPTIVE, mixed_prompts, small_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,7 +17,7 @@ from rollout.engine import (
     sample_tokens,
 )
 from rollout.torch_engine import TorchEngine
-from tests.rollout.conftest import small_model
+from tests.helpers import small_model
 
 LOGITS = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
 

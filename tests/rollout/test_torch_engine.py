@@ -8,7 +8,7 @@ import torch
 from rollout.engine import DepthConfig, RolloutRecord, SamplingConfig, prepare_request
 from rollout.parity import check_parity, replay_logprobs, token_gaps
 from rollout.torch_engine import TorchEngine, _length_groups
-from tests.rollout.conftest import ADAPTIVE, mixed_prompts
+from tests.helpers import ADAPTIVE, mixed_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from bench.rollout_bench import RolloutBenchConfig, run_rollout_bench
-from cli.rollout import InitConfig
+from cli.init import InitConfig
 from rollout.engine import DepthConfig, SamplingConfig
 from rollout.parity import check_exit_parity, check_parity
 from rollout.torch_engine import TorchEngine
-from tests.rollout.conftest import ADAPTIVE, mixed_prompts, small_model
+from tests.helpers import ADAPTIVE, mixed_prompts, small_model
 
 pytestmark = [
     pytest.mark.gpu,

@@ -8,7 +8,7 @@ import torch
 from rollout.engine import DepthConfig, SamplingConfig
 from rollout.parity import check_parity
 from rollout.vllm_engine import VLLMEngine
-from tests.rollout.conftest import mixed_prompts, small_model
+from tests.helpers import mixed_prompts, small_model
 
 
 @pytest.mark.parametrize(

@@ -32,28 +32,34 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 
 from configs import UserError
 from looplm import exit_log_pdf
-from looplm.exit_gate import exit_log_prob
+from looplm.logprobs import (
+    entropy,
+    exit_actions,
+    predictors,
+    processed_logprobs,
+    sampled_logprobs,
+    token_logprobs,
+)
+from looplm.logprobs import exit_action_logprobs as exit_action_logps  # its name here (tests and callers)
 from posttrain.async_rollouts import Lookahead, RolloutQueue
 from posttrain.callbacks import NonFiniteGuard
 from posttrain.distributed import SharedEngine, full_state_dict
-from rollout.engine import DepthConfig, RolloutEngine, RolloutRecord, SamplingConfig, processed_logprobs
+from posttrain.recipe_parts import MarkCompleteCheckpoints
+from rollout.engine import DepthConfig, RolloutEngine, RolloutRecord, SamplingConfig
 from rollout.parity import k3_kl
 
 logger = logging.getLogger(__name__)
@@ -156,17 +162,6 @@ def loop_credit_weights(
     return raw / raw.sum(-1, keepdim=True).clamp(min=1e-12)
 
 
-def exit_action_logps(
-    gate_logits: torch.Tensor, exit_steps: torch.Tensor, completion_width: int, num_loops: int, temperature: float
-) -> torch.Tensor:
-    """(B, P+C, L) gate logits and (B, P+C) replayed exit steps -> (B, C) log p(exit) of the position that
-    predicts each completion token: log p(e_{j-1}) for j >= 1, and 0 for j = 0 (its predictor is the last prompt
-    position, always at full depth: no decision). Lines up with TRL's per-token log-probs."""
-    predictors = slice(-completion_width - 1, -1)
-    logp = exit_log_prob(gate_logits[:, predictors], exit_steps[:, predictors], num_loops, temperature)
-    return torch.cat([torch.zeros_like(logp[:, :1]), logp[:, 1:]], dim=1)
-
-
 def rollout_exit_logps(records: Sequence[RolloutRecord], completion_width: int) -> torch.Tensor:
     """(B, C) the rollout's exit log-probs in `exit_action_logps`' alignment: column j holds record
     `exit_logprobs[j - 1]` (column 0 and padding: 0)."""
@@ -174,7 +169,7 @@ def rollout_exit_logps(records: Sequence[RolloutRecord], completion_width: int) 
     for i, r in enumerate(records):
         if len(r.exit_logprobs) != len(r.completion_ids):
             raise ValueError(f"record {i} has no exit_logprobs: loop.exit_action needs rollout.depth.policy=sampled")
-        out[i, 1 : len(r.exit_logprobs)] = torch.tensor(r.exit_logprobs[:-1])
+        out[i, : len(r.exit_logprobs)] = exit_actions(torch.tensor(r.exit_logprobs))
     return out
 
 
@@ -275,6 +270,7 @@ class LoopGRPOTrainer(GRPOTrainer):
         self.depth = depth
         self.loop = loop or LoopRLConfig()
         self.add_callback(NonFiniteGuard(self.loop.max_consecutive_nonfinite_steps))
+        self.add_callback(MarkCompleteCheckpoints())  # the recipe resumes only from marked checkpoints
         self.dynamic = dynamic_sampling or DynamicSamplingConfig()
         if self.accelerator.num_processes > 1 and self.args.per_device_train_batch_size % self.num_generations:
             raise UserError(
@@ -291,7 +287,9 @@ class LoopGRPOTrainer(GRPOTrainer):
                 "importance-sampling correction is unnecessary%s",
                 " (its weights are all exactly 1)" if self.loop.importance_sampling_correction else "",
             )
-        self._records: list[RolloutRecord] = []  # the batch just generated, in TRL's row order
+        # The batch rollout_func just generated, in TRL's row order: read by TRL's own old-log-prob pass (no argument
+        # of that pass can carry it); once TRL's scoring returns, it travels in the batch dict (`_rollout_tensors`).
+        self._records: list[RolloutRecord] = []
         self._stash: list[RolloutRecord] | None = None  # dynamic sampling's chosen records
         self._replay: torch.Tensor | None = None  # (B, P+C) exit steps of the batch being scored
         self._phase_s: dict[str, float] = {}
@@ -442,14 +440,29 @@ class LoopGRPOTrainer(GRPOTrainer):
         if self.dynamic.enabled and self.model.training:
             inputs = self._dynamic_sample(inputs)
         output = super()._generate_and_score_completions(inputs)
-        prompt_width, completion_width = output["prompt_ids"].shape[1], output["completion_ids"].shape[1]
-        output["exit_steps"] = self._exit_steps(prompt_width, completion_width).to(output["prompt_ids"].device)
+        records, self._records = self._records, []  # this batch's: from here on in `output`, which TRL buffers
+        output |= self._rollout_tensors(records, output)
         self._check_parity(output)
         return output
 
-    def _exit_steps(self, prompt_width: int, completion_width: int) -> torch.Tensor:
+    def _rollout_tensors(self, records: Sequence[RolloutRecord], output: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """What the parity check and the update read of the batch's records, one row per completion, in the dict
+        TRL hands from scoring to `_compute_loss` (split by rows with it): the exit steps to replay, whether the
+        current weights made the row (`rollout_fresh`), and with `exit_action` the rollout's exit log-probs."""
+        device = output["prompt_ids"].device
+        prompt_width, completion_width = output["prompt_ids"].shape[1], output["completion_ids"].shape[1]
+        step = self.state.global_step
+        tensors = {
+            "exit_steps": self._exit_steps(records, prompt_width, completion_width).to(device),
+            "rollout_fresh": torch.tensor([r.policy_version == step for r in records], device=device),
+        }
+        if self.loop.exit_action:
+            tensors["rollout_exit_logps"] = rollout_exit_logps(records, completion_width).to(device)
+        return tensors
+
+    def _exit_steps(self, records: Sequence[RolloutRecord], prompt_width: int, completion_width: int) -> torch.Tensor:
         full = self.loop.update_depth == "full"
-        return replay_exit_steps(self._records, prompt_width, completion_width, self.num_loops, full)
+        return replay_exit_steps(records, prompt_width, completion_width, self.num_loops, full)
 
     @torch.no_grad()
     def _check_parity(self, output: dict[str, Any]) -> None:
@@ -464,15 +477,13 @@ class LoopGRPOTrainer(GRPOTrainer):
         completion_mask = output["completion_mask"]
         # Replay parity holds for the records the current weights made; older ones (asynchronous rollouts) differ
         # by the updates since, which the importance weights correct: their gap is logged apart (offpolicy/*).
-        fresh = torch.tensor(
-            [r.policy_version == self.state.global_step for r in self._records], device=completion_mask.device
-        )[:, None]
+        fresh = output["rollout_fresh"][:, None]
         parity_mask = completion_mask * fresh
         metrics: dict[str, float] = {}
         with self.replaying(output["exit_steps"]):
             if self.loop.exit_action:  # token and exit parts apart, for their own parity (one forward)
                 trainer_logps, exit_logps, _ = self._fused_parts(self.model, ids, mask, width, batch, False)
-                rollout_exit = rollout_exit_logps(self._records, width).to(exit_logps.device)
+                rollout_exit = output["rollout_exit_logps"].to(exit_logps.device)
                 metrics |= {
                     name.replace("parity/", "parity/exit_"): value
                     for name, value in parity_metrics(rollout_exit, exit_logps, parity_mask, self._gather).items()
@@ -533,7 +544,7 @@ class LoopGRPOTrainer(GRPOTrainer):
 
     def _replay_rows(self, start: int, end: int, input_ids: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
         if self._replay is None:  # TRL's own old-log-prob pass, right after our rollout_func
-            self._replay = self._exit_steps(input_ids.shape[1] - logits_to_keep, logits_to_keep)
+            self._replay = self._exit_steps(self._records, input_ids.shape[1] - logits_to_keep, logits_to_keep)
         return self._replay[start:end].to(input_ids.device)
 
     def _get_per_token_logps_and_entropies(
@@ -595,11 +606,8 @@ class LoopGRPOTrainer(GRPOTrainer):
             input_ids=ids, attention_mask=mask, exit_steps=steps, logits_to_keep=logits_to_keep + 1,
             output_loop_states=output_loop_states, use_cache=False,
         ).logits[:, :-1]  # (b, C, V): position p predicts token p + 1
-        logp = processed_logprobs(logits, SamplingConfig(temperature=self.args.temperature))
-        return SimpleNamespace(
-            log_probs=logp.gather(-1, ids[:, -logits_to_keep:, None])[..., 0],
-            entropy=-(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1),
-        )
+        logp = processed_logprobs(logits, self.args.temperature)
+        return SimpleNamespace(log_probs=token_logprobs(logp, ids[:, -logits_to_keep:]), entropy=entropy(logp))
 
     @contextlib.contextmanager
     def _backbone_output(self) -> Iterator[list]:
@@ -637,17 +645,17 @@ class LoopGRPOTrainer(GRPOTrainer):
             targets = ids[:, -logits_to_keep:]
             # Position p predicts token p + 1: the completion's predictors are the positions before each token.
             per_loop = torch.stack([
-                _sampled_logps(lm_head(h[:, -logits_to_keep - 1 : -1]), targets, self.temperature)
+                sampled_logprobs(lm_head(predictors(h, logits_to_keep)), targets, self.temperature)
                 for h in out.loop_hidden_states
             ], dim=-1)  # (b, C, T)
-            predictor_steps = steps[:, -logits_to_keep - 1 : -1]
-            gates = out.gate_logits[:, -logits_to_keep - 1 : -1]
+            predictor_steps = predictors(steps, logits_to_keep)
+            gates = predictors(out.gate_logits, logits_to_keep)
             weights = loop_credit_weights(
                 self.loop.loop_credit, predictor_steps, self.num_loops, gates, self.loop.progressive_power
             )
             logps.append((per_loop * weights).sum(-1))
             if compute_entropy:
-                entropies.append(_entropy(out.logits[:, :-1], self.temperature))
+                entropies.append(entropy(processed_logprobs(out.logits[:, :-1], self.temperature)))
         return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
 
     # -- dynamic sampling ----------------------------------------------------------------------------------
@@ -714,15 +722,6 @@ class LoopGRPOTrainer(GRPOTrainer):
         data = self.train_dataset
         return [data[rng.randrange(len(data))] for _ in range(count)]
 
-    # -- checkpoints ---------------------------------------------------------------------------------------
-
-    def _save_checkpoint(self, model, trial):
-        """TRL's checkpoint, then a completion marker: a save cut short by a crash is never resumed from."""
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            mark_complete(folder)
-
     # -- timing --------------------------------------------------------------------------------------------
 
     def _phase(self, name: str, seconds: float) -> None:
@@ -745,51 +744,8 @@ class LoopGRPOTrainer(GRPOTrainer):
 # Helpers
 
 
-COMPLETE_MARKER = "checkpoint_complete"
-
-
-def mark_complete(folder: Path) -> None:
-    """Written last, and synced, so its presence means every file of the checkpoint is on disk."""
-    marker = folder / COMPLETE_MARKER
-    with marker.open("w") as f:
-        f.write("ok\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def latest_complete_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest `checkpoint-N` with its completion marker; incomplete ones (a crash mid-save) are renamed
-    `checkpoint-N.incomplete` so that neither this nor transformers' checkpoint rotation picks them up."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return None
-    found = []
-    for folder in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-        step = folder.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")
-        if not folder.is_dir() or not step.isdigit():
-            continue
-        if (folder / COMPLETE_MARKER).exists():
-            found.append((int(step), folder))
-        else:
-            logger.warning("%s was not completely written (crash during save?): set aside", folder)
-            with contextlib.suppress(FileNotFoundError):  # every training process looks; one of them moves it
-                folder.rename(folder.with_name(folder.name + ".incomplete"))
-    return str(max(found)[1]) if found else None
-
-
 def _is_chat(prompt: Any) -> bool:
     return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
-
-
-def _sampled_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(b, C, V) logits, (b, C) ids -> (b, C) log-probs under softmax(logits / temperature)."""
-    logits = logits.float() / temperature
-    return logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)
-
-
-def _entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    logp = (logits.float() / temperature).log_softmax(-1)
-    return -(logp.exp() * logp).sum(-1)
 
 
 def gathered_policy_state(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
@@ -830,7 +786,6 @@ __all__ = [
     "exit_metrics",
     "gathered_policy_state",
     "importance_weights",
-    "latest_complete_checkpoint",
     "loop_credit_weights",
     "parity_metrics",
     "policy_state_dict",

@@ -13,13 +13,7 @@ opens `<think>`, Ouro's bos/eos fix) -> trainer (loop-aware loss, optional LoRA)
 train (resumable) -> evaluate after -> save (merged model, tokenizer, generation config, recipe config) ->
 sample the saved folder through our rollout engine and count well-formed completions.
 
-Objectives (`objective.kind`), all from `looplm.losses`:
-  final   cross-entropy at the last loop (default). Trains through TRL's fused lm-head path, which runs the
-          backbone and reads `last_hidden_state` (each token's exit-loop state: loop T in training).
-  stage1  Ouro's Stage-I objective, sum_t p(t) * CE_t - beta * H(p): trains the exit gate with the LM.
-  mean    cross-entropy averaged over loops (deep supervision).
-The last two need every loop's state, so `LoopSFTTrainer.compute_loss` runs the model with
-`output_loop_states=True`; evaluation always does, to log each loop's cross-entropy and the exit distribution.
+The trainer and its objectives (`objective.kind`: final, stage1, mean) are in `posttrain.sft_trainer`.
 """
 
 from __future__ import annotations
@@ -35,40 +29,42 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
-from trl import SFTConfig, SFTTrainer
+from trl import SFTConfig
 
 import looplm
 from configs import UserError, save_config
 from configs.inputs import hub_errors, model_source
-from looplm import LoopLMConfig, LoopLMForCausalLM, exit_log_pdf
-from looplm.losses import final_loop_loss, mean_loop_loss, per_loop_token_losses, stage1_loss
-from looplm.tokenizer import CHAT_TEMPLATE, THINK_CLOSE, THINK_OPEN, build_tokenizer, fix_ouro_special_tokens
+from looplm import LoopLMConfig, LoopLMForCausalLM
+from looplm.tokenizer import THINK_CLOSE, THINK_OPEN, build_tokenizer, fix_ouro_special_tokens
 from posttrain.callbacks import CompactProgress
-from posttrain.data import SFTData, corpus_of, drop_long_rows, load_sft_data
+from posttrain.data import SFTData, corpus_of, drop_long_rows, load_rows
 from posttrain.distributed import check_launch
 from posttrain.evaluation import sample_check
-from posttrain.synthetic import ArithmeticTask
+from posttrain.recipe_parts import (
+    HeldOutData,
+    LoraSection,
+    ModelFolder,
+    hold_out,
+    lora_config,
+    resume_checkpoint,
+)
+from posttrain.sft_trainer import LoopSFTTrainer, ObjectiveSection, unwrap_looplm
 from rollout.engine import SamplingConfig
 
 logger = logging.getLogger(__name__)
 
 RECIPE_CONFIG_FILE = "sft_config.yaml"
 RESULTS_FILE = "sft_results.json"
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # ----------------------------------------------------------------------------------------------------------
 # Config
 
 
 @dataclass
-class ModelSection:
-    # A LoopLM save or an Ouro checkpoint (folder or hub name); None builds the tiny model below.
-    path: str | None = None
-    # None: the tokenizer in `path`; for the tiny model, a byte-level BPE trained on the training text.
-    tokenizer_path: str | None = None
+class ModelSection(ModelFolder):
+    # path None builds the tiny model below, with a byte-level BPE trained on the training text.
     # Loops for training, also written to the saved config (None: the checkpoint's T; 4 for the tiny model).
     total_ut_steps: int | None = None
     # looprl: our ChatML template, which opens <think> for the assistant (looplm.tokenizer); keep: the
@@ -85,44 +81,13 @@ class ModelSection:
 
 
 @dataclass
-class DataSection:
-    # "synthetic" (arithmetic traces generated in code), a local .jsonl/.json/.parquet file or folder, or a
+class DataSection(HeldOutData):
+    # train: "synthetic" (arithmetic traces generated in code), a local .jsonl/.json/.parquet file or folder, or a
     # hub dataset name; schemas (posttrain.data): `messages`, `prompt`/`completion`, ShareGPT `conversations`.
     train: str = "synthetic"
-    split: str = "train"
-    eval: str | None = None  # None: hold out the first `eval_rows` rows of `train`
-    eval_split: str = "test"
-    max_rows: int | None = None  # cap on the training rows read (before the hold-out)
-    eval_rows: int = 64
-    synthetic_rows: int = 1024
-    synthetic_seed: int = 0
-    task: ArithmeticTask = field(default_factory=ArithmeticTask)  # the synthetic problems (train: synthetic)
     # Rows longer than training.max_length: "drop" them before training (counted in the results), or
     # "truncate" them to their first max_length tokens (TRL's truncation).
     overlong: Literal["drop", "truncate"] = "drop"
-
-
-@dataclass
-class ObjectiveSection:
-    kind: Literal["final", "stage1", "mean"] = "final"
-    # Stage-I entropy weight: 0.1 early and 0.05 later in the paper; 0 lets the exit distribution collapse.
-    beta: float = 0.1
-    # Only Stage I gives the gate a gradient; false freezes it (the other objectives always freeze it).
-    gate_trainable: bool = True
-
-    def __post_init__(self) -> None:
-        if self.beta < 0:
-            raise ValueError(f"objective.beta must be >= 0, got {self.beta}")
-
-
-@dataclass
-class LoraSection:
-    enabled: bool = False  # false: full fine-tuning
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    # Never lm_head: TRL's fused head reads `lm_head.weight` directly, so an adapter there would not train.
-    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
 
 
 def _cpu_sft_defaults() -> SFTConfig:
@@ -168,7 +133,7 @@ def build_model_and_tokenizer(
     """Load (or build) the LoopLM and its tokenizer, with the chat template and Ouro's bos/eos fix applied."""
     if cfg.path is not None:
         model_source(cfg.path)  # a missing local folder: one line naming its command, before any work
-    tokenizer = load_tokenizer(cfg, corpus)
+    tokenizer = model_tokenizer(cfg, corpus)
     if cfg.path is None:
         torch.manual_seed(seed)
         model = LoopLMForCausalLM(tiny_model_config(cfg, tokenizer))
@@ -183,15 +148,12 @@ def build_model_and_tokenizer(
     return model, tokenizer
 
 
-def load_tokenizer(cfg: ModelSection, corpus: Sequence[str] | None) -> PreTrainedTokenizerBase:
+def model_tokenizer(cfg: ModelSection, corpus: Sequence[str] | None) -> PreTrainedTokenizerBase:
+    """The tokenizer at `model.tokenizer_path` or `model.path`; for the tiny model, a BPE trained on `corpus`."""
     source = cfg.tokenizer_path or cfg.path
     if source is None:
         return build_tokenizer(corpus, vocab_size=cfg.tokenizer_vocab_size)
-    with hub_errors("model.tokenizer_path" if cfg.tokenizer_path else "model.path", source):
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    if cfg.chat_template == "looprl":
-        tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+    return cfg.tokenizer(cfg.chat_template)
 
 
 def tiny_model_config(cfg: ModelSection, tokenizer: PreTrainedTokenizerBase) -> LoopLMConfig:
@@ -224,98 +186,18 @@ def set_gate_trainable(model: torch.nn.Module, objective: ObjectiveSection) -> N
         p.requires_grad_(trainable)
 
 
-def unwrap_looplm(model: torch.nn.Module) -> LoopLMForCausalLM:
-    """The LoopLMForCausalLM inside a PeftModel (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def peft_config(cfg: LoraSection, objective: ObjectiveSection):
-    from peft import LoraConfig
-
     if "lm_head" in cfg.target_modules:
         raise ValueError(
             "lora.target_modules: lm_head cannot take an adapter (TRL's fused head reads its weight)"
         )
     # A trainable gate under LoRA is trained in full and saved with the adapter.
     gate = ["early_exit_gate"] if objective.kind == "stage1" and objective.gate_trainable else None
-    return LoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=list(cfg.target_modules),
-        modules_to_save=gate,
-        task_type="CAUSAL_LM",
-    )
+    return lora_config(cfg, modules_to_save=gate)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Trainer
-
-
-class LoopSFTTrainer(SFTTrainer):
-    """`SFTTrainer` with a loop-aware `compute_loss`. Overrides only `compute_loss` (public, documented hook);
-    it writes to `self._metrics`, TRL's private per-mode metric lists that `log` averages (trl >=1.16,<2).
-    """
-
-    def __init__(self, *args, objective: ObjectiveSection, **kwargs):
-        self.objective = objective
-        super().__init__(*args, **kwargs)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.objective.kind == "final" and self.model.training and not return_outputs:
-            # TRL's fused lm-head path: the backbone's last_hidden_state is the last loop's state.
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss, outputs = self.loop_loss(model, inputs, num_items_in_batch)
-        return (loss, outputs) if return_outputs else loss
-
-    def loop_loss(self, model, inputs, num_items_in_batch=None):
-        """The configured objective from every loop's states; logs per-loop CE and exit statistics."""
-        mode = "train" if self.model.training else "eval"
-        inputs = dict(inputs)
-        labels = inputs.pop("labels")
-        # logits_to_keep=1: skip the exit loop's (B, S, V) logits; per_loop_token_losses makes its own.
-        outputs = model(**inputs, use_cache=False, output_loop_states=True, logits_to_keep=1)
-        lm_head = unwrap_looplm(self.accelerator.unwrap_model(model)).get_output_embeddings()
-        ce, mask = per_loop_token_losses(outputs.loop_hidden_states, lm_head, labels)
-        loss = objective_loss(self.objective, ce, mask, outputs.gate_logits, num_items_in_batch)
-        # As TRL's compute_loss: num_items_in_batch counts every rank's tokens and DDP averages the gradients.
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-        self.log_loop_metrics(mode, ce, mask, outputs.gate_logits)
-        return loss, outputs
-
-    def log_loop_metrics(
-        self, mode: str, ce: torch.Tensor, mask: torch.Tensor, gate_logits: torch.Tensor
-    ) -> None:
-        for name, value in loop_metrics(ce.detach(), mask, gate_logits.detach()).items():
-            self._metrics[mode][name].append(value)
-
-
-def objective_loss(
-    objective: ObjectiveSection,
-    ce: torch.Tensor,
-    mask: torch.Tensor,
-    gate_logits: torch.Tensor,
-    normalizer=None,
-) -> torch.Tensor:
-    """ce (T, B, S-1), mask (B, S-1), gate_logits (B, S, T) -> the loss; `normalizer`: num_items_in_batch."""
-    if objective.kind == "stage1":
-        return stage1_loss(ce, gate_logits, mask, objective.beta, normalizer)[0]
-    if objective.kind == "mean":
-        return mean_loop_loss(ce, mask, normalizer)
-    return final_loop_loss(ce, mask, normalizer)
-
-
-def loop_metrics(ce: torch.Tensor, mask: torch.Tensor, gate_logits: torch.Tensor) -> dict[str, float]:
-    """Token-mean CE at every loop, exit entropy (nats) and mean exit pdf p(t), over the label positions."""
-    count = mask.sum().clamp(min=1)
-    log_p = exit_log_pdf(gate_logits[:, :-1].float())  # (B, S-1, T)
-    p = log_p.exp()
-    metrics = {f"ce_loop{t + 1}": float(ce[t].sum() / count) for t in range(ce.shape[0])}
-    metrics["exit_entropy"] = float((-(p * log_p).sum(-1) * mask).sum() / count)
-    pdf = (p * mask[..., None]).sum((0, 1)) / count
-    metrics |= {f"exit_p{t + 1}": float(v) for t, v in enumerate(pdf)}
-    return metrics
 
 
 def trainer_args(cfg: SFTRecipeConfig, data: SFTData) -> SFTConfig:
@@ -356,20 +238,6 @@ def make_trainer(
 
 PROGRESS_KEYS = {"loss": "loss", "ce_loop1": "CE loop 1", "ce_loop4": "CE loop 4", "exit_entropy": "exit entropy",
                  "eval_loss": "eval loss"}
-
-
-def resume_checkpoint(args: SFTConfig) -> str | None:
-    """TRL's `resume_from_checkpoint`: a folder, or "latest" for the newest `checkpoint-N` under output_dir
-    (None when there is none yet: a fresh start, so the same command starts and resumes a run)."""
-    value = args.resume_from_checkpoint
-    if isinstance(value, str) and value.lower() in ("latest", "true"):
-        found = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
-        if found is None:
-            logger.info("training.resume_from_checkpoint=%s: no checkpoint in %s, fresh start", value, args.output_dir)
-        return found
-    if value is not None and not Path(value).is_dir():
-        raise UserError(f"training.resume_from_checkpoint: no checkpoint folder {value}")
-    return value
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -469,6 +337,17 @@ def lora_effect(
     return adapter_logits
 
 
+def load_sft_data(cfg: DataSection) -> SFTData:
+    """Train and eval rows of the `data:` section; without `data.eval` the first `eval_rows` training rows are
+    held out."""
+    train = load_rows(cfg.train, cfg.split, cfg.max_rows, cfg.synthetic_rows, cfg.synthetic_seed, cfg.task)
+    if cfg.eval is not None:
+        evals = load_rows(cfg.eval, cfg.eval_split, cfg.eval_rows, cfg.eval_rows, cfg.synthetic_seed + 1, cfg.task)
+        return SFTData(train, evals)
+    held, rest = hold_out(train, cfg.eval_rows)
+    return SFTData(rest, held if len(held) else None)
+
+
 def setup(config: SFTRecipeConfig) -> tuple[SFTData, LoopLMForCausalLM, PreTrainedTokenizerBase]:
     """Data first (the tiny model's tokenizer is trained on it), then the over-length filter (needs it)."""
     t = config.training
@@ -523,16 +402,12 @@ def seed_everything(seed: int) -> None:
 
 __all__ = [
     "DataSection",
-    "LoopSFTTrainer",
-    "LoraSection",
     "ModelSection",
-    "ObjectiveSection",
     "SFTRecipeConfig",
     "SampleSection",
     "build_model_and_tokenizer",
-    "loop_metrics",
+    "load_sft_data",
     "make_trainer",
-    "objective_loss",
     "run_sft",
     "save_output",
     "setup",

@@ -5,7 +5,7 @@
 
 The `training:` section is TRL's own `GRPOConfig` (its field names, defaults and help); our options sit in
 `model`, `data`, `rollout`, `rewards`, `loop`, `dynamic_sampling` and `eval`. The trainer is
-`posttrain.loop_grpo.LoopGRPOTrainer`; this file only wires data, model, engine, rewards and outputs:
+`posttrain.grpo_trainer.LoopGRPOTrainer`; this file only wires data, model, engine, rewards and outputs:
 
     data -> model + tokenizer -> rollout engine -> held-out accuracy before -> train (resumable) ->
     held-out accuracy after -> save (model folder in Ouro's layout, results.json, metrics.jsonl)
@@ -13,7 +13,6 @@ The `training:` section is TRL's own `GRPOConfig` (its field names, defaults and
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 from datasets import Dataset
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
+from transformers import PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 from trl import GRPOConfig
 
@@ -30,20 +29,22 @@ import looplm
 from configs import UserError, save_config
 from configs.inputs import hub_errors, model_source
 from looplm import LoopLMForCausalLM
-from looplm.tokenizer import CHAT_TEMPLATE, fix_ouro_special_tokens
 from posttrain.callbacks import CompactProgress
 from posttrain.data import load_dapo_math, load_gsm8k
 from posttrain.distributed import check_launch
 from posttrain.evaluation import task_accuracy
-from posttrain.loop_grpo import (
-    DynamicSamplingConfig,
-    LoopGRPOTrainer,
-    LoopRLConfig,
-    gathered_policy_state,
-    latest_complete_checkpoint,
+from posttrain.grpo_trainer import DynamicSamplingConfig, LoopGRPOTrainer, LoopRLConfig, gathered_policy_state
+from posttrain.recipe_parts import (
+    HeldOutData,
+    LoraSection,
+    ModelFolder,
+    build_engine,
+    close_engine,
+    hold_out,
+    lora_config,
+    resume_checkpoint,
 )
-from posttrain.sft import LoraSection
-from posttrain.synthetic import ArithmeticTask, to_dataset
+from posttrain.synthetic import to_dataset
 from rewards import get_reward_funcs
 from rollout.engine import DepthConfig, RolloutEngine, SamplingConfig
 from rollout.pool import PoolConfig
@@ -54,9 +55,8 @@ METRICS_FILE, RESULTS_FILE, MODEL_DIR, CONFIG_FILE = "metrics.jsonl", "results.j
 
 
 @dataclass
-class GRPOModelSection:
+class GRPOModelSection(ModelFolder):
     path: str = "outputs/sft_tiny"  # a LoopLM folder (an SFT output) or an Ouro checkpoint folder
-    tokenizer_path: str | None = None  # None: the model folder's
     gate_trainable: bool = False  # the plain RL update gives the gate no gradient; frozen it is checked to stay put
     # False: only the exit gate trains (depth-aware RL of the gate alone: needs gate_trainable and loop.exit_action)
     lm_trainable: bool = True
@@ -67,20 +67,15 @@ class GRPOModelSection:
 
 
 @dataclass
-class GRPODataSection:
-    # synthetic: arithmetic problems generated in code (`synthetic_*` keys); dapo: a DAPO-Math-17k file, folder or
-    # hub name (de-duplicated); gsm8k: a question/answer file or folder (GSM8K/MATH-style, `#### N` answers).
-    format: Literal["synthetic", "dapo", "gsm8k"] = "synthetic"
-    train: str | None = None
-    split: str = "train"
-    dedupe: bool = True
-    max_rows: int | None = None
-    eval: str | None = None  # None: the first `eval_rows` training rows are held out
-    eval_split: str = "test"
+class GRPODataSection(HeldOutData):
+    train: str | None = None  # the file, folder or hub name of formats dapo and gsm8k
     eval_rows: int = 200
     synthetic_rows: int = 4096
-    synthetic_seed: int = 0  # the SFT data's seed: held-out rows are never trained on by either recipe
-    task: ArithmeticTask = field(default_factory=ArithmeticTask)  # the SFT config's `data.task`
+    # synthetic: arithmetic problems generated in code (`synthetic_*` keys, `task`: the SFT config's `data.task`);
+    # dapo: a DAPO-Math-17k file, folder or hub name (de-duplicated); gsm8k: a question/answer file or folder
+    # (GSM8K/MATH-style, `#### N` answers).
+    format: Literal["synthetic", "dapo", "gsm8k"] = "synthetic"
+    dedupe: bool = True
 
     def __post_init__(self) -> None:
         if self.format != "synthetic" and not self.train:
@@ -194,8 +189,7 @@ def load_grpo_data(cfg: GRPODataSection) -> tuple[Dataset, Dataset]:
         held = loader(cfg.eval, split=cfg.eval_split, max_rows=cfg.eval_rows, **kwargs)
         train = data
     else:
-        n = min(cfg.eval_rows, len(data) // 2)
-        held, train = data.select(range(n)), data.select(range(n, len(data)))
+        held, train = hold_out(data, cfg.eval_rows)
     if len(train) == 0:
         raise UserError(f"data: no training rows left from {cfg.train or 'synthetic'} after holding out {len(held)}")
     return train, held
@@ -208,11 +202,8 @@ def load_grpo_data(cfg: GRPODataSection) -> tuple[Dataset, Dataset]:
 def load_policy(cfg: GRPOModelSection) -> tuple[LoopLMForCausalLM, PreTrainedTokenizerBase]:
     with hub_errors("model.path", model_source(cfg.path)):  # a missing folder: one line naming its command
         model = LoopLMForCausalLM.from_pretrained(cfg.path, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path or cfg.path)
+    tokenizer = cfg.tokenizer(model=model)
     model.config.exact_mode = cfg.exact_mode  # shipped with the config to the engine's copy
-    if not tokenizer.chat_template:
-        tokenizer.chat_template = CHAT_TEMPLATE
-    fix_ouro_special_tokens(tokenizer, model)
     for p in model.parameters():
         p.requires_grad_(cfg.lm_trainable)
     for p in model.model.early_exit_gate.parameters():
@@ -220,31 +211,12 @@ def load_policy(cfg: GRPOModelSection) -> tuple[LoopLMForCausalLM, PreTrainedTok
     return model, tokenizer
 
 
-def build_engine(cfg: RolloutSection, model: LoopLMForCausalLM, model_path: str, tokenizer) -> RolloutEngine:
-    """The engine holds its own copy of the weights; the trainer syncs them every optimizer step."""
-    if cfg.engine == "pool":
-        from rollout.pool import RolloutPool
-
-        return RolloutPool(model, cfg.pool, tokenizer=tokenizer, depth=cfg.depth)
-    if cfg.engine == "vllm":
-        from rollout.vllm_engine import VLLMEngine
-
-        return VLLMEngine(model_path, tokenizer=tokenizer, depth=cfg.depth)
-    from rollout.torch_engine import TorchEngine
-
-    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-    return TorchEngine(
-        copy.deepcopy(model).to(device), tokenizer=tokenizer, depth=cfg.depth, max_batch_size=cfg.max_batch_size,
-        compile_decode=cfg.compile_decode,
-    )
-
-
-def lora_config(cfg: LoraSection):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
-        task_type="CAUSAL_LM",
+def rollout_engine(cfg: RolloutSection, model: LoopLMForCausalLM, model_path: str, tokenizer) -> RolloutEngine:
+    """The `rollout:` section's engine; it holds its own copy of the weights, which the trainer syncs every
+    optimizer step (vLLM loads `model_path`)."""
+    return build_engine(
+        cfg.engine, model, tokenizer, cfg.depth, cfg.pool, max_batch_size=cfg.max_batch_size,
+        compile_decode=cfg.compile_decode, folder=model_path, device=cfg.device,
     )
 
 
@@ -294,20 +266,6 @@ def evaluate(engine: RolloutEngine, tokenizer, held: Dataset, cfg: GRPORecipeCon
     }
 
 
-def resume_arg(args: GRPOConfig) -> str | None:
-    """TRL's `resume_from_checkpoint`: a folder, or "latest" for the newest complete one under output_dir
-    (None when there is none yet: a fresh start, so the same command starts and resumes a run)."""
-    value = args.resume_from_checkpoint
-    if isinstance(value, str) and value.lower() in ("latest", "true"):
-        found = latest_complete_checkpoint(args.output_dir)
-        if found is None:
-            logger.info("no complete checkpoint in %s: fresh start", args.output_dir)
-        return found
-    if value is not None and not Path(value).is_dir():
-        raise UserError(f"training.resume_from_checkpoint: no checkpoint folder {value}")
-    return value
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The recipe
 
@@ -329,11 +287,11 @@ def run_grpo(config: GRPORecipeConfig, callbacks: list[TrainerCallback] | None =
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / CONFIG_FILE)
     reward_funcs = get_reward_funcs(config.rewards.names, **config.rewards.options)
-    engine = build_engine(config.rollout, model, config.model.path, tokenizer) if main else None
+    engine = rollout_engine(config.rollout, model, config.model.path, tokenizer) if main else None
     try:
         results: dict[str, Any] = {"train_rows": len(train), "eval_rows": len(held), "seed": args.seed,
                                    "processes": args.world_size}
-        resume = resume_arg(args)
+        resume = resume_checkpoint(args)
         if main and config.eval.num_prompts and not resume:
             results["before"] = evaluate(engine, tokenizer, held, config)
         trainer = LoopGRPOTrainer(
@@ -356,9 +314,7 @@ def run_grpo(config: GRPORecipeConfig, callbacks: list[TrainerCallback] | None =
             # Under FSDP the main process's modules hold shards: the gathered weights are what it saves.
             save_model(final_policy(trainer), tokenizer, out / MODEL_DIR, state if trainer.is_fsdp_enabled else None)
     finally:
-        close = getattr(engine, "close", None)
-        if close is not None:
-            close()
+        close_engine(engine)
     if main:
         (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=float) + "\n")
         log_summary(results)
@@ -411,6 +367,7 @@ __all__ = [
     "RewardsSection",
     "RolloutSection",
     "load_grpo_data",
+    "rollout_engine",
     "run_grpo",
 ]
 
