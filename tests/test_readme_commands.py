@@ -39,7 +39,7 @@ SMALL: dict[str, list[str]] = {
               "rollout.repeats=1", "rollout.max_new_tokens=8", "rollout.compile_decode=false",
               # not smaller: at 1,024 x 256 the chunked loss's peak rounds to 0 MB (and the ratio divides by it)
               "loss_memory.vocab_size=8192", "loss_memory.tokens=1024", "loss_memory.hidden_size=128",
-              "loss_memory.chunk_tokens=256", "loss_memory.repeats=1"],
+              "loss_memory.chunk_tokens=256", "loss_memory.repeats=1", "gate_repair.starts=[zeroed]"],
 }
 
 
