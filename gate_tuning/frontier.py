@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from looplm import KV_MODES, LoopKVCache, LoopLMForCausalLM
 from looplm.losses import IGNORE_INDEX
 from rewards.dapo import dapo_score
-from rollout.engine import DepthConfig, SamplingConfig, mean_loops_per_token
+from rollout.engine import DepthConfig, SamplingConfig, ran_exit_steps
 from rollout.torch_engine import TorchEngine, _left_pad
 
 from .data import Example
@@ -129,14 +129,55 @@ def generation_accuracy(
     engine: TorchEngine, examples: Sequence[Example], depth: DepthConfig, max_new_tokens: int
 ) -> tuple[float | None, float]:
     """Greedy completions of the answered examples -> (accuracy, mean loops of the decoded positions)."""
+    scores = generation_scores(engine, examples, depth, max_new_tokens)
+    return (None, math.nan) if scores is None else (scores.accuracy, scores.avg_loops)
+
+
+@dataclass
+class ExampleScores:
+    """Per answered example: greedy answer correct, decoded positions that ran, and their loops (summed)."""
+
+    correct: list[bool]
+    positions: list[int]
+    loops: list[int]
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.correct) / len(self.correct)
+
+    @property
+    def avg_loops(self) -> float:  # per decoded position, as `mean_loops_per_token`
+        return sum(self.loops) / max(sum(self.positions), 1)
+
+    def intervals(self, resamples: int = 2000, level: float = 0.95, seed: int = 0) -> dict[str, tuple[float, float]]:
+        """Percentile bootstrap intervals of accuracy and average loops, resampling examples (both statistics
+        from the same resamples, so they are paired)."""
+        n = len(self.correct)
+        rows = torch.randint(n, (resamples, n), generator=torch.Generator().manual_seed(seed))
+        correct = torch.tensor(self.correct, dtype=torch.float64)[rows].mean(1)
+        loops = torch.tensor(self.loops, dtype=torch.float64)[rows].sum(1)
+        avg_loops = loops / torch.tensor(self.positions, dtype=torch.float64)[rows].sum(1).clamp(min=1)
+        tail = (1 - level) / 2
+        bounds = torch.tensor([tail, 1 - tail], dtype=torch.float64)
+        return {"accuracy": tuple(correct.quantile(bounds).tolist()), "avg_loops": tuple(avg_loops.quantile(bounds).tolist())}
+
+
+def generation_scores(
+    engine: TorchEngine, examples: Sequence[Example], depth: DepthConfig, max_new_tokens: int
+) -> ExampleScores | None:
+    """Greedy completions of the answered examples, scored one by one (DAPO's `Answer:`); None without answers."""
     answered = [e for e in examples if e.answer is not None]
     if not answered:
-        return None, math.nan
+        return None
     sampling = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens, seed=0)
     records = engine.generate([e.prompt_ids for e in answered], sampling, depth)
     texts = [engine.tokenizer.decode(r.completion_ids, skip_special_tokens=True) for r in records]
-    correct = [dapo_score(t, e.answer) > 0 for t, e in zip(texts, answered, strict=True)]
-    return sum(correct) / len(correct), mean_loops_per_token(records)
+    ran = [ran_exit_steps(r) for r in records]
+    return ExampleScores(
+        correct=[dapo_score(t, e.answer) > 0 for t, e in zip(texts, answered, strict=True)],
+        positions=[len(steps) for steps in ran],
+        loops=[int(sum(steps)) for steps in ran],
+    )
 
 
 def evaluate_rules(
@@ -426,6 +467,7 @@ def _padded_range(values: Sequence[float]) -> tuple[float, float]:
 
 __all__ = [
     "GAP_TOL",
+    "ExampleScores",
     "ExitRule",
     "FrontierComparison",
     "FrontierPoint",
@@ -434,6 +476,7 @@ __all__ = [
     "frontier_area",
     "frontier_curve",
     "generation_accuracy",
+    "generation_scores",
     "hidden_diff_rules",
     "kv_rules",
     "markdown_table",

@@ -178,9 +178,14 @@ class RolloutRecord:
         }
 
 
+def ran_exit_steps(record: RolloutRecord) -> list[int]:
+    """The exit loops of the completion positions that ran: a completion's last token is never fed back."""
+    return list(record.exit_steps[:-1])
+
+
 def mean_loops_per_token(records: Sequence[RolloutRecord]) -> float:
-    """Average depth of the decoded positions that ran: each completion's last token is never fed back."""
-    ran = [step for r in records for step in r.exit_steps[:-1]]
+    """Average depth of the decoded positions that ran (`ran_exit_steps`)."""
+    ran = [step for r in records for step in ran_exit_steps(r)]
     return sum(ran) / max(len(ran), 1)
 
 
@@ -380,6 +385,7 @@ __all__ = [
     "exit_uniforms",
     "gumbel_noise",
     "mean_loops_per_token",
+    "ran_exit_steps",
     "prepare_request",
     "processed_logprobs",
     "request_keys",

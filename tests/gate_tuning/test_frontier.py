@@ -160,3 +160,22 @@ def test_outputs_csv_markdown_and_png(tmp_path):
     assert len(rows) == 8 and rows[2]["rule"] == "tuned"
     assert paths["md"].read_text().count("\n") == 10
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bootstrap_intervals_hold_the_estimate_and_narrow_with_more_examples():
+    from gate_tuning.frontier import ExampleScores
+
+    def scores(n: int) -> ExampleScores:  # 3 of 4 correct; every example 10 positions at 2 or 3 loops on average
+        return ExampleScores([i % 4 != 0 for i in range(n)], [10] * n, [20 + 10 * (i % 2) for i in range(n)])
+
+    small, large = scores(64), scores(1024)
+    for s in (small, large):
+        ci = s.intervals(resamples=500)
+        assert ci["accuracy"][0] < s.accuracy == 0.75 < ci["accuracy"][1]
+        assert ci["avg_loops"][0] < s.avg_loops == 2.5 < ci["avg_loops"][1]
+    width = {n: s.intervals(resamples=500)["accuracy"] for n, s in ((64, small), (1024, large))}
+    assert width[1024][1] - width[1024][0] < 0.5 * (width[64][1] - width[64][0])  # ~1/sqrt(n): 4x narrower
+    # The binomial standard error at n = 64 is 5.4 points: a 95% interval spans about 21 points.
+    assert 0.15 < width[64][1] - width[64][0] < 0.27
+    constant = ExampleScores([True] * 8, [5] * 8, [10] * 8).intervals(resamples=100)
+    assert constant == {"accuracy": (1.0, 1.0), "avg_loops": (2.0, 2.0)}
