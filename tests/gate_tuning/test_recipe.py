@@ -24,7 +24,7 @@ from gate_tuning.recipe import (
 )
 from gate_tuning.stage2 import GATE_PREFIX
 from looplm import LoopLMForCausalLM
-from tests.gate_tuning.conftest import make_checkpoint
+from tests.helpers import make_checkpoint
 
 SHRINK = [
     "data.train_rows=24", "data.eval_rows=6", "training.max_steps=4", "training.per_device_train_batch_size=8", "training.learning_rate=0.05",
