@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 from safetensors import safe_open
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainingArguments
+from transformers import PreTrainedTokenizerBase, TrainingArguments
 
 import looplm
 from configs import UserError, save_config
@@ -30,6 +30,7 @@ from configs.inputs import model_folder
 from looplm import KV_MODES, LoopLMConfig, LoopLMForCausalLM
 from looplm.exit_gate import check_threshold
 from looplm.tokenizer import fix_ouro_special_tokens
+from posttrain.recipe_parts import ModelFolder, resolve_device
 from posttrain.synthetic import ArithmeticTask
 
 from .data import Example, PadCollator, load_examples, training_features
@@ -75,9 +76,10 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.inde
 
 
 @dataclass
-class ModelSection:
+class ModelSection(ModelFolder):
+    """`ModelFolder`'s keys (`path`, `tokenizer_path`; `tokenizer()` loads it) and where to run."""
+
     path: str = ""  # a LoopLM save or an Ouro checkpoint folder (with its exit gate)
-    tokenizer_path: str | None = None  # None: the tokenizer in `path`
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Weights are loaded in float32 and the tuned folder is saved in the checkpoint's own dtype (bf16 -> fp32 ->
     # bf16 is exact), so every LM tensor comes back bit-identical. Evaluation runs in `eval_dtype`.
@@ -260,16 +262,6 @@ def require_examples(examples: list[Example], what: str) -> None:
 # Setup
 
 
-def resolve_device(device: str) -> torch.device:
-    return torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
-
-
-def load_tokenizer(cfg: ModelSection) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path or cfg.path)
-    fix_ouro_special_tokens(tokenizer)  # eos = <|im_end|>: where generation stops and completions end
-    return tokenizer
-
-
 def load_model(cfg: ModelSection, tokenizer: PreTrainedTokenizerBase) -> LoopLMForCausalLM:
     model = LoopLMForCausalLM.from_pretrained(cfg.path, dtype=torch.float32)
     fix_ouro_special_tokens(tokenizer, model)  # the engine stops at config's eos (Ouro's folders say id 0)
@@ -291,7 +283,10 @@ def load_train_examples(data: DataSection, tokenizer: PreTrainedTokenizerBase) -
                              data.task)
     rows = load_examples(data.train, data.split, data.eval_rows + data.train_rows, data.seed, tokenizer,
                          data.max_length)
-    return rows[data.eval_rows :]  # the first eval_rows rows are held out (load_eval_examples)
+    # The first eval_rows rows are held out (load_eval_examples), not `recipe_parts.hold_out`'s at most half: `run eval`
+    # loads them alone (no training rows to keep), and both recipes must hold out the same rows, counted after
+    # the max_length filter, so a short file keeps its results in both.
+    return rows[data.eval_rows :]
 
 
 def base_rules(num_loops: int, cfg: EvalSection, gate_label: str):
@@ -572,7 +567,7 @@ def run_gate(config: GateRecipeConfig) -> dict[str, Any]:
     check_checkpoint(config.model.path)
     torch.manual_seed(config.training.seed)
     out = Path(config.training.output_dir)
-    tokenizer = load_tokenizer(config.model)
+    tokenizer = config.model.tokenizer()  # Ouro's eos = <|im_end|>: where generation stops
     train, held_out = load_train_examples(config.data, tokenizer), load_eval_examples(config.data, tokenizer)
     require_examples(train, "data.train")
     require_examples(held_out, "held-out data")
@@ -623,7 +618,7 @@ def run_gate(config: GateRecipeConfig) -> dict[str, Any]:
 def run_eval(config: EvalRecipeConfig) -> dict[str, Any]:
     """The frontier of one checkpoint with its own gate; -> results (also in <output_dir>/results.json)."""
     check_checkpoint(config.model.path)
-    tokenizer = load_tokenizer(config.model)
+    tokenizer = config.model.tokenizer()  # Ouro's eos = <|im_end|>: where generation stops
     held_out = load_eval_examples(config.data, tokenizer)
     require_examples(held_out, "held-out data")
     model = load_model(config.model, tokenizer)

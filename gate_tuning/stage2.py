@@ -48,6 +48,7 @@ from transformers import Trainer, TrainerCallback
 
 from looplm import LoopLMForCausalLM
 from looplm.losses import per_loop_token_losses
+from posttrain.recipe_parts import MarkCompleteCheckpoints
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +226,8 @@ class GateTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.k, self.gamma, self.alignment, self.weighting = k, gamma, alignment, weighting
         self.target, self.epsilon = target, epsilon
+        # Checkpoints (save_strategy) get `recipe_parts`' completion marker; Stage II never resumes from one.
+        self.add_callback(MarkCompleteCheckpoints())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)

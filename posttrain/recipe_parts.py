@@ -8,8 +8,8 @@
 - `load_tokenizer`: a model folder's (or hub name's) tokenizer, always with Ouro's special-token fix;
 - `build_engine`: the one rollout-engine factory (the RL recipe's, `run.py rollout`'s and `run.py parity`'s).
 
-The recipes import these (`posttrain/*_recipe.py`, `posttrain/*_trainer.py` for the checkpoint marker,
-`cli/rollout.py`, `cli/parity.py`; `gate_tuning/recipe.py` can); nothing here imports a recipe.
+The recipes import these (`posttrain/*_recipe.py`, `posttrain/*_trainer.py` and `gate_tuning/stage2.py` for the
+checkpoint marker, `gate_tuning/recipe.py`, `cli/rollout.py`, `cli/parity.py`); nothing here imports a recipe.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from each other.
 - tiny models and paths: `tiny_config`, `tiny_model`, `REPO_ROOT`, `SHARED_DATA`;
 - `single_thread`: the body of each package's `one_thread` fixture;
 - data files: `write_jsonl`;
-- the RL trainer on a tiny policy: `save_policy`, `grpo_args`, `make_grpo_trainer`, `length_reward`, `logged`;
+- the RL trainer on a tiny policy: `save_policy` (the gate tests': `make_checkpoint`), `grpo_args`, `make_grpo_trainer`, `length_reward`, `logged`;
 - the rollout tests' model and prompts: `small_model`, `mixed_prompts`, `ADAPTIVE`;
 - the cached decode the model and parity tests compare against: `decode_incrementally`;
 - the reward cases the table and hostile-input tests share: `ACCURACY_CASES`.
@@ -74,15 +74,22 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
 # The RL trainer on a tiny policy
 
 
-def save_policy(folder: Path, **model_overrides) -> Path:
-    """A random "test"-size LoopLM and a tokenizer trained on the synthetic task, saved in `folder`."""
-    rows = arithmetic_traces(200, seed=0)
-    tokenizer = build_tokenizer([m["content"] for r in rows for m in r["messages"]], vocab_size=300)
-    model = looplm.tiny.tiny_model("test", vocab_size=len(tokenizer), max_position_embeddings=1024, **model_overrides)
+def save_policy(folder: Path, rows: int = 200, seed: int = 0, **model_overrides) -> Path:
+    """A random "test"-size LoopLM (seeded by `seed`, 1024 positions unless overridden) and a tokenizer trained on
+    `rows` synthetic traces of `seed`, saved in `folder`."""
+    traces = arithmetic_traces(rows, seed=seed)
+    tokenizer = build_tokenizer([m["content"] for r in traces for m in r["messages"]], vocab_size=300)
+    overrides = {"max_position_embeddings": 1024} | model_overrides
+    model = looplm.tiny.tiny_model("test", seed=seed, vocab_size=len(tokenizer), **overrides)
     fix_ouro_special_tokens(tokenizer, model)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def make_checkpoint(folder: Path, seed: int = 0, **model_overrides) -> Path:
+    """The gate tests' checkpoint: `save_policy` on 64 traces, with the "test" size's 512 positions."""
+    return save_policy(folder, rows=64, seed=seed, **({"max_position_embeddings": 512} | model_overrides))
 
 
 def length_reward(completions, **_) -> list[float]:

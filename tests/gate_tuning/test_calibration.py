@@ -14,7 +14,6 @@ from gate_tuning.recipe import (
     SelectSection,
     Stage2Section,
     budget_rank,
-    load_tokenizer,
     point_at_budget,
     tune_gate,
 )
@@ -104,7 +103,7 @@ def test_calibration_trains_only_the_gate_and_says_which_target(checkpoint, tmp_
         model.model.early_exit_gate.weight.zero_()
         model.model.early_exit_gate.bias.fill_(-3.0)
     before = {name: t.clone() for name, t in model.state_dict().items()}
-    tokenizer = load_tokenizer(ModelSection(path=str(checkpoint)))
+    tokenizer = ModelSection(path=str(checkpoint)).tokenizer()
     examples = load_examples("synthetic", "train", 20, 3, tokenizer, 128)
     cfg = GateTrainingConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8, learning_rate=0.05,
                              disable_tqdm=True, select_every=2)

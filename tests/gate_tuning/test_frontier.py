@@ -23,7 +23,7 @@ from gate_tuning.frontier import (
     teacher_forced,
     write_frontier,
 )
-from gate_tuning.recipe import ModelSection, load_tokenizer
+from gate_tuning.recipe import ModelSection
 from looplm import LoopLMForCausalLM
 from rollout.engine import DepthConfig
 
@@ -31,7 +31,7 @@ from rollout.engine import DepthConfig
 @pytest.fixture(scope="module")
 def setup(checkpoint):
     model = LoopLMForCausalLM.from_pretrained(str(checkpoint)).eval()
-    tokenizer = load_tokenizer(ModelSection(path=str(checkpoint)))
+    tokenizer = ModelSection(path=str(checkpoint)).tokenizer()
     return model, tokenizer, load_examples("synthetic", "train", 6, 5, tokenizer, 128)
 
 

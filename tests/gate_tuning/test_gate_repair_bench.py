@@ -10,8 +10,7 @@ from bench.gate_repair import WEIGHTS, GateRepairBenchConfig, write_start
 from gate_tuning.stage2 import GATE_PREFIX
 from looplm import LoopLMForCausalLM
 from looplm.exit_gate import q_exit_step
-
-from .conftest import make_checkpoint
+from tests.helpers import make_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from gate_tuning.recipe import (
     EvalRecipeConfig,
     GateRecipeConfig,
     Selection,
-    load_tokenizer,
     load_train_examples,
     run_eval,
     run_gate,
@@ -24,7 +23,7 @@ from gate_tuning.recipe import (
 )
 from gate_tuning.stage2 import GATE_PREFIX
 from looplm import LoopLMForCausalLM
-from tests.gate_tuning.conftest import make_checkpoint
+from tests.helpers import make_checkpoint
 
 SHRINK = [
     "data.train_rows=24", "data.eval_rows=6", "training.max_steps=4", "training.per_device_train_batch_size=8", "training.learning_rate=0.05",
@@ -60,7 +59,7 @@ def test_gate_recipe_tunes_only_the_gate_and_writes_the_frontier(checkpoint, tmp
 
 def test_held_out_selection_keeps_the_best_validation_snapshot(checkpoint, tmp_path):
     cfg = gate_cfg(checkpoint, tmp_path, "data.val_rows=6", "training.select_every=2")
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = cfg.model.tokenizer()
     examples = load_train_examples(cfg.data, tokenizer)
     model = LoopLMForCausalLM.from_pretrained(str(checkpoint))
     start = {n: t.clone() for n, t in model.state_dict().items() if n.startswith(GATE_PREFIX)}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gate_tuning.data import PadCollator, load_examples, training_features
-from gate_tuning.recipe import GateTrainingConfig, ModelSection, Stage2Section, load_tokenizer, tune_gate
+from gate_tuning.recipe import GateTrainingConfig, ModelSection, Stage2Section, tune_gate
 from gate_tuning.stage2 import (
     GATE_PREFIX,
     continue_targets,
@@ -83,7 +83,7 @@ def test_loss_rejects_bad_k_and_one_loop():
 def test_only_the_gate_trains_and_the_lm_stays_bit_identical(checkpoint, tmp_path):
     model = LoopLMForCausalLM.from_pretrained(str(checkpoint))
     before = {name: t.clone() for name, t in model.state_dict().items()}
-    tokenizer = load_tokenizer(ModelSection(path=str(checkpoint)))
+    tokenizer = ModelSection(path=str(checkpoint)).tokenizer()
     examples = load_examples("synthetic", "train", 16, 3, tokenizer, 128)
     cfg = GateTrainingConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8, learning_rate=0.05,
                              disable_tqdm=True)
