@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.depth_rl import DepthRLBenchConfig
 from bench.exact_bench import ExactBenchConfig
 from bench.gate_repair import GateRepairBenchConfig
 from bench.loss_memory import LossMemoryBenchConfig
@@ -28,6 +29,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "exact": ("bench.exact_bench", "run_exact_bench"),
     "weight_sync": ("bench.weight_sync", "run_weight_sync_bench"),
     "gate_repair": ("bench.gate_repair", "run_gate_repair_bench"),
+    "depth_rl": ("bench.depth_rl", "run_depth_rl_bench"),
 }
 
 
@@ -40,6 +42,7 @@ class BenchConfig:
     exact: ExactBenchConfig = field(default_factory=ExactBenchConfig)
     weight_sync: WeightSyncBenchConfig = field(default_factory=WeightSyncBenchConfig)
     gate_repair: GateRepairBenchConfig = field(default_factory=GateRepairBenchConfig)
+    depth_rl: DepthRLBenchConfig = field(default_factory=DepthRLBenchConfig)
     output_dir: str = "runs/bench"
 
     def __post_init__(self) -> None:
