@@ -190,7 +190,7 @@ def run_depth_rl_bench(config: DepthRLBenchConfig) -> dict[str, Any]:
 
 def curve(run_dir: Path) -> list[dict[str, float]]:
     """Per step: task reward, depth penalty and exit loop from the run's metrics.jsonl."""
-    keep = ("step", "rewards/dapo_reward/mean", "rewards/depth_penalty/mean", "exits/mean_exit_loop")
+    keep = ("step", "rewards/dapo_reward/mean", "rewards/depth_penalty/mean", "mean_exit_loop", "parity/exit_max_abs")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [{k: r[k] for k in keep if k in r} for r in rows]
 
