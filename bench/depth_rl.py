@@ -11,7 +11,7 @@ Evaluated on the same problems, greedy tokens, DAPO's `Answer:` scorer:
 - each depth-RL model: Q-exit over `q_grid` (the deployed readout; q picked on the validation problems for the
   `max_accuracy_drop` budget against the model's own static T) and the sampled policy it was trained with;
 - baselines: the demo's RL model (adaptive depth in RL, no exit action) with its Stage-I gate over `q_grid`, static
-  depths 1..T, and Stage II on it (the demo's gate output) over `q_grid`.
+  depths 1..T, and Stage II on it (the demo's gate output) over `q_grid`; the same RL stage at `rl_seeds`.
 Every point carries 95% percentile-bootstrap intervals of accuracy and average loops (problems resampled).
 Outputs under `output_dir`: depth_rl.json (every point), depth_rl.md (the table), depth_rl.png (the frontier).
 """
@@ -45,6 +45,10 @@ class DepthRLBenchConfig:
     rl_model: str = "outputs/demo/grpo/model"  # baseline: the demo's RL model and its Stage-I gate
     stage2_model: str = "outputs/demo/gate/model"  # baseline: Stage II on the RL model (the demo's gate stage)
     grpo_config: str = "configs/depth_rl_lm_tiny.yaml"
+    # The RL baseline's other seeds (seed 0 is `rl_model`): the demo's GRPO stage (`rl_config` from `sft_model`)
+    # trained again, so the baseline's own seed spread is measured too
+    rl_config: str = "configs/grpo_tiny.yaml"
+    rl_seeds: list[int] = field(default_factory=lambda: [1, 2])
     alphas: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.2, 0.5])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     overrides: list[str] = field(default_factory=list)  # appended to every run's config
@@ -101,19 +105,21 @@ def problem_sets(config: DepthRLBenchConfig) -> tuple[list[dict], list[dict], in
 
 def train_runs(config: DepthRLBenchConfig) -> dict[str, Path]:
     """Every (alpha, seed) run's model folder; runs that finished before are reused."""
-    model_folder(config.sft_model, "depth_rl.sft_model")
-    folders = {}
-    for alpha in config.alphas:
-        for seed in config.seeds:
-            name, out = f"alpha={alpha:g} seed={seed}", Path(config.output_dir) / f"a{alpha:g}_s{seed}"
-            if not (out / "results.json").exists():
-                logger.info("depth RL %s -> %s", name, out)
-                run_grpo(load_config(GRPORecipeConfig, config.grpo_config, [
-                    f"model.path={config.sft_model}", f"rewards.options.alpha={alpha}", f"training.seed={seed}",
-                    f"rollout.seed={seed}", f"training.output_dir={out}", *config.overrides,
-                ]))
-            folders[name] = out / "model"
-    return folders
+    return {f"alpha={alpha:g} seed={seed}": train(config, config.grpo_config, f"a{alpha:g}_s{seed}", seed,
+                                                   [f"rewards.options.alpha={alpha}", *config.overrides])
+            for alpha in config.alphas for seed in config.seeds}
+
+
+def train(config: DepthRLBenchConfig, recipe: str, name: str, seed: int, overrides: list[str]) -> Path:
+    """One GRPO run from the SFT model (skipped when its results.json exists) -> its model folder."""
+    out = Path(config.output_dir) / name
+    if not (out / "results.json").exists():
+        logger.info("%s, seed %d -> %s", recipe, seed, out)
+        run_grpo(load_config(GRPORecipeConfig, recipe, [
+            f"model.path={model_folder(config.sft_model, 'depth_rl.sft_model')}", f"training.seed={seed}",
+            f"rollout.seed={seed}", f"training.output_dir={out}", *overrides,
+        ]))
+    return out / "model"
 
 
 @dataclass
@@ -174,6 +180,9 @@ def run_depth_rl_bench(config: DepthRLBenchConfig) -> dict[str, Any]:
     runs = train_runs(config)
     evaluator = Evaluator(test, val, config)
     points = evaluator.points("RL model, Stage-I gate", model_folder(config.rl_model, "depth_rl.rl_model"), static=True)
+    for seed in config.rl_seeds:
+        folder = train(config, config.rl_config, f"rl_s{seed}", seed, ["eval.num_prompts=0"])
+        points += evaluator.points(f"RL model seed {seed}, Stage-I gate", folder, static=True)
     points += evaluator.points("Stage II on the RL model", model_folder(config.stage2_model, "depth_rl.stage2_model"))
     for name, folder in runs.items():
         points += evaluator.points(f"depth RL {name}", folder, sampled=True)
