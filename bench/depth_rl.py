@@ -215,26 +215,52 @@ def markdown(points: list[dict[str, Any]]) -> str:
 
 
 def plot(points: list[dict[str, Any]], path: Path) -> None:
+    """One panel per alpha: its seeds' Q-exit curves (lines) and sampled policies (crosses), over the baselines
+    (grey: the RL models' Stage-I gate curves; black squares: static depths), 95% intervals as bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 6))
-    for method in dict.fromkeys(p["method"] for p in points):
-        for rule in dict.fromkeys(p["rule"] for p in points if p["method"] == method):
-            pts = sorted((p for p in points if p["method"] == method and p["rule"] == rule), key=lambda p: p["avg_loops"])
-            xs, ys = [p["avg_loops"] for p in pts], [100 * p["accuracy"] for p in pts]
-            yerr = [[100 * (p["accuracy"] - p["accuracy_ci"][0]) for p in pts],
-                    [100 * (p["accuracy_ci"][1] - p["accuracy"]) for p in pts]]
-            ax.errorbar(xs, ys, yerr=yerr, marker="o", capsize=2, label=f"{method}: {rule}",
-                        linestyle="-" if len(pts) > 1 else "none")
-    ax.set_xlabel("average loops per decoded token")
-    ax.set_ylabel("greedy accuracy (%), 95% bootstrap interval")
-    ax.legend(fontsize=6)
+    runs = [m for m in dict.fromkeys(p["method"] for p in points) if m.startswith("depth RL")]
+    alphas = list(dict.fromkeys(m.split()[2] for m in runs))
+    cols = min(len(alphas), 2)
+    rows = -(-len(alphas) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.5 * rows), sharey=True, squeeze=False)
+    for ax in axes.flat[len(alphas):]:
+        ax.set_visible(False)
+    for ax, alpha in zip(axes.flat, alphas, strict=False):
+        for p in points:
+            if p["rule"] == "static":
+                draw(ax, [p], color="black", marker="s", linestyle="none", label="static depths (RL models)")
+        for method in dict.fromkeys(p["method"] for p in points if not p["method"].startswith("depth RL")):
+            draw(ax, select(points, method, "q_exit"), color="grey", alpha=0.6, label="baselines: Q-exit")
+        for i, method in enumerate(m for m in runs if m.split()[2] == alpha):
+            color = f"C{i}"
+            draw(ax, select(points, method, "q_exit"), color=color, label=f"{method.split()[3]}: Q-exit")
+            draw(ax, select(points, method, "sampled"), color=color, marker="x", markersize=7, linestyle="none",
+                 label=f"{method.split()[3]}: sampled")
+        ax.set_title(f"depth RL, {alpha}")
+        ax.set_xlabel("average loops per decoded token")
+        handles = dict(zip(*reversed(ax.get_legend_handles_labels()), strict=True))  # one entry per label
+        ax.legend(handles.values(), handles.keys(), fontsize=7, loc="lower right")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("greedy accuracy (%), 95% bootstrap interval")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def select(points: list[dict[str, Any]], method: str, rule: str) -> list[dict[str, Any]]:
+    return sorted((p for p in points if p["method"] == method and p["rule"] == rule), key=lambda p: p["avg_loops"])
+
+
+def draw(ax, pts: list[dict[str, Any]], **style) -> None:
+    if pts:
+        yerr = [[100 * (p["accuracy"] - p["accuracy_ci"][0]) for p in pts],
+                [100 * (p["accuracy_ci"][1] - p["accuracy"]) for p in pts]]
+        ax.errorbar([p["avg_loops"] for p in pts], [100 * p["accuracy"] for p in pts], yerr=yerr, capsize=2,
+                    **{"marker": "o", "markersize": 3, **style})
 
 
 __all__ = ["DepthRLBenchConfig", "run_depth_rl_bench"]
