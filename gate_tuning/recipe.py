@@ -517,7 +517,8 @@ def budget_rank(point: FrontierPoint, budget: SelectSection) -> float:
 
 def budget_text(budget: SelectSection) -> str:
     if budget.max_accuracy_drop is not None:
-        return f"at most {100 * budget.max_accuracy_drop:.3g} points below static T loops"
+        points = 100 * budget.max_accuracy_drop
+        return f"at most {points:.3g} point{'' if points == 1 else 's'} below static T loops"
     return f"at most {budget.target_avg_loops:g} average loops"
 
 
