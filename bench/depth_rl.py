@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from typing import Any
 from configs import UserError, load_config
 from configs.inputs import model_folder
 from gate_tuning.data import Example, encode_row
-from gate_tuning.frontier import ExampleScores, generation_scores
+from gate_tuning.frontier import ExampleScores, FrontierPoint, generation_scores, pick_threshold
 from gate_tuning.recipe import ModelSection, load_model
 from posttrain.grpo_recipe import GRPORecipeConfig, run_grpo
 from posttrain.synthetic import ArithmeticTask
@@ -140,7 +141,7 @@ class Evaluator:
         num_loops = model.config.total_ut_steps
         picked = self.pick_q(engine, val, num_loops)
         out = []
-        for q in self.config.q_grid:
+        for q in sorted({*self.config.q_grid, picked}):  # no q within the budget: pick_threshold's q = 1.0
             out.append(self.point(name, "q_exit", q, engine, test, DepthConfig(policy="adaptive", exit_threshold=q),
                                   picked=q == picked))
         if sampled:
@@ -151,14 +152,14 @@ class Evaluator:
         return out
 
     def pick_q(self, engine: TorchEngine, val: list[Example], num_loops: int) -> float:
-        """The q with the fewest loops within `max_accuracy_drop` of static T on the validation problems."""
-        reference = self.scores(engine, val, DepthConfig(policy="fixed", num_loops=num_loops)).accuracy
-        fits = []
-        for q in self.config.q_grid:
-            s = self.scores(engine, val, DepthConfig(policy="adaptive", exit_threshold=q))
-            if s.accuracy >= reference - self.config.max_accuracy_drop - 1e-9:
-                fits.append((s.avg_loops, -q, q))
-        return min(fits)[2] if fits else max(self.config.q_grid)
+        """`pick_threshold`'s q for the `max_accuracy_drop` budget, on the validation problems."""
+        measured = [("static", num_loops, DepthConfig(policy="fixed", num_loops=num_loops))]
+        measured += [("q_exit", q, DepthConfig(policy="adaptive", exit_threshold=q)) for q in self.config.q_grid]
+        points = []
+        for rule, param, depth in measured:
+            s = self.scores(engine, val, depth)
+            points.append(FrontierPoint(rule, param, s.avg_loops, math.nan, s.accuracy, 0, s.avg_loops))
+        return float(pick_threshold(points, "q_exit", num_loops, max_accuracy_drop=self.config.max_accuracy_drop).param)
 
     def point(self, name: str, rule: str, param: float, engine, examples, depth, picked: bool = False) -> dict:
         s = self.scores(engine, examples, depth)
