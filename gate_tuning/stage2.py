@@ -204,7 +204,7 @@ def load_gate_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 class GateSnapshots(TrainerCallback):
     """Copies of the gate during one Stage-II run, every `every` steps and at the last step, named
-    "<label> step N", for held-out selection (`gate_tuning.recipe.select_gate`)."""
+    "<label> step N", for held-out selection (`gate_tuning.selection.select_gate`)."""
 
     def __init__(self, model: nn.Module, every: int, label: str):
         self.model, self.every, self.label = model, every, label

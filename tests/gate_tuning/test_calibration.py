@@ -7,16 +7,8 @@ import torch
 
 from gate_tuning.data import load_examples
 from gate_tuning.frontier import FrontierPoint, compare_frontiers, static_gaps
-from gate_tuning.recipe import (
-    GateTrainingConfig,
-    ModelSection,
-    Selection,
-    SelectSection,
-    Stage2Section,
-    budget_rank,
-    point_at_budget,
-    tune_gate,
-)
+from gate_tuning.recipe import GateTrainingConfig, ModelSection, Stage2Section, tune_gate
+from gate_tuning.selection import Selection, SelectSection, budget_rank, point_at_budget
 from gate_tuning.stage2 import GATE_PREFIX, fitted_exit_loops, fitted_targets, stage2_loss
 from looplm import LoopLMForCausalLM
 from looplm.exit_gate import q_exit_step

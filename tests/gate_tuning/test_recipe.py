@@ -14,13 +14,13 @@ from gate_tuning import recipe
 from gate_tuning.recipe import (
     EvalRecipeConfig,
     GateRecipeConfig,
-    Selection,
     load_train_examples,
     run_eval,
     run_gate,
     selection_note,
     tune_gate,
 )
+from gate_tuning.selection import Selection
 from gate_tuning.stage2 import GATE_PREFIX
 from looplm import LoopLMForCausalLM
 from tests.helpers import make_checkpoint
