@@ -31,13 +31,13 @@ from gate_tuning.data import Example, encode_row
 from gate_tuning.frontier import ExampleScores, FrontierPoint, generation_scores, pick_threshold
 from gate_tuning.recipe import ModelSection, load_model
 from posttrain.grpo_recipe import GRPORecipeConfig, run_grpo
-from posttrain.synthetic import ArithmeticTask
+from posttrain.synthetic import SyntheticTask
 from rollout.engine import DepthConfig
 from rollout.torch_engine import TorchEngine
 
 logger = logging.getLogger(__name__)
 
-RL_TASK = ArithmeticTask(operators="+", modulus=10)  # the demo's RL task (cli/demo.py)
+RL_TASK = SyntheticTask(operators="+", modulus=10)  # the demo's RL task (cli/demo.py)
 
 
 @dataclass
@@ -50,7 +50,11 @@ class DepthRLBenchConfig:
     # trained again, so the baseline's own seed spread is measured too
     rl_config: str = "configs/grpo_tiny.yaml"
     rl_seeds: list[int] = field(default_factory=lambda: [1, 2])
+    rl_overrides: list[str] = field(default_factory=list)  # appended to the RL baseline's runs (e.g. their steps)
     alphas: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.2, 0.5])
+    # the config key each alpha sets: the sequence charge (rewards.depth_penalty's alpha), or with
+    # configs/depth_rl_token_tiny.yaml the per-exit charge (loop.exit_cost)
+    alpha_key: str = "rewards.options.alpha"
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     overrides: list[str] = field(default_factory=list)  # appended to every run's config
     test_rows: int = 512
@@ -80,7 +84,7 @@ def prompt_text(row: dict[str, Any]) -> str:
     return row["prompt"][-1]["content"]
 
 
-def fresh_rows(task: ArithmeticTask, n: int, seed: int, exclude: set[str]) -> list[dict[str, Any]]:
+def fresh_rows(task: SyntheticTask, n: int, seed: int, exclude: set[str]) -> list[dict[str, Any]]:
     """`n` distinct problems of `task` drawn with `seed` whose prompt is not in `exclude`."""
     rows, seen = [], set(exclude)
     for row in task.rows(50 * n, seed):  # the RL task has 7,290 distinct problems: 50 n draws find n fresh ones
@@ -106,8 +110,9 @@ def problem_sets(config: DepthRLBenchConfig) -> tuple[list[dict], list[dict], in
 
 def train_runs(config: DepthRLBenchConfig) -> dict[str, Path]:
     """Every (alpha, seed) run's model folder; runs that finished before are reused."""
-    return {f"alpha={alpha:g} seed={seed}": train(config, config.grpo_config, f"a{alpha:g}_s{seed}", seed,
-                                                   [f"rewards.options.alpha={alpha}", *config.overrides])
+    name = config.alpha_key.rsplit(".", 1)[-1]  # alpha, or exit_cost: what the labels call the swept value
+    return {f"{name}={alpha:g} seed={seed}": train(config, config.grpo_config, f"a{alpha:g}_s{seed}", seed,
+                                                   [f"{config.alpha_key}={alpha}", *config.overrides])
             for alpha in config.alphas for seed in config.seeds}
 
 
@@ -182,7 +187,7 @@ def run_depth_rl_bench(config: DepthRLBenchConfig) -> dict[str, Any]:
     evaluator = Evaluator(test, val, config)
     points = evaluator.points("RL model, Stage-I gate", model_folder(config.rl_model, "depth_rl.rl_model"), static=True)
     for seed in config.rl_seeds:
-        folder = train(config, config.rl_config, f"rl_s{seed}", seed, ["eval.num_prompts=0"])
+        folder = train(config, config.rl_config, f"rl_s{seed}", seed, ["eval.num_prompts=0", *config.rl_overrides])
         points += evaluator.points(f"RL model seed {seed}, Stage-I gate", folder, static=True)
     points += evaluator.points("Stage II on the RL model", model_folder(config.stage2_model, "depth_rl.stage2_model"))
     for name, folder in runs.items():

@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from looplm.losses import IGNORE_INDEX
 from looplm.tokenizer import THINK_OPEN, apply_chat
 from posttrain.data import load_rows, split_prompt
-from posttrain.synthetic import ArithmeticTask
+from posttrain.synthetic import SyntheticTask
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class Example:
 
 def load_examples(
     source: str, split: str, rows: int, seed: int, tokenizer: PreTrainedTokenizerBase, max_length: int,
-    task: ArithmeticTask | None = None,
+    task: SyntheticTask | None = None,
 ) -> list[Example]:
     """Up to `rows` examples of `source` (`task`: the synthetic problems); rows longer than `max_length` tokens
     are dropped (and counted)."""

@@ -31,7 +31,7 @@ from looplm import KV_MODES, LoopLMConfig, LoopLMForCausalLM
 from looplm.exit_gate import check_threshold
 from looplm.tokenizer import fix_ouro_special_tokens
 from posttrain.recipe_parts import ModelFolder, resolve_device
-from posttrain.synthetic import ArithmeticTask
+from posttrain.synthetic import SyntheticTask
 
 from .data import Example, PadCollator, load_examples, training_features
 from .frontier import (
@@ -97,7 +97,7 @@ class DataSection:
     # Rows taken off the end of the training rows for held-out gate selection (training.select_every > 0)
     val_rows: int = 0
     seed: int = 1  # synthetic: SFT used seed 0, so these problems are new ones
-    task: ArithmeticTask = field(default_factory=ArithmeticTask)  # the synthetic problems (train: synthetic)
+    task: SyntheticTask = field(default_factory=SyntheticTask)  # the synthetic problems (train: synthetic)
     max_length: int = 256
 
 

@@ -36,7 +36,7 @@ from datasets.table import InMemoryTable
 
 from configs import UserError
 from configs.inputs import hub_errors
-from posttrain.synthetic import ArithmeticTask, to_dataset
+from posttrain.synthetic import SyntheticTask, to_dataset
 from rewards.answer_format import dapo_prompt, format_trace, parse_answer
 
 logger = logging.getLogger(__name__)
@@ -270,13 +270,13 @@ def load_rows(
     max_rows: int | None = None,
     synthetic_rows: int = 1024,
     seed: int = 0,
-    task: ArithmeticTask | None = None,
+    task: SyntheticTask | None = None,
 ) -> Dataset:
     """SFT rows from `source`: "synthetic" (arithmetic traces generated in code, no download) or anything
     `load_sft_dataset` reads; normalised to `messages`, or `prompt` + `completion` (message lists)."""
     if source == "synthetic":
         n = synthetic_rows if max_rows is None else min(max_rows, synthetic_rows)
-        return to_dataset((task or ArithmeticTask()).rows(n, seed), columns=["messages"])
+        return to_dataset((task or SyntheticTask()).rows(n, seed), columns=["messages"])
     return load_sft_dataset(source, split=split, max_rows=max_rows)
 
 

@@ -169,6 +169,11 @@ class GRPORecipeConfig:
                 "model.lm_trainable=false leaves only the gate to train: it needs model.gate_trainable=true and "
                 "loop.exit_action=true (the token term gives the gate no gradient)"
             )
+        if self.loop.exit_credit == "token" and "depth_penalty" in self.rewards.names:
+            raise ValueError(
+                "loop.exit_credit=token charges each exit loop.exit_cost itself: leave depth_penalty out of "
+                "rewards.names (the compute would be charged twice)"
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ each by wrapping TRL's own method, never by copying it):
   read from that exit's logits; the update recomputes both from the replayed exit steps in one forward (the
   gate logits are read off the backbone's output by a forward hook, since TRL's fused head keeps only
   `last_hidden_state`), and parity covers the exit log-probs (`parity/exit_max_abs`, ...). The compute charge
-  is a reward function (`rewards.depth_penalty`), fed the `exit_steps` this trainer's `rollout_func` returns.
+  is a reward function (`rewards.depth_penalty`), fed the `exit_steps` this trainer's `rollout_func` returns,
+  or (`exit_credit=token`) each exit's own term on the advantages (`token_exit_advantages`).
 
 Pure functions come first (shapes in their docstrings), then the trainer.
 """
@@ -90,6 +91,15 @@ class LoopRLConfig:
     # Where the exit term's gradient goes. False: to the gate only (the gate reads the states detached), so the
     # LM's gradient is the standard token term; True: also into the LM through the states the gate reads.
     exit_grad_to_lm: bool = False
+    # How the compute charge reaches the exits (with exit_action). sequence: through the reward
+    # (rewards.depth_penalty), one advantage per completion shared by its ~30 exits. token: each exit is charged
+    # its own loops, exit_cost per loop, against the mean loops per exit of the batch (a baseline), on top of the
+    # completion's task advantage; the reward then holds the task's score alone.
+    exit_credit: Literal["sequence", "token"] = "sequence"
+    exit_cost: float = 0.0
+    # The exit gate's learning rate as a multiple of training.learning_rate (its own optimizer group, scheduled
+    # alike): the gate's 65 parameters barely move at a rate chosen for the LM.
+    gate_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.progressive_power < 0:
@@ -105,6 +115,15 @@ class LoopRLConfig:
                 "loop.exit_action needs loop.loop_credit=last and loop.update_depth=replay (the exit is scored at "
                 f"the depth the rollout sampled), got {self.loop_credit} and {self.update_depth}"
             )
+        if self.gate_lr_scale <= 0:
+            raise ValueError(f"loop.gate_lr_scale must be > 0, got {self.gate_lr_scale}")
+        if self.exit_cost < 0:
+            raise ValueError(f"loop.exit_cost must be >= 0, got {self.exit_cost}")
+        if self.exit_credit == "token" and not self.exit_action:
+            raise ValueError("loop.exit_credit=token needs loop.exit_action=true (it charges the sampled exits)")
+        if self.exit_credit != "token" and self.exit_cost:
+            raise ValueError("loop.exit_cost is charged per exit with loop.exit_credit=token only; with sequence "
+                             "credit the charge is rewards.options.alpha (rewards.depth_penalty)")
 
 
 @dataclass
@@ -160,6 +179,24 @@ def loop_credit_weights(
     else:
         raise ValueError(f"unknown loop credit {kind!r}; expected uniform, progressive or exit")
     return raw / raw.sum(-1, keepdim=True).clamp(min=1e-12)
+
+
+def token_exit_advantages(
+    advantages: torch.Tensor, exit_steps: torch.Tensor, completion_mask: torch.Tensor, cost: float
+) -> tuple[torch.Tensor, float]:
+    """Per-exit compute credit: (B,) or (B, C) advantages, (B, C) the completion positions' exit steps (record
+    form) and mask -> ((B, C) advantages in action form, the baseline).
+
+    Column j's action is the exit of the position that predicts token j (completion position j - 1); it gets
+    -cost x (its loops - the batch's mean loops per exit). Column 0 (predicted by the prompt, which runs every
+    loop) and padding get no charge. The charge is constant given the exit, so on the token part of the joint
+    (exit, token) log-prob its expectation is zero: it moves the exits, and adds only variance to the tokens."""
+    loops = exit_actions(exit_steps.float())  # column j: the loops of position j - 1
+    charged = completion_mask.float().clone()
+    charged[:, 0] = 0.0
+    baseline = (loops * charged).sum() / charged.sum().clamp(min=1.0)
+    charge = -cost * (loops - baseline) * charged
+    return advantages.reshape(len(charge), -1) + charge, baseline.item()
 
 
 def rollout_exit_logps(records: Sequence[RolloutRecord], completion_width: int) -> torch.Tensor:
@@ -304,6 +341,24 @@ class LoopGRPOTrainer(GRPOTrainer):
             self._check_async()
             self._rollouts = RolloutQueue(self.engine, depth)
 
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer, with the trainable exit-gate parameters moved to a group of their own at
+        `loop.gate_lr_scale` x training.learning_rate (the scheduler then scales every group alike)."""
+        optimizer = super().create_optimizer(model)
+        if self.loop.gate_lr_scale != 1.0:
+            gate = {id(p) for p in self._policy().model.early_exit_gate.parameters() if p.requires_grad}
+            moved = []
+            for group in optimizer.param_groups:
+                moved += [p for p in group["params"] if id(p) in gate]
+                group["params"] = [p for p in group["params"] if id(p) not in gate]
+            if moved:
+                lr = self.args.learning_rate * self.loop.gate_lr_scale
+                optimizer.add_param_group({"params": moved, "lr": lr, "weight_decay": 0.0})
+            else:  # a frozen gate, or parameters flattened by a wrapper (FSDP1)
+                logger.warning("loop.gate_lr_scale=%g: no trainable gate parameter in the optimizer, nothing to "
+                               "scale", self.loop.gate_lr_scale)
+        return optimizer
+
     # -- rollouts ------------------------------------------------------------------------------------------
 
     def _policy(self) -> torch.nn.Module:
@@ -442,6 +497,12 @@ class LoopGRPOTrainer(GRPOTrainer):
         output = super()._generate_and_score_completions(inputs)
         records, self._records = self._records, []  # this batch's: from here on in `output`, which TRL buffers
         output |= self._rollout_tensors(records, output)
+        if self.loop.exit_credit == "token":
+            completion_steps = output["exit_steps"][:, output["prompt_ids"].shape[1] :]
+            output["advantages"], baseline = token_exit_advantages(
+                output["advantages"], completion_steps, output["completion_mask"], self.loop.exit_cost
+            )
+            self._metrics["train"]["depth/exit_baseline_loops"].append(baseline)
         self._check_parity(output)
         return output
 
@@ -791,4 +852,5 @@ __all__ = [
     "policy_state_dict",
     "replay_exit_steps",
     "rollout_exit_logps",
+    "token_exit_advantages",
 ]

@@ -31,7 +31,7 @@ from configs import UserError
 from configs.inputs import hub_errors
 from looplm import LoopLMForCausalLM
 from looplm.tokenizer import CHAT_TEMPLATE, fix_ouro_special_tokens
-from posttrain.synthetic import ArithmeticTask
+from posttrain.synthetic import SyntheticTask
 from rollout.engine import DepthConfig, RolloutEngine
 from rollout.pool import PoolConfig
 
@@ -70,7 +70,7 @@ class HeldOutData:
     eval_rows: int = 64
     synthetic_rows: int = 1024
     synthetic_seed: int = 0  # the same seed in the SFT and RL configs: held-out rows are never trained on
-    task: ArithmeticTask = field(default_factory=ArithmeticTask)  # the synthetic problems (train: synthetic)
+    task: SyntheticTask = field(default_factory=SyntheticTask)  # the synthetic problems (train: synthetic)
 
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

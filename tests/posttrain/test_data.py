@@ -22,7 +22,7 @@ from posttrain.data import (
     load_sft_dataset,
     split_prompt,
 )
-from posttrain.synthetic import ArithmeticTask
+from posttrain.synthetic import SyntheticTask
 from rewards.answer_format import format_trace
 from tests.helpers import write_jsonl
 
@@ -330,7 +330,7 @@ def test_split_prompt_takes_the_turns_before_the_last_answer_and_its_reference()
 
 
 def test_synthetic_rows_are_seeded_and_held_out_prompts_carry_their_answers(tmp_path):
-    task = ArithmeticTask(operators="+", modulus=10)
+    task = SyntheticTask(operators="+", modulus=10)
     rows = load_rows("synthetic", synthetic_rows=12, seed=3, task=task)
     assert rows["messages"] == load_rows("synthetic", synthetic_rows=12, seed=3, task=task)["messages"]
     assert rows["messages"] != load_rows("synthetic", synthetic_rows=12, seed=4, task=task)["messages"]

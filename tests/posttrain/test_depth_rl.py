@@ -16,8 +16,16 @@ from looplm.exit_gate import exit_log_pdf
 from posttrain.grpo_recipe import (
     GRPOModelSection,
     GRPORecipeConfig,
+    RewardsSection,
+    RolloutSection,
 )
-from posttrain.grpo_trainer import LoopGRPOTrainer, LoopRLConfig, exit_action_logps, rollout_exit_logps
+from posttrain.grpo_trainer import (
+    LoopGRPOTrainer,
+    LoopRLConfig,
+    exit_action_logps,
+    rollout_exit_logps,
+    token_exit_advantages,
+)
 from rewards import get_reward_funcs
 from rewards.depth import depth_penalty
 from rollout.engine import DepthConfig, RolloutRecord
@@ -71,6 +79,16 @@ def test_depth_penalty_charges_the_loops_that_ran():
         get_reward_funcs("depth_penalty", alpha=-1.0)
 
 
+def test_token_credit_charges_each_exit_its_own_loops_against_the_batch_mean():
+    """Column j is the exit of completion position j - 1; column 0 (the prompt's) and padding are not charged."""
+    steps = torch.tensor([[1, 3, 4, 4], [2, 4, 4, 4]])  # completion positions' exit steps (record form)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])  # row 0: 3 tokens (exits 1, 3 ran), row 1: 2 (exit 2 ran)
+    got, baseline = token_exit_advantages(torch.tensor([1.0, -1.0]), steps, mask, cost=0.5)
+    assert baseline == 2.0  # (1 + 3 + 2) / 3
+    want = torch.tensor([[1.0, 1.5, 0.5, 1.0], [-1.0, -1.0, -1.0, -1.0]])
+    assert torch.equal(got, want)
+
+
 def test_impossible_depth_rl_combinations_fail_at_config_time(tmp_path):
     with pytest.raises(ValueError, match="exit_action needs rollout.depth.policy=sampled"):
         GRPORecipeConfig(loop=LoopRLConfig(exit_action=True))
@@ -78,6 +96,15 @@ def test_impossible_depth_rl_combinations_fail_at_config_time(tmp_path):
         GRPORecipeConfig(model=GRPOModelSection(lm_trainable=False, gate_trainable=True))
     with pytest.raises(ValueError, match="exit_action needs loop.loop_credit=last"):
         LoopRLConfig(exit_action=True, loop_credit="uniform")
+    with pytest.raises(ValueError, match="exit_credit=token needs loop.exit_action"):
+        LoopRLConfig(exit_credit="token", exit_cost=0.1)
+    with pytest.raises(ValueError, match="exit_cost is charged per exit with loop.exit_credit=token only"):
+        LoopRLConfig(exit_action=True, exit_cost=0.1)
+    with pytest.raises(ValueError, match="leave depth_penalty out of rewards.names"):
+        GRPORecipeConfig(
+            loop=LoopRLConfig(exit_action=True, exit_credit="token", exit_cost=0.1),
+            rollout=RolloutSection(depth=SAMPLED), rewards=RewardsSection(names=["dapo_reward", "depth_penalty"]),
+        )
     path = tmp_path / "bad.yaml"
     path.write_text("loop:\n  exit_action: true\n")
     with pytest.raises(ConfigError, match="exit_action"):
@@ -134,3 +161,26 @@ def test_a_compute_charge_alone_makes_the_gate_exit_earlier(model_dir, tmp_path)
     trainer.train()
     loops = logged(trainer, "loops/mean_exit_loop")
     assert loops[-1] < loops[0] - 0.2, loops
+
+
+def test_token_credit_alone_makes_the_gate_exit_earlier(model_dir, tmp_path):
+    """Each exit charged its own loops (no reward but a zero-weighted length reward): the exits move earlier,
+    and the baseline the charge is measured against is logged."""
+    loop = LoopRLConfig(exit_action=True, exit_credit="token", exit_cost=1.0)
+    trainer = make_grpo_trainer(model_dir, tmp_path, depth=SAMPLED, loop=loop, rewards=[length_reward], lm=False,
+                                gate=True, max_steps=4, learning_rate=0.1, reward_weights=[0.0])
+    trainer.train()
+    loops = logged(trainer, "loops/mean_exit_loop")
+    assert loops[-1] < loops[0] - 0.2, loops
+    assert 1.0 < logged(trainer, "depth/exit_baseline_loops")[0] < 4.0
+
+
+def test_the_gate_gets_its_own_learning_rate(model_dir, tmp_path):
+    loop = LoopRLConfig(exit_action=True, gate_lr_scale=10.0)
+    trainer = make_trainer(model_dir, tmp_path, loop, lm=True, gate=True, learning_rate=1e-4)
+    optimizer = trainer.create_optimizer()
+    gate = {id(p) for p in trainer.model.model.early_exit_gate.parameters()}
+    groups = [{id(p) for p in g["params"]} for g in optimizer.param_groups]
+    assert groups[-1] == gate and not any(g & gate for g in groups[:-1])
+    assert optimizer.param_groups[-1]["lr"] == pytest.approx(1e-3) and optimizer.param_groups[0]["lr"] == 1e-4
+    assert sum(len(g) for g in groups) == sum(p.requires_grad for p in trainer.model.parameters())

@@ -6,7 +6,15 @@ import re
 
 import pytest
 
-from posttrain.synthetic import ArithmeticTask, arithmetic_traces, modular_expressions, to_dataset
+from posttrain.synthetic import (
+    FUNCTIONS_SEED,
+    SyntheticTask,
+    arithmetic_traces,
+    compositions,
+    function_tables,
+    modular_expressions,
+    to_dataset,
+)
 from rewards.dapo import dapo_score
 
 TRACE = re.compile(r"<think>\n(?P<steps>.+)\n</think>\nAnswer: (?P<answer>\d+)", re.DOTALL)
@@ -110,7 +118,7 @@ def test_to_dataset_columns() -> None:
 
 
 def test_sloppy_teacher_skips_the_reduction_but_ground_truth_stays_right() -> None:
-    task = ArithmeticTask(operators="+", modulus=10, skip_reduction=0.5)
+    task = SyntheticTask(operators="+", modulus=10, skip_reduction=0.5)
     rows = task.rows(400, seed=0)
     skipped = 0
     for row in rows:
@@ -124,10 +132,28 @@ def test_sloppy_teacher_skips_the_reduction_but_ground_truth_stays_right() -> No
         else:
             assert stated == row["ground_truth"]
     assert 160 <= skipped <= 240  # 50% of 400, within 4 sigma
-    assert ArithmeticTask().rows(20, seed=3) == arithmetic_traces(20, seed=3)  # defaults: the original task
+    assert SyntheticTask().rows(20, seed=3) == arithmetic_traces(20, seed=3)  # defaults: the original task
 
 
-@pytest.mark.parametrize("bad", [dict(operators="/"), dict(skip_reduction=1.5), dict(num_ops=(0, 2))])
-def test_arithmetic_task_rejects_bad_values(bad) -> None:
+def test_compositions_apply_each_fixed_function_in_turn() -> None:
+    rows = SyntheticTask(kind="compose").rows(500, seed=4)
+    tables = function_tables(4, FUNCTIONS_SEED)
+    assert all(table[x] != x for table in tables.values() for x in range(10))  # no shared fixed point
+    assert len({tuple(table) for table in tables.values()}) == 4
+    for row in rows:
+        start, names = row["prompt"][0]["content"].removeprefix("Start ").removesuffix(" .").split(" apply ")
+        value = int(start)
+        for name in names.split():
+            value = tables[name][value]
+        assert row["messages"][1]["content"] == f"Answer: {value}" and row["ground_truth"] == str(value)
+        assert row["depth"] == len(names.split())
+    assert {row["depth"] for row in rows} == set(range(1, 7))
+    assert SyntheticTask(kind="compose").rows(5, seed=4) == rows[:5]  # seeded
+    assert compositions(3, seed=9, steps=(2, 2), functions=1)[0]["prompt"][0]["content"].endswith("apply a a .")
+
+
+@pytest.mark.parametrize("bad", [dict(operators="/"), dict(skip_reduction=1.5), dict(num_ops=(0, 2)),
+                                 dict(kind="sums"), dict(compose_steps=(0, 2)), dict(functions=9)])
+def test_synthetic_task_rejects_bad_values(bad) -> None:
     with pytest.raises(ValueError, match="task."):
-        ArithmeticTask(**bad)
+        SyntheticTask(**bad)
