@@ -36,6 +36,7 @@ from datasets.table import InMemoryTable
 
 from configs import UserError
 from configs.inputs import hub_errors
+from looplm.tokenizer import THINK_OPEN
 from posttrain.synthetic import SyntheticTask, to_dataset
 from rewards.answer_format import dapo_prompt, format_trace, parse_answer
 
@@ -262,6 +263,14 @@ class SFTData:
         rows = self.eval.select(range(min(n, len(self.eval)))) if self.eval is not None else []
         pairs = [split_prompt(row) for row in rows]
         return [p for p, _ in pairs], [a for _, a in pairs]
+
+    def replies_think(self) -> bool:
+        """Whether the held-out replies open a think block (checked on the first; `gate_tuning.data.encode_row`
+        decides the same per row): a model trained on direct answers is prompted without the opening `<think>`."""
+        for row in self.eval if self.eval is not None else []:
+            reply = row["messages"][-1] if "messages" in row else row["completion"][-1]
+            return reply["content"].startswith(THINK_OPEN)
+        return True
 
 
 def load_rows(

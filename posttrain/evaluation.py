@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rewards.dapo import dapo_score
+from looplm.tokenizer import apply_chat
+from rewards.dapo import INVALID, dapo_score, extract_answer
 from rewards.shaping import format_reward
 from rollout.engine import DepthConfig, RolloutEngine, SamplingConfig, mean_loops_per_token
 
@@ -57,9 +58,12 @@ def task_accuracy(
     )
 
 
-def is_well_formed(completion: str, finish_reason: str, prompt: str | None = None) -> bool:
+def is_well_formed(completion: str, finish_reason: str, prompt: str | None = None, thinking: bool = True) -> bool:
     """The completion stopped by itself and has the think-then-answer form of `rewards.shaping.format_reward`
-    (one closed think block, opened by the prompt or by the completion, then a final answer)."""
+    (one closed think block, opened by the prompt or by the completion, then a final answer); for a model trained
+    to answer directly (`thinking=False`), a stop and an `Answer:` line."""
+    if not thinking:
+        return finish_reason == "stop" and extract_answer(completion) != INVALID
     return finish_reason == "stop" and format_reward([prompt], [completion])[0] == 1.0
 
 
@@ -69,19 +73,25 @@ def sample_check(
     answers: Sequence[str | None],
     sampling: SamplingConfig,
     examples: int = 3,
+    thinking: bool = True,
 ) -> dict[str, Any]:
     """Load a saved model folder into our rollout engine, sample `prompts`, score the completions' format and,
-    where `answers` has one, their final answer (DAPO's scorer)."""
+    where `answers` has one, their final answer (DAPO's scorer). `thinking=False`: the model was trained on replies
+    without a think block, so the prompts end without the template's opening `<think>` (as in training)."""
     from transformers import AutoTokenizer
 
     from rollout.torch_engine import TorchEngine
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     engine = TorchEngine.from_pretrained(folder, tokenizer=tokenizer)
+    if not thinking:
+        prompts = [apply_chat(tokenizer, list(p), enable_thinking=False) for p in prompts]
     records = engine.generate(list(prompts), sampling)
     texts = tokenizer.batch_decode([r.completion_ids for r in records], skip_special_tokens=True)
     prompt_texts = tokenizer.batch_decode([r.prompt_ids for r in records])
-    formed = [is_well_formed(t, r.finish_reason, p) for t, r, p in zip(texts, records, prompt_texts, strict=True)]
+    formed = [
+        is_well_formed(t, r.finish_reason, p, thinking) for t, r, p in zip(texts, records, prompt_texts, strict=True)
+    ]
     scored = [dapo_score(t, a) > 0 for t, a in zip(texts, answers, strict=True) if a is not None]
     return {
         "num_prompts": len(records),

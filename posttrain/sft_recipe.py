@@ -307,7 +307,9 @@ def run_sft(config: SFTRecipeConfig, callbacks: list[TrainerCallback] | None = N
         results["lora_merge_max_abs_diff"] = (merged_logits - adapter_logits).abs().max().item()
     prompts, answers = data.eval_prompts(config.sample.num_prompts)
     if prompts:
-        results["sample"] = sample_check(out, prompts, answers, config.sample.sampling())
+        results["sample"] = sample_check(
+            out, prompts, answers, config.sample.sampling(), thinking=data.replies_think()
+        )
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=float) + "\n")
     print_summary(results)
     return results

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, TrainerCallback
 from trl import SFTConfig
@@ -20,7 +21,7 @@ from trl import SFTConfig
 import looplm
 from configs import ConfigError, load_config
 from looplm.losses import stage1_loss
-from posttrain.data import drop_long_rows
+from posttrain.data import SFTData, drop_long_rows
 from posttrain.evaluation import is_well_formed
 from posttrain.sft_recipe import (
     ModelSection,
@@ -32,6 +33,7 @@ from posttrain.sft_recipe import (
     setup,
 )
 from posttrain.sft_trainer import ObjectiveSection, objective_loss
+from posttrain.synthetic import SyntheticTask, to_dataset
 from tests.helpers import REPO_ROOT, tiny_model, write_jsonl
 
 TINY_YAML = REPO_ROOT / "configs" / "sft_tiny.yaml"
@@ -287,6 +289,18 @@ def test_well_formed_completions():
     assert not is_well_formed("3+4=7\nAnswer: 7", "stop", opened)  # never closed the think block
     assert not is_well_formed("3+4=7\n</think>\n", "stop", opened)  # no answer
     assert not is_well_formed("3\n</think>\n4\n</think>\nAnswer: 7", "stop", opened)  # two closings
+    # A model trained on direct answers: a stop and an Answer: line, no think block.
+    assert is_well_formed("Answer: 7", "stop", plain, thinking=False)
+    assert not is_well_formed("Answer: 7", "length", plain, thinking=False)
+    assert not is_well_formed("7", "stop", plain, thinking=False)
+
+
+def test_the_sample_check_prompts_as_the_replies_were_trained():
+    """Direct-answer replies (the compose task) are sampled without the template's opening <think>."""
+    direct = SFTData(Dataset.from_list([]), to_dataset(SyntheticTask(kind="compose").rows(2, 0), ["messages"]))
+    traced = SFTData(Dataset.from_list([]), to_dataset(SyntheticTask().rows(2, 0), ["messages"]))
+    assert not direct.replies_think() and traced.replies_think()
+    assert SFTData(Dataset.from_list([]), None).replies_think()  # nothing held out: the template's default
 
 
 # ---------------------------------------------------------------------------------------------- end to end
