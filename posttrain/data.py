@@ -281,7 +281,7 @@ def load_rows(
     seed: int = 0,
     task: SyntheticTask | None = None,
 ) -> Dataset:
-    """SFT rows from `source`: "synthetic" (arithmetic traces generated in code, no download) or anything
+    """SFT rows from `source`: "synthetic" (`task`'s problems, generated in code, no download) or anything
     `load_sft_dataset` reads; normalised to `messages`, or `prompt` + `completion` (message lists)."""
     if source == "synthetic":
         n = synthetic_rows if max_rows is None else min(max_rows, synthetic_rows)
