@@ -17,8 +17,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from looplm.losses import IGNORE_INDEX
-from looplm.tokenizer import THINK_OPEN, apply_chat
-from posttrain.data import load_rows, split_prompt
+from looplm.tokenizer import apply_chat
+from posttrain.data import load_rows, opens_think, reply_of, split_prompt
 from posttrain.synthetic import SyntheticTask
 
 logger = logging.getLogger(__name__)
@@ -48,10 +48,8 @@ def load_examples(
 def encode_row(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, where: str) -> Example:
     """Render a conversation row; the rendered prompt must be a prefix of the rendered conversation."""
     prompt, answer = split_prompt(row)
-    reply = row["messages"][len(prompt)] if "messages" in row else row["completion"][-1]
-    # The generation prompt opens <think>; a reply that does not start with it was trained without it.
-    thinking = reply["content"].startswith(THINK_OPEN)
-    prompt_ids = apply_chat(tokenizer, prompt, add_generation_prompt=True, enable_thinking=thinking)
+    reply = reply_of(row)
+    prompt_ids = apply_chat(tokenizer, prompt, add_generation_prompt=True, enable_thinking=opens_think(row))
     full_ids = apply_chat(tokenizer, [*prompt, reply], add_generation_prompt=False)
     if full_ids[: len(prompt_ids)] != prompt_ids:
         raise ValueError(f"{where}: the chat template's generation prompt is not a prefix of the conversation")

@@ -265,12 +265,9 @@ class SFTData:
         return [p for p, _ in pairs], [a for _, a in pairs]
 
     def replies_think(self) -> bool:
-        """Whether the held-out replies open a think block (checked on the first; `gate_tuning.data.encode_row`
-        decides the same per row): a model trained on direct answers is prompted without the opening `<think>`."""
-        for row in self.eval if self.eval is not None else []:
-            reply = row["messages"][-1] if "messages" in row else row["completion"][-1]
-            return reply["content"].startswith(THINK_OPEN)
-        return True
+        """Whether the held-out replies open a think block (`opens_think` on the first): a model trained on direct
+        answers is prompted without the opening `<think>`."""
+        return opens_think(self.eval[0]) if self.eval is not None and len(self.eval) else True
 
 
 def load_rows(
@@ -298,6 +295,19 @@ def drop_long_rows(data: SFTData, tokenizer: Any, max_length: int) -> SFTData:
     if len(train) == 0:
         raise UserError(f"no training rows left: all {n_train} are longer than training.max_length={max_length}")
     return SFTData(train, evals, {"train": n_train, "eval": n_eval})
+
+
+def reply_of(row: dict[str, Any]) -> Message:
+    """The turn a conversation row trains on: its last assistant message, or its completion's last message."""
+    if "messages" in row:
+        return [m for m in row["messages"] if m["role"] == "assistant"][-1]
+    return row["completion"][-1]
+
+
+def opens_think(row: dict[str, Any]) -> bool:
+    """Whether the row's reply opens a think block: its prompt is then rendered with the chat template's opening
+    `<think>` (the generation prompt), as in training; a direct answer's prompt without it."""
+    return reply_of(row)["content"].startswith(THINK_OPEN)
 
 
 def split_prompt(row: dict[str, Any]) -> tuple[list[Message], str | None]:
@@ -518,5 +528,5 @@ def load_gsm8k(
 
 __all__ = [
     "SFTData", "corpus_of", "drop_long_rows", "drop_overlong", "load_dapo_math", "load_gsm8k", "load_rows",
-    "load_sft_dataset", "split_prompt",
+    "load_sft_dataset", "opens_think", "reply_of", "split_prompt",
 ]
